@@ -59,7 +59,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass
 class ModelSpec:
     """What to load. Built by Hydra from the `model` config group (`_target_` points here).
 

@@ -13,6 +13,10 @@ from extract.models import ModelSpec
 @dataclass
 class ProbecalConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
+    data: Any = None  # each group gets its structured schema from the module that owns it
+    extract: Any = None
+    probe: Any = None
+    calibration: Any = None
     seed: int = 0
 
 

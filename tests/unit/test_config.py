@@ -1,0 +1,42 @@
+"""Compose conf/config.yaml with overrides and build every group, so a broken _target_ fails CI."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError
+
+from probes.config import instantiate_group, register_configs
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _compose(overrides):
+    register_configs()
+    with initialize_config_module(config_module="probecal_conf", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
+def test_every_model_option_instantiates(option):
+    overrides = [f"model={option}"] + (["model.path=/some/folder"] if option == "hf" else [])
+    spec = instantiate_group(_compose(overrides).model)
+    assert type(spec).__name__ == "ModelSpec"
+    assert spec.name
+
+
+def test_every_group_with_a_target_instantiates():
+    cfg = _compose([])
+    built = [instantiate_group(node) for node in cfg.values() if hasattr(node, "get") and node.get("_target_")]
+    assert built
+
+
+def test_typo_in_override_is_an_error():
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+        _compose(["model.nmae=x"])
+
+
+def test_override_reaches_object():
+    spec = instantiate_group(_compose(["model.dtype=bfloat16", "model.device=cpu"]).model)
+    assert (spec.dtype, spec.device) == ("bfloat16", "cpu")
