@@ -279,10 +279,13 @@ def gguf_cache_entry(name: str, gguf: Path | None, known_hash: str | None, cache
         return entry, known_hash
     if entry.exists():
         log.warning("cache entry %s is incomplete or corrupt: rebuilding it", entry)
-    if name in PACKAGED_MODELS and PACKAGED_MODELS[name].assembled and not gguf.exists():
+    assembled_here = name in PACKAGED_MODELS and PACKAGED_MODELS[name].assembled and not gguf.exists()
+    if assembled_here:
         module = importlib.import_module(PACKAGED_MODELS[name].package)
-        gguf = module.assemble(output_path=gguf)
+        gguf = module.assemble(output_path=gguf)  # verifies the sha256 of the joined file
     _convert_gguf(gguf, entry, known_hash)
+    if assembled_here:
+        gguf.unlink(missing_ok=True)  # the chunk packages stay installed; the joined copy is only needed once
     return entry, known_hash
 
 
