@@ -40,3 +40,16 @@ def test_typo_in_override_is_an_error():
 def test_override_reaches_object():
     spec = instantiate_group(_compose(["model.dtype=bfloat16", "model.device=cpu"]).model)
     assert (spec.dtype, spec.device) == ("bfloat16", "cpu")
+
+
+def test_slurm_launcher_config_composes():
+    register_configs()
+    with initialize_config_module(config_module="probecal_conf", version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.gpus_per_node, launcher.partition, launcher.timeout_min) == (4, "gpu", 240)
