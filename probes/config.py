@@ -17,6 +17,7 @@ class ProbecalConfig:
     extract: Any = None
     probe: Any = None
     calibration: Any = None
+    serve: Any = None  # probes.server.ServeSettings (conf/serve/)
     seed: int = 0
 
 

@@ -1,0 +1,252 @@
+"""Calibration monitoring in production: a SQLite store of served responses and their feedback.
+
+Every response the server returns is recorded with its confidence (`p_correct`, higher = more likely
+correct). Clients later post whether the answer turned out correct; `calibration_stats` then reports,
+over the last `window` labelled responses, the accuracy, the expected calibration error and the accuracy
+per equal-width confidence bin, so calibration drift shows up on a dashboard.
+
+Storage: one SQLite file in WAL mode (readers never block the writer; committed rows survive a restart).
+Duplicate feedback for the same response: the last label wins for the statistics, and every label is kept
+in the append-only `feedback` table for auditing. "Last N labelled" means the N responses whose most recent
+label arrived last (label order, not response order), so a late label for an old answer counts as fresh.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY,
+    created REAL NOT NULL,          -- unix time the response was served
+    endpoint TEXT NOT NULL,         -- completions | chat.completions
+    model TEXT NOT NULL,
+    prompt TEXT,                    -- JSON text of the prompt / messages (NULL when store_text is off)
+    text TEXT,                      -- the text returned to the client (NULL when store_text is off)
+    p_correct REAL NOT NULL,
+    score REAL NOT NULL,
+    layer INTEGER NOT NULL,
+    position TEXT NOT NULL,
+    abstained INTEGER NOT NULL,
+    threshold REAL,
+    finish_reason TEXT NOT NULL,
+    correct INTEGER,                -- latest label: 1 correct, 0 wrong, NULL unlabelled
+    label_seq INTEGER               -- feedback.seq of the latest label (orders the rolling window)
+);
+CREATE INDEX IF NOT EXISTS responses_label_seq ON responses(label_seq) WHERE label_seq IS NOT NULL;
+CREATE TABLE IF NOT EXISTS feedback (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    response_id TEXT NOT NULL REFERENCES responses(id),
+    correct INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+"""
+
+
+class UnknownResponseError(KeyError):
+    """Feedback named a response id this store has never served."""
+
+
+@dataclass(frozen=True)
+class ResponseRecord:
+    """One served choice, as stored. Higher `p_correct` = more likely correct."""
+
+    id: str
+    endpoint: str
+    model: str
+    prompt: str | None
+    text: str | None
+    p_correct: float
+    score: float
+    layer: int
+    position: str
+    abstained: bool
+    threshold: float | None
+    finish_reason: str
+    created: float
+
+
+@dataclass(frozen=True)
+class CalibrationBin:
+    """Equal-width confidence bin [lower, upper) (the last bin includes 1.0)."""
+
+    lower: float
+    upper: float
+    count: int
+    accuracy: float  # NaN when the bin is empty
+    mean_confidence: float  # NaN when the bin is empty
+
+
+@dataclass(frozen=True)
+class CalibrationStats:
+    """Calibration over the last `labelled` labelled responses (at most the window). NaN when none."""
+
+    labelled: int
+    accuracy: float
+    mean_confidence: float
+    ece: float  # sum over bins of (count / labelled) * |accuracy - mean_confidence|
+    bins: tuple[CalibrationBin, ...]
+
+
+def calibration_stats(p_correct: list[float], correct: list[bool], n_bins: int) -> CalibrationStats:
+    """Accuracy, ECE and per-bin accuracy of confidences `p_correct` [n] against labels `correct` [n].
+
+    Bins are equal-width over [0, 1]: bin b holds b/n_bins <= p < (b+1)/n_bins, and p = 1.0 falls in
+    the last bin.
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    if len(p_correct) != len(correct):
+        raise ValueError(f"p_correct has {len(p_correct)} values but correct has {len(correct)}")
+    n = len(p_correct)
+    counts = [0] * n_bins
+    hits = [0] * n_bins
+    conf_sums = [0.0] * n_bins
+    for p, ok in zip(p_correct, correct, strict=True):
+        b = min(int(p * n_bins), n_bins - 1)
+        counts[b] += 1
+        hits[b] += int(ok)
+        conf_sums[b] += p
+    bins = tuple(
+        CalibrationBin(
+            lower=b / n_bins,
+            upper=(b + 1) / n_bins,
+            count=counts[b],
+            accuracy=hits[b] / counts[b] if counts[b] else math.nan,
+            mean_confidence=conf_sums[b] / counts[b] if counts[b] else math.nan,
+        )
+        for b in range(n_bins)
+    )
+    if n == 0:
+        return CalibrationStats(0, math.nan, math.nan, math.nan, bins)
+    ece = sum(abs(hits[b] - conf_sums[b]) / n for b in range(n_bins))  # = sum n_b/n * |acc_b - conf_b|
+    return CalibrationStats(n, sum(hits) / n, sum(conf_sums) / n, ece, bins)
+
+
+class FeedbackStore:
+    """Thread-safe SQLite store of responses and feedback labels (one connection behind a lock).
+
+    Calls are short (single-row writes, one windowed read), so callers on an event loop run them in a
+    worker thread (`asyncio.to_thread`) rather than holding the loop.
+    """
+
+    def __init__(self, db_path: str | Path):
+        self.db_path = Path(db_path)
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        try:
+            self._conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            has_tables = self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
+        except sqlite3.DatabaseError as err:
+            raise ValueError(f"{self.db_path}: not a usable SQLite database ({err})") from None
+        if has_tables and version != SCHEMA_VERSION:
+            self._conn.close()
+            raise ValueError(
+                f"{self.db_path}: feedback database schema version {version}, this probecal reads "
+                f"version {SCHEMA_VERSION}; point serve.db_path at a new file"
+            )
+        # WAL: the server writes while /metrics reads; synchronous=NORMAL keeps every committed row
+        # across a process crash or restart (only an OS crash / power loss can drop the last commits).
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.executescript(_SCHEMA)
+        self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def record_responses(self, records: list[ResponseRecord]) -> None:
+        """Store served responses in one transaction (ids must be new)."""
+        rows = [
+            (
+                r.id, r.created, r.endpoint, r.model, r.prompt, r.text, r.p_correct, r.score, r.layer,
+                r.position, int(r.abstained), r.threshold, r.finish_reason,
+            )
+            for r in records
+        ]
+        with self._lock:
+            with self._transaction():
+                self._conn.executemany(
+                    "INSERT INTO responses (id, created, endpoint, model, prompt, text, p_correct, score, "
+                    "layer, position, abstained, threshold, finish_reason) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+
+    def record_feedback(self, response_id: str, correct: bool) -> bool | None:
+        """Label a response; returns the label it replaced (None if it had none). Last label wins.
+
+        Raises UnknownResponseError when no response has this id.
+        """
+        with self._lock:
+            with self._transaction():
+                row = self._conn.execute("SELECT correct FROM responses WHERE id = ?", (response_id,)).fetchone()
+                if row is None:
+                    raise UnknownResponseError(response_id)
+                cur = self._conn.execute(
+                    "INSERT INTO feedback (response_id, correct, created) VALUES (?, ?, ?)",
+                    (response_id, int(correct), time.time()),
+                )
+                self._conn.execute(
+                    "UPDATE responses SET correct = ?, label_seq = ? WHERE id = ?",
+                    (int(correct), cur.lastrowid, response_id),
+                )
+        return None if row[0] is None else bool(row[0])
+
+    def get_response(self, response_id: str) -> tuple[ResponseRecord, bool | None]:
+        """The stored response and its latest label (None when unlabelled)."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT id, endpoint, model, prompt, text, p_correct, score, layer, position, abstained, "
+                "threshold, finish_reason, created, correct FROM responses WHERE id = ?",
+                (response_id,),
+            ).fetchone()
+        if row is None:
+            raise UnknownResponseError(response_id)
+        *fields, correct = row
+        fields[9] = bool(fields[9])  # abstained
+        return ResponseRecord(*fields), None if correct is None else bool(correct)
+
+    def counts(self) -> dict[str, int]:
+        """All-time totals: responses stored, responses labelled, feedback posts (duplicates included)."""
+        with self._lock:
+            responses, labelled = self._conn.execute(
+                "SELECT count(*), count(correct) FROM responses"
+            ).fetchone()
+            feedback = self._conn.execute("SELECT count(*) FROM feedback").fetchone()[0]
+        return {"responses": responses, "labelled": labelled, "feedback": feedback}
+
+    def calibration(self, window: int, n_bins: int) -> CalibrationStats:
+        """Calibration over the `window` most recently labelled responses (see module docstring)."""
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT p_correct, correct FROM responses WHERE label_seq IS NOT NULL "
+                "ORDER BY label_seq DESC LIMIT ?",
+                (window,),
+            ).fetchall()
+        return calibration_stats([r[0] for r in rows], [bool(r[1]) for r in rows], n_bins)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (the connection is in autocommit)."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
