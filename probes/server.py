@@ -485,25 +485,32 @@ class Batcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self._queue.get()]
-            deadline = loop.time() + self.batch_wait_s
-            while len(batch) < self.max_batch_size:
-                if not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                    continue
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except TimeoutError:
-                    break
-            groups: dict[Sampling, list[_Pending]] = {}
+        batch: list[_Pending] = []
+        try:
+            while True:
+                batch = [await self._queue.get()]
+                deadline = loop.time() + self.batch_wait_s
+                while len(batch) < self.max_batch_size:
+                    if not self._queue.empty():
+                        batch.append(self._queue.get_nowait())
+                        continue
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
+                        break
+                groups: dict[Sampling, list[_Pending]] = {}
+                for pending in batch:
+                    groups.setdefault(pending.sampling, []).append(pending)
+                for sampling, group in groups.items():
+                    await self._generate(sampling, group)
+        except asyncio.CancelledError:  # shutting down mid-batch: answer the requests taken off the queue
             for pending in batch:
-                groups.setdefault(pending.sampling, []).append(pending)
-            for sampling, group in groups.items():
-                await self._generate(sampling, group)
+                if not pending.future.done():
+                    pending.future.set_exception(QueueFullError("the server is shutting down"))
+            raise
 
     async def _generate(self, sampling: Sampling, group: list[_Pending]) -> None:
         self._on_batch(len(group))
@@ -712,13 +719,13 @@ def create_app(probed_model: ProbedModelLike, settings: ServeSettings) -> FastAP
 # -------------------------------------------------------------------------------------------- entry point
 def build_probed_model(cfg: Any, settings: ServeSettings) -> ProbedModelLike:
     """Load the configured model (`cfg.model`) and wrap it with the probe saved in `serve.probe_dir`."""
+    if not settings.probe_dir:
+        raise ValueError("serve.probe_dir is required: the folder of a saved probe artifact "
+                         "(e.g. probecal serve serve.probe_dir=outputs/.../probe)")
     from extract.models import load_model
     from probes.config import instantiate_group
     from probes.wrapper import ProbedModel
 
-    if not settings.probe_dir:
-        raise ValueError("serve.probe_dir is required: the folder of a saved probe artifact "
-                         "(e.g. probecal serve serve.probe_dir=outputs/.../probe)")
     loaded = load_model(instantiate_group(cfg.model))
     return ProbedModel.from_transformers(loaded.model, loaded.tokenizer, settings.probe_dir)
 

@@ -5,6 +5,7 @@ p_correct 0.83 (abstaining below 0.5), a prompt containing `boom` makes generate
 generate call is recorded so the tests can see the batches.
 """
 
+import asyncio
 import contextlib
 import json
 import math
@@ -412,3 +413,43 @@ def test_real_uvicorn_on_loopback(tmp_path):
         server.should_exit = True
         thread.join(10)
     assert not thread.is_alive()
+
+
+def test_batcher_shutdown_answers_every_waiting_request():
+    from probes.server import Batcher, QueueFullError, Sampling
+
+    gate = threading.Event()
+    model = FakeProbedModel(gate=gate)
+
+    async def scenario():
+        batcher = Batcher(model, max_batch_size=8, batch_wait_s=0.0, max_queue_size=8)
+        await batcher.start()
+        greedy, longer = Sampling(5, 0.0, 1.0, None), Sampling(9, 0.0, 1.0, None)
+        first = asyncio.create_task(batcher.submit("q0", greedy))
+        while not model.calls:  # q0 is inside generate, blocked on the gate
+            await asyncio.sleep(0.005)
+        waiting = [asyncio.create_task(batcher.submit(f"q{i}", s)) for i, s in [(1, greedy), (2, longer)]]
+        await asyncio.sleep(0.05)
+        threading.Timer(0.2, gate.set).start()  # lets the executor finish so stop() can join it
+        await batcher.stop()
+        return await asyncio.gather(first, *waiting, return_exceptions=True)
+
+    results = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert all(isinstance(r, QueueFullError) for r in results), results
+
+
+def test_serve_group_composes_with_overrides(tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from probes.config import instantiate_group, register_configs
+    from probes.server import build_probed_model
+
+    register_configs()
+    with initialize_config_module(config_module="probecal_conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["serve.port=9001", "serve.max_batch_size=4"])
+    settings = instantiate_group(cfg.serve)
+    assert isinstance(settings, ServeSettings)
+    assert (settings.host, settings.port, settings.max_batch_size, settings.probe_dir) == ("127.0.0.1", 9001, 4, None)
+    settings.validate()
+    with pytest.raises(ValueError, match="serve.probe_dir is required"):
+        build_probed_model(cfg, settings)
