@@ -104,15 +104,16 @@ def logistic_fold_fit(
 
     W = np.zeros((k, d + 1))
     yk = y01[:, None].astype(float)
-    iteration = 0
-    for iteration in range(1, max_iter + 1):
+    iterations = 0
+    while iterations < max_iter:
+        iterations += 1
         residual = weights * (expit(Z1 @ W.T) - yk)  # [n, k]
         grad = (Z1.T @ residual).T + W * penalty  # [k, d+1]
         step = np.einsum("kij,kj->ki", inv_bounds, grad)
         W -= step
         if np.max(np.abs(step)) <= tol * (1.0 + np.max(np.abs(W))):
             break
-    return W[:, :d], W[:, d], iteration
+    return W[:, :d], W[:, d], iterations
 
 
 class _Probe(ClassifierMixin, BaseEstimator):
