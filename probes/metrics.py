@@ -200,7 +200,9 @@ def bootstrap_ci(
     level: float = 0.95,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval (resampling examples with replacement) of metric(p, y).
-    Resamples where the metric is nan (e.g. AUROC on one class) are dropped; (nan, nan) if all are."""
+    Resamples where the metric is nan (e.g. AUROC on one class) are dropped; (nan, nan) if all are.
+    Note for ECE: the binned estimator is biased upwards and resampling adds to that bias, so the ECE
+    interval sits above the point estimate and may not contain it; read it as the spread, not a correction."""
     p, y = _check(p, y)
     rng = np.random.default_rng(seed)
     values = []

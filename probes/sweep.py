@@ -161,8 +161,10 @@ def sweep(
 def _fold_scores(X, y01, masks, probe_factory, sweep_C) -> list[np.ndarray]:
     """Held-out decision scores for each fold: list of [n_held_out_f]."""
     if probe_factory is None:
+        # float32 activations stay float32 (the solver's products run at float32 speed)
+        dtype = np.float32 if X.dtype == np.float32 else np.float64
         mean, scale = standardize_stats(X.astype(np.float64, copy=False))
-        Z = (X - mean) / scale
+        Z = ((X - mean) / scale).astype(dtype, copy=False)
         coef, intercept, _ = logistic_fold_fit(Z, y01, masks, sweep_C, "balanced", tol=1e-3, max_iter=200)
         return [Z[~masks[f]] @ coef[f] + intercept[f] for f in range(len(masks))]
     scores = []
