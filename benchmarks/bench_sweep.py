@@ -1,6 +1,7 @@
 """Layer x position sweep wall time vs a plain scikit-learn baseline, measured in the same run.
 
     .venv/bin/python benchmarks/bench_sweep.py [--n 3000] [--hidden 576] [--layers 31] [--baseline-sites 93]
+                                               [--blas-threads 1]   (0 = the process default)
 
 Synthetic data shaped like a SmolLM2 store's training split: n x hidden float32 features at every
 (layer, position), with a correctness signal that grows then fades with depth. The sweep (5 folds per site,
@@ -37,6 +38,7 @@ def synthetic_features(n: int, hidden: int, n_layers: int, seed: int = 0):
 
 def main() -> None:
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
 
     from probes.sweep import sweep
 
@@ -45,25 +47,29 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=576)
     parser.add_argument("--layers", type=int, default=31, help="capture layers (SmolLM2: 0..30)")
     parser.add_argument("--baseline-sites", type=int, default=0, help="sites for the baseline (0 = all)")
+    parser.add_argument("--blas-threads", type=int, default=1, help="BLAS threads for both (0 = leave as is)")
     args = parser.parse_args()
+    threads = args.blas_threads or None
 
     features, y = synthetic_features(args.n, args.hidden, args.layers)
     layers, sites = list(range(args.layers)), [(layer, pos) for layer in range(args.layers) for pos in POSITIONS]
 
     start = time.perf_counter()
-    result = sweep(features, y, layers, POSITIONS, n_folds=5, seed=0)
+    result = sweep(features, y, layers, POSITIONS, n_folds=5, seed=0, blas_threads=threads)
     sweep_s = time.perf_counter() - start
 
     baseline_sites = sites[: args.baseline_sites or len(sites)]
     start = time.perf_counter()
-    for layer, pos in baseline_sites:
-        X = features(layer, pos)
-        Z = (X - X.mean(0)) / X.std(0)
-        LogisticRegression(C=1.0, max_iter=1000).fit(Z, y)
+    with threadpool_limits(limits=threads, user_api="blas"):
+        for layer, pos in baseline_sites:
+            X = features(layer, pos)
+            Z = (X - X.mean(0)) / X.std(0)
+            LogisticRegression(C=1.0, max_iter=1000).fit(Z, y)
     per_site = (time.perf_counter() - start) / len(baseline_sites)
     baseline_s = per_site * len(sites)
 
-    print(f"data: n={args.n} hidden={args.hidden} sites={len(sites)} ({args.layers} layers x {len(POSITIONS)} positions)")
+    print(f"data: n={args.n} hidden={args.hidden} sites={len(sites)} ({args.layers} layers x {len(POSITIONS)} positions), "
+          f"BLAS threads: {threads or 'default'}")
     print(f"sweep (5-fold CV per site, {result.probe}): {sweep_s:.1f} s  -> best layer {result.best_layer} "
           f"{result.best_position} AUROC {result.best_row().auroc_mean:.3f}")
     extrapolated = "" if len(baseline_sites) == len(sites) else f" (extrapolated from {len(baseline_sites)} sites)"
