@@ -34,9 +34,8 @@ def stratified_sample(rows, per_category: int, seed: int):
 
 @torch.no_grad()
 def generate(loaded, prompt_ids: list[list[int]], batch_size: int, max_new_tokens: int):
-    """Greedy continuations; returns (decoded text, hit the token limit) per prompt."""
+    """Greedy continuations, yielded batch by batch: (decoded text, hit the token limit) per prompt."""
     tok, model = loaded.tokenizer, loaded.model
-    out = []
     for start in range(0, len(prompt_ids), batch_size):
         batch = prompt_ids[start : start + batch_size]
         width = max(map(len, batch))
@@ -47,8 +46,7 @@ def generate(loaded, prompt_ids: list[list[int]], batch_size: int, max_new_token
         )[:, width:]
         for row in gen.tolist():
             ended = tok.eos_token_id in row
-            out.append((tok.decode(row, skip_special_tokens=True), not ended and len(row) == max_new_tokens))
-    return out
+            yield tok.decode(row, skip_special_tokens=True), not ended and len(row) == max_new_tokens
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--show", type=int, default=2, help="example answers printed per category")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     loaded = load_model(ModelSpec(name=args.model, device=args.device))
     spec = PromptSpec()
     rows = stratified_sample(load_rows(DataSpec()), args.per_category, args.seed)
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         s[2] += hit_limit and not cut_by_stop
         if shown.get(row.category, 0) < args.show:
             shown[row.category] = shown.get(row.category, 0) + 1
-            print(f"[{row.category}] {row.question!r} -> {answer!r} gold={list(row.answers)[:2]} {g.rule}")
+            print(f"[{row.category}] {row.question!r} -> {answer!r} gold={list(row.answers)[:2]} {g.rule}", flush=True)
     print(f"\n{args.model}, default prompt, greedy, max_new_tokens={args.max_new_tokens}")
     print(f"{'category':<26}{'n':>4}{'accuracy':>10}{'truncated':>11}")
     total = [0, 0, 0]
