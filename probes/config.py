@@ -7,13 +7,14 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from extract.data import DataSpec
 from extract.models import ModelSpec
 
 
 @dataclass
 class ProbecalConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
-    data: Any = None  # each group gets its structured schema from the module that owns it
+    data: DataSpec = field(default_factory=DataSpec)
     extract: Any = None
     probe: Any = None
     calibration: Any = None

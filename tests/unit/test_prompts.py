@@ -1,0 +1,100 @@
+import pytest
+from omegaconf import OmegaConf
+
+from extract.data import QARow
+from extract.prompts import (
+    DEFAULT_FEW_SHOT_EXAMPLES,
+    PromptSpec,
+    build_prompt_ids,
+    few_shot_for,
+    render_prompt,
+)
+from tests import tiny_models
+
+CAPITAL = QARow("q1", "geo", "what is the capital of france ?", ("paris",))
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer():
+    """The word tokenizer, without chat template, whose post-processor prepends <s> like Llama/Gemma do."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = tiny_models.word_tokenizer(chat=False)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    assert tok("what")["input_ids"][0] == tok.bos_token_id
+    return tok
+
+
+def test_chat_prompt_has_instruction_question_and_no_extra_bos(word_tokenizer):
+    spec = PromptSpec(instruction="answer briefly .")
+    text = render_prompt(CAPITAL.question, word_tokenizer, True, spec)
+    assert text == (
+        "<|im_start|> user answer briefly .\n\nQuestion: what is the capital of france ? <|im_end|> <|im_start|> assistant "
+    )
+    [ids] = build_prompt_ids([CAPITAL], word_tokenizer, True, spec)
+    assert ids == word_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] == word_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert word_tokenizer.bos_token_id not in ids
+
+
+def test_few_shot_prompt_layout(word_tokenizer):
+    spec = PromptSpec(few_shot_examples=[{"question": "q one", "answer": "a one"}, {"question": "q two", "answer": "a two"}])
+    text = render_prompt("what is 2 + 2 ?", word_tokenizer, False, spec)
+    assert text == "Question: q one\nAnswer: a one\n\nQuestion: q two\nAnswer: a two\n\nQuestion: what is 2 + 2 ?\nAnswer:"
+
+
+def test_few_shot_gets_bos_exactly_once(bos_tokenizer, word_tokenizer):
+    [ids] = build_prompt_ids([CAPITAL], bos_tokenizer, False, PromptSpec())
+    assert ids[0] == bos_tokenizer.bos_token_id and ids.count(bos_tokenizer.bos_token_id) == 1
+    [plain] = build_prompt_ids([CAPITAL], word_tokenizer, False, PromptSpec())
+    assert plain == ids[1:]  # a tokenizer that adds no BOS gets none
+
+
+def test_few_shot_examples_never_include_the_question():
+    spec = PromptSpec()
+    asked = "HOW many legs does a spider have"  # the first pool example, differently written
+    shots = few_shot_for(asked, spec)
+    assert len(shots) == spec.num_few_shot == 4
+    assert all(s["question"] != DEFAULT_FEW_SHOT_EXAMPLES[0]["question"] for s in shots)
+    assert shots == [dict(e) for e in DEFAULT_FEW_SHOT_EXAMPLES[1:5]]  # the next pool example fills in
+    assert few_shot_for("Who discovered penicillin?", spec) == [dict(e) for e in DEFAULT_FEW_SHOT_EXAMPLES[:4]]
+    # The defaults stay out of every built-in facts category.
+    assert not any(word in e["question"].lower() for e in DEFAULT_FEW_SHOT_EXAMPLES for word in ("capital", "currency", "continent", "element", "+"))
+
+
+def test_overlong_prompt_is_an_error_naming_the_row(word_tokenizer):
+    row = QARow("long-7", "geo", "what is the capital of " * 30 + "france ?", ("paris",))
+    spec = PromptSpec(max_prompt_tokens=40)
+    with pytest.raises(ValueError, match=r"row 'long-7': prompt is \d+ tokens, more than extract.prompt.max_prompt_tokens=40"):
+        build_prompt_ids([CAPITAL, row], word_tokenizer, True, spec)
+
+
+def test_truncate_shortens_only_the_question(word_tokenizer):
+    row = QARow("long-7", "geo", "what is the capital of " * 30 + "france ?", ("paris",))
+    spec = PromptSpec(max_prompt_tokens=40, truncate=True)
+    short, long_ = build_prompt_ids([CAPITAL, row], word_tokenizer, True, spec)
+    assert len(long_) == 40  # one word at a time: the longest question that fits
+    assert short == build_prompt_ids([CAPITAL], word_tokenizer, True, spec)[0]
+    end = word_tokenizer(" <|im_end|> <|im_start|> assistant ", add_special_tokens=False)["input_ids"]
+    assert long_[-len(end) :] == end  # the template's end survives
+
+
+def test_template_with_unknown_placeholder_is_clear(word_tokenizer):
+    with pytest.raises(ValueError, match=r"chat_template_format=.*allowed placeholders: \{instruction\}, \{question\}"):
+        render_prompt("q", word_tokenizer, True, PromptSpec(chat_template_format="{quest}"))
+    with pytest.raises(ValueError, match=r"few_shot_examples\[0\] needs keys 'question' and 'answer'"):
+        render_prompt("q", word_tokenizer, False, PromptSpec(few_shot_examples=[{"q": "x"}]))
+
+
+def test_stop_sequences_per_prompt_kind():
+    spec = PromptSpec()
+    assert spec.stops_for(uses_chat_template=True) == ["\n"]
+    assert spec.stops_for(uses_chat_template=False) == ["\n", "Question:"]
+
+
+def test_prompt_spec_is_a_valid_structured_config():
+    cfg = OmegaConf.structured(PromptSpec)
+    cfg.max_prompt_tokens = 128
+    assert OmegaConf.to_object(cfg).few_shot_examples[0]["answer"] == "eight"
+    with pytest.raises(Exception, match="instrucion"):
+        cfg.instrucion = "typo"
