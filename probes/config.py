@@ -8,13 +8,14 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 from extract.models import ModelSpec
+from extract.settings import ExtractSpec
 
 
 @dataclass
 class ProbecalConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     data: Any = None  # each group gets its structured schema from the module that owns it
-    extract: Any = None
+    extract: ExtractSpec = field(default_factory=ExtractSpec)
     probe: Any = None
     calibration: Any = None
     seed: int = 0
