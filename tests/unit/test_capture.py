@@ -125,14 +125,16 @@ def test_stop_string_inside_a_token_still_captures_that_token(tok, prompts):
     model = tiny_models.tiny_llama()
     words = tok.convert_ids_to_tokens(greedy(model, prompts[0], 6))
     text = " ".join(words)
-    j = next(j for j in range(1, 5) if len(words[j]) >= 2 and text.find(words[j][-1] + " " + words[j + 1])
-             == len(" ".join(words[: j + 1])) - 1)
-    spec = GenerationSpec(max_new_tokens=6, batch_size=1, stop_strings=[words[j][-1] + " " + words[j + 1]])
+    # Stop string = the last character of token j (found nowhere earlier): the stop completes in the
+    # same step as token j is generated, but the answer (ending inside token j) needs token j's state.
+    ends = [len(" ".join(words[: j + 1])) for j in range(len(words))]
+    j = next(j for j in range(1, 5) if len(words[j]) >= 2 and text.find(words[j][-1]) == ends[j] - 1)
+    spec = GenerationSpec(max_new_tokens=6, batch_size=1, stop_strings=[words[j][-1]])
     # Alone in its batch, so no other row keeps generation going past the stop.
     result = generate_and_capture(model, tok, prompts[:1], "all", POSITIONS, spec, str.strip)
     assert not result.truncated[0]
-    assert result.answers[0] == " ".join(words[: j + 1])[:-1]  # ends inside token j
-    assert result.raw_generations[0] == " ".join(words[: j + 2])
+    assert result.answers[0] == text[: ends[j] - 1]  # ends inside token j
+    assert result.raw_generations[0] == text[: ends[j]]
     assert result.n_answer_tokens[0] == j + 1
     check_against_plain_forward(model, prompts[:1], result)
 
