@@ -42,11 +42,11 @@ def test_captured_states_equal_a_plain_forward(smollm2):
         with torch.no_grad():
             hidden = model(input_ids=torch.tensor([prompt + tokens[:n]]), output_hidden_states=True).hidden_states
         P = len(prompt)
-        want = {"prompt_last": lambda h: h[0, P - 1], "answer_last": lambda h: h[0, P + n - 1],
-                "answer_mean": lambda h: h[0, P : P + n].mean(0)}
-        for p, position in enumerate(POSITIONS):
-            for li, layer in enumerate(layers):
-                ref = want[position](hidden[layer])
+        for li, layer in enumerate(layers):
+            h = hidden[layer][0]
+            want = {"prompt_last": h[P - 1], "answer_last": h[P + n - 1], "answer_mean": h[P : P + n].mean(0)}
+            for p, position in enumerate(POSITIONS):
+                ref = want[position]
                 err = float((torch.as_tensor(result.activations[i, li, p]) - ref).norm() / ref.norm())
                 assert err < 1e-4, (i, position, layer, err)
     assert np.isfinite(result.baselines["mean_logprob"]).all()
