@@ -9,13 +9,14 @@ from hydra.core.config_store import ConfigStore
 
 from extract.data import DataSpec
 from extract.models import ModelSpec
+from extract.settings import ExtractSpec
 
 
 @dataclass
 class ProbecalConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
-    extract: Any = None
+    extract: ExtractSpec = field(default_factory=ExtractSpec)
     probe: Any = None
     calibration: Any = None
     serve: Any = None  # probes.server.ServeSettings (conf/serve/)

@@ -1,0 +1,603 @@
+"""Single-pass generation with hidden-state capture and the model's own confidence signals.
+
+One `model.generate` call per batch (left padding) does everything: forward hooks on the decoder
+blocks keep, for every forward call, only the LAST position's hidden state at each requested layer
+(`[batch, hidden]` per layer and step), and a hook on the model's output keeps per-step entropy, max
+probability and the chosen token's log-probability (`[batch]` per step). There is no second forward
+pass and no `output_hidden_states=True`: per batch the transient buffer is
+`[steps, batch, layers, hidden]`, and what is kept is `[examples, layers, positions, hidden]`.
+
+Capture sites follow the Hugging Face `hidden_states` convention; see `extract.settings` (layer 0 =
+input of block 1 = embedding output; layer i = output of block i; the last layer is AFTER the final
+norm, exactly like `hidden_states[-1]`).
+
+Step bookkeeping (the classic off-by-one): forward call 0 is the prefill; its last position is the
+last prompt token (`prompt_last`). Forward call t >= 1 feeds generated token t-1, so the hidden state
+of generated token j is the last position of call j+1. A token's state therefore exists only once the
+token has been fed back. A row is kept running until every token of its graded answer has been fed
+(`_StopWhenAnswerFed`), and generation runs for `max_new_tokens + 1` tokens, so the last answer token's
+state always exists; the extra token never enters the answer text.
+
+Graded answer -> tokens: `cut_answer` gets the generation up to the first stop string / EOS and
+returns the graded answer, which should be a substring of that text (a prefix, normally, stripped).
+Its token span is found by decoding prefixes of the generated tokens (`answer_token_span`). When the
+returned text is not found in the generation, the whole stripped generation is used and the row is
+flagged (`answer_in_text=False`). An EMPTY answer (the model stopped at once, or `cut_answer`
+returned "") is flagged `empty_answer`: its `answer_last`/`answer_mean` fall back to `prompt_last`,
+and its baselines are computed over the first generated token (the model's confidence in stopping).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from extract.settings import POSITIONS, GenerationSpec
+
+log = logging.getLogger(__name__)
+
+BASELINE_NAMES: tuple[str, ...] = (
+    "mean_logprob",  # mean log-probability of the answer tokens (higher = more confident)
+    "min_logprob",  # lowest token log-probability in the answer
+    "mean_entropy",  # mean next-token entropy (nats) over the answer steps (LOWER = more confident)
+    "first_token_prob",  # max probability of the distribution the first answer token was drawn from
+    "sequence_prob",  # product of the answer token probabilities
+    "perplexity",  # exp(-mean_logprob) (LOWER = more confident)
+)
+
+
+class CaptureError(ValueError):
+    """A capture request that cannot work (bad layer, position, model layout, input)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the blocks are
+# ----------------------------------------------------------------------------------------------
+
+# (path of the block list, relative to the model) -- the parent object holds the final norm.
+_BLOCK_PATHS = (
+    "model.layers",  # Llama, Mistral, Qwen2/3, Gemma/Gemma2/Gemma3 (text), Phi3, OLMo, SmolLM
+    "model.language_model.layers",  # Gemma3ForConditionalGeneration and other multimodal wrappers
+    "transformer.h",  # GPT-2, GPT-J, Bloom, Falcon
+    "gpt_neox.layers",  # GPT-NeoX, Pythia
+    "model.decoder.layers",  # OPT
+    "transformer.blocks",  # MPT
+    "model.transformer.blocks",  # OLMo (v1)
+)
+_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_norm", "norm_f")
+_EMBED_NAMES = ("embed_tokens", "wte", "embed_in", "word_embeddings", "tok_embeddings")
+
+
+@dataclass
+class DecoderLayout:
+    """The modules the capture hooks attach to. `num_layers` counts decoder blocks."""
+
+    model_class: str
+    embeddings: nn.Module | None
+    blocks: list[nn.Module]
+    final_norm: nn.Module | None  # None: the last layer is the last block's output
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+
+def _attr_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def find_decoder_blocks(model: nn.Module) -> DecoderLayout:
+    """Locate embeddings, decoder blocks and final norm of a causal LM (see `_BLOCK_PATHS`)."""
+    for path in _BLOCK_PATHS:
+        blocks = _attr_path(model, path)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            parent = _attr_path(model, path.rpartition(".")[0])
+            break
+    else:
+        raise CaptureError(
+            f"cannot find the decoder blocks of {type(model).__name__}: none of {', '.join(_BLOCK_PATHS)} "
+            "is a non-empty nn.ModuleList. Add the path of its block list to extract.capture._BLOCK_PATHS."
+        )
+    norm = next((m for n in _NORM_NAMES if isinstance(m := getattr(parent, n, None), nn.Module)), None)
+    embed = next((m for n in _EMBED_NAMES if isinstance(m := getattr(parent, n, None), nn.Module)), None)
+    if embed is None and hasattr(model, "get_input_embeddings"):
+        embed = model.get_input_embeddings()
+    return DecoderLayout(type(model).__name__, embed, list(blocks), norm)
+
+
+def resolve_layers(layers: str | Sequence[int] | None, num_layers: int, model_name: str = "the model") -> list[int]:
+    """"all"/None -> [0..num_layers]; otherwise validate (negative indices count from the end)."""
+    if layers is None or (isinstance(layers, str) and layers == "all"):
+        return list(range(num_layers + 1))
+    if isinstance(layers, (str, int)):
+        raise CaptureError(f"extract.layers={layers!r}: use 'all' or a list of layer indices")
+    valid = f"valid layers are 0..{num_layers} (0 = embeddings, {num_layers} = after the final norm)"
+    resolved = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise CaptureError(f"extract.layers: {layer!r} is not an integer; {valid}")
+        if not -(num_layers + 1) <= layer <= num_layers:
+            raise CaptureError(f"extract.layers: layer {layer} is out of range for {model_name}: {valid}")
+        resolved.append(int(layer) % (num_layers + 1))
+    if not resolved:
+        raise CaptureError("extract.layers is empty: use 'all' or a list of layer indices")
+    if len(set(resolved)) != len(resolved):
+        raise CaptureError(f"extract.layers={list(layers)} names a layer twice")
+    return resolved
+
+
+def check_positions(positions: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(positions, str):
+        positions = [positions]
+    unknown = [p for p in positions if p not in POSITIONS]
+    if unknown or not positions:
+        raise CaptureError(f"extract.positions: unknown {unknown or 'empty list'}; allowed: {', '.join(POSITIONS)}")
+    if len(set(positions)) != len(positions):
+        raise CaptureError(f"extract.positions={list(positions)} names a position twice")
+    return tuple(positions)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hooks
+# ----------------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """Last-position hidden state of every forward call, per hooked layer.
+
+    One entry per forward call: during `generate` that is the prefill (entry 0 = last prompt token)
+    and then one entry per fed token. `last_token(layer)` -> `[calls, batch, hidden]`.
+    """
+
+    def __init__(self, layers: Sequence[int]):
+        self.layers = tuple(layers)
+        self._steps: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
+
+    def record(self, layer: int, hidden: torch.Tensor) -> None:
+        # clone: a view would keep the whole [batch, seq, hidden] prefill output alive.
+        self._steps[layer].append(hidden[:, -1, :].detach().clone())
+
+    @property
+    def num_calls(self) -> int:
+        return len(self._steps[self.layers[0]])
+
+    def last_token(self, layer: int) -> torch.Tensor:
+        """`[calls, batch, hidden]` in the model's dtype."""
+        if layer not in self._steps:
+            raise CaptureError(f"layer {layer} is not hooked; hooked layers: {list(self.layers)}")
+        if not self._steps[layer]:
+            raise CaptureError("nothing recorded yet: run the model inside the capture context")
+        return torch.stack(self._steps[layer])
+
+    def stacked(self, calls: int | None = None) -> torch.Tensor:
+        """`[calls, batch, len(layers), hidden]` float32, the first `calls` forward calls."""
+        return torch.stack([torch.stack(self._steps[la][:calls]) for la in self.layers], dim=2).float()
+
+    def clear(self) -> None:
+        for steps in self._steps.values():
+            steps.clear()
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextmanager
+def capture_hidden_states(model: nn.Module, layers: str | Sequence[int] | None = "all") -> Iterator[Recorder]:
+    """Hook `layers` of `model` for the duration of the block; the hooks are always removed.
+
+    Layer 0 hooks the input of the first block (HF `hidden_states[0]`), layer i < num_layers the
+    output of block i, layer num_layers the final norm's output. Example (runtime wrapper):
+        with capture_hidden_states(model, [12]) as rec:
+            model.generate(...)
+        vectors = rec.last_token(12)  # [calls, batch, hidden]
+    """
+    layout = find_decoder_blocks(model)
+    resolved = resolve_layers(layers, layout.num_layers, layout.model_class)
+    recorder = Recorder(resolved)
+    handles = []
+    try:
+        for layer in resolved:
+            if layer == 0:
+
+                def pre_hook(module, args, kwargs, _layer=layer):
+                    recorder.record(_layer, args[0] if args else kwargs["hidden_states"])
+
+                handles.append(layout.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+                continue
+            last_with_norm = layer == layout.num_layers and layout.final_norm is not None
+            module = layout.final_norm if last_with_norm else layout.blocks[layer - 1]
+
+            def hook(module, args, output, _layer=layer):
+                recorder.record(_layer, _first_tensor(output))
+
+            handles.append(module.register_forward_hook(hook))
+        yield recorder
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _TokenStats:
+    """Model-output hook: per forward call, entropy and max probability of the next-token
+    distribution, and (one call later, once the chosen token is fed back) its log-probability.
+    Lists of `[batch]` tensors, one per call; raw model logits (before temperature / top-p)."""
+
+    def __init__(self) -> None:
+        self.entropy: list[torch.Tensor] = []
+        self.max_prob: list[torch.Tensor] = []
+        self.chosen_logprob: list[torch.Tensor] = []
+        self._prev_logp: torch.Tensor | None = None
+
+    def hook(self, module, args, kwargs, output) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if self._prev_logp is not None:
+            self._take_chosen(input_ids[:, -1])
+        logits = output["logits"] if isinstance(output, dict) else output[0]
+        logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
+        p = logp.exp()
+        self.entropy.append(-torch.where(p > 0, p * logp, 0.0).sum(-1))
+        self.max_prob.append(p.max(-1).values)
+        self._prev_logp = logp
+
+    def finish(self, last_tokens: torch.Tensor) -> None:
+        """The token chosen at the last call is never fed back: take its log-probability here."""
+        if self._prev_logp is not None:
+            self._take_chosen(last_tokens)
+
+    def _take_chosen(self, tokens: torch.Tensor) -> None:
+        self.chosen_logprob.append(self._prev_logp.gather(-1, tokens[:, None].to(self._prev_logp.device))[:, 0])
+        self._prev_logp = None
+
+    def arrays(self, calls: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(chosen log-prob, entropy, max prob), each `[calls, batch]` float64."""
+        as_np = [torch.stack(x[:calls]).double().cpu().numpy() for x in (self.chosen_logprob, self.entropy, self.max_prob)]
+        return as_np[0], as_np[1], as_np[2]
+
+
+# ----------------------------------------------------------------------------------------------
+# Text <-> tokens
+# ----------------------------------------------------------------------------------------------
+
+
+def find_stop(text: str, stop_strings: Sequence[str]) -> tuple[int, int] | None:
+    """(start, end) of the earliest stop string in `text` (the longest one on a tie), or None."""
+    best = None
+    for stop in stop_strings:
+        if not stop:
+            continue
+        start = text.find(stop)
+        if start >= 0 and (best is None or (start, -len(stop)) < (best[0], best[0] - best[1])):
+            best = (start, start + len(stop))
+    return best
+
+
+def _decode(tokenizer: Any, tokens: Sequence[int]) -> str:
+    return tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+
+def answer_token_span(tokenizer: Any, tokens: Sequence[int], text: str, answer: str) -> tuple[int, int, bool]:
+    """Token span `[start, end)` of `answer` within `text`, where `text` is a prefix of
+    `decode(tokens)` (the generation before its stop string).
+
+    `end` = the fewest tokens whose decoded prefix covers the answer; `start` = the most tokens whose
+    decoded prefix lies entirely before the answer. Decoding prefixes (rather than summing per-token
+    lengths) stays right for tokenizers that merge spaces or split characters across tokens.
+    Returns (start, end, found): found=False when `answer` is not in `text` (the whole stripped
+    text is used then); an empty answer gives (0, 0, True).
+    """
+    target = answer.strip()
+    if not target:
+        return 0, 0, True
+    pos = text.find(target)
+    found = pos >= 0
+    if not found:
+        target = text.strip()
+        if not target:
+            return 0, 0, False
+        pos = text.find(target)
+    head, upto = text[:pos], text[: pos + len(target)]
+    start, end = 0, len(tokens)
+    for k in range(1, len(tokens) + 1):
+        prefix = _decode(tokenizer, tokens[:k])
+        if prefix.startswith(upto):
+            end = k
+            break
+        if head.startswith(prefix):
+            start = k
+    return start, end, found
+
+
+class _StopWhenAnswerFed(StoppingCriteria):
+    """Stopping criterion: a row is done once its generation contains a stop string AND every token
+    before that stop string has been fed back to the model (so its hidden state was captured).
+
+    HF's own EOS criterion runs alongside: a row that emits EOS needs nothing more, since the tokens
+    before the EOS were all fed. Decodes only rows still running, once per step.
+    """
+
+    def __init__(self, tokenizer: Any, stop_strings: Sequence[str], prompt_len: int, eos_ids: set[int]):
+        self.tokenizer = tokenizer
+        self.stop_strings = [s for s in stop_strings if s]
+        self.prompt_len = prompt_len
+        self.eos_ids = eos_ids
+        self.done: np.ndarray | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+        if self.done is None:
+            self.done = np.zeros(input_ids.shape[0], dtype=bool)
+        running = np.flatnonzero(~self.done)
+        if len(running):
+            generated = input_ids[running, self.prompt_len :].tolist()
+            texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+            for row, tokens, text in zip(running, generated, texts, strict=True):
+                if self.eos_ids.intersection(tokens):
+                    self.done[row] = True
+                    continue
+                stop = find_stop(text, self.stop_strings)
+                if stop is not None and _decode(self.tokenizer, tokens[:-1]).startswith(text[: stop[0]]):
+                    self.done[row] = True
+        return torch.as_tensor(self.done, device=input_ids.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generate and capture
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CaptureResult:
+    """Answers, hidden states and baselines for `n` prompts, in input order.
+
+    activations: `[n, len(layers), len(positions), hidden]` float32.
+    baselines: name -> `[n]` float64 (see `BASELINE_NAMES`; higher logprob/prob = more confident,
+    higher entropy/perplexity = less confident).
+    truncated: `[n]` bool, the answer did not finish (no stop string / EOS) within max_new_tokens.
+    empty_answer: `[n]` bool, the graded answer is empty (positions fall back to prompt_last).
+    answer_in_text: `[n]` bool, False when cut_answer's text was not found in the generation.
+    """
+
+    answers: list[str]
+    raw_generations: list[str]
+    n_answer_tokens: np.ndarray
+    truncated: np.ndarray
+    activations: np.ndarray
+    baselines: dict[str, np.ndarray]
+    empty_answer: np.ndarray
+    answer_in_text: np.ndarray
+    layers: tuple[int, ...]
+    positions: tuple[str, ...]
+    n_generated_tokens: int = 0  # generated tokens incl. padding steps (throughput accounting)
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+    def row_fields(self) -> list[dict[str, Any]]:
+        """Per-row JSON-able fields for store records (answer, raw generation, flags)."""
+        return [
+            {
+                "model_answer": self.answers[i],
+                "raw_generation": self.raw_generations[i],
+                "n_answer_tokens": int(self.n_answer_tokens[i]),
+                "truncated": bool(self.truncated[i]),
+                "empty_answer": bool(self.empty_answer[i]),
+                "answer_in_text": bool(self.answer_in_text[i]),
+            }
+            for i in range(len(self))
+        ]
+
+    @classmethod
+    def concat(cls, parts: Sequence[CaptureResult]) -> CaptureResult:
+        if not parts:
+            raise ValueError("CaptureResult.concat needs at least one part")
+        first = parts[0]
+        return cls(
+            answers=[a for p in parts for a in p.answers],
+            raw_generations=[r for p in parts for r in p.raw_generations],
+            n_answer_tokens=np.concatenate([p.n_answer_tokens for p in parts]),
+            truncated=np.concatenate([p.truncated for p in parts]),
+            activations=np.concatenate([p.activations for p in parts]),
+            baselines={k: np.concatenate([p.baselines[k] for p in parts]) for k in first.baselines},
+            empty_answer=np.concatenate([p.empty_answer for p in parts]),
+            answer_in_text=np.concatenate([p.answer_in_text for p in parts]),
+            layers=first.layers,
+            positions=first.positions,
+            n_generated_tokens=sum(p.n_generated_tokens for p in parts),
+        )
+
+
+@dataclass
+class _Row:
+    answer: str
+    raw: str
+    start: int  # first graded-answer token (index into the generated tokens)
+    end: int  # one past the last graded-answer token
+    truncated: bool
+    found: bool
+
+
+def _finish_row(tokenizer, generated: list[int], max_new_tokens: int, eos_ids: set[int], stops, cut_answer) -> _Row:
+    """Turn one row's generated tokens into raw text, graded answer and its token span."""
+    window = generated[:max_new_tokens]  # the extra (+1) token never enters the answer
+    eos_at = next((i for i, t in enumerate(window) if t in eos_ids), None)
+    tokens = window if eos_at is None else window[:eos_at]
+    text = _decode(tokenizer, tokens)
+    stop = find_stop(text, stops)
+    before = text if stop is None else text[: stop[0]]
+    answer = cut_answer(before)
+    if not isinstance(answer, str):
+        raise CaptureError(f"cut_answer returned {type(answer).__name__}, expected str")
+    start, end, found = answer_token_span(tokenizer, tokens, before, answer)
+    raw = text if stop is None else text[: stop[1]]
+    return _Row(answer, raw, start, end, truncated=stop is None and eos_at is None, found=found)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
+        mask[i, width - len(prompt) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _check_prompts(prompt_ids: Sequence[Sequence[int]], vocab_size: int | None) -> None:
+    for i, prompt in enumerate(prompt_ids):
+        if len(prompt) == 0:
+            raise CaptureError(f"prompt_ids[{i}] is empty")
+        if not all(isinstance(t, (int, np.integer)) for t in prompt):
+            raise CaptureError(f"prompt_ids[{i}] must be a list of token ids (ints)")
+        if vocab_size and not all(0 <= t < vocab_size for t in prompt):
+            raise CaptureError(f"prompt_ids[{i}] has a token id outside 0..{vocab_size - 1}")
+
+
+def _check_generation(spec: GenerationSpec) -> None:
+    if spec.max_new_tokens < 1:
+        raise CaptureError(f"generation.max_new_tokens={spec.max_new_tokens}: must be >= 1")
+    if spec.batch_size < 1:
+        raise CaptureError(f"generation.batch_size={spec.batch_size}: must be >= 1")
+    if spec.do_sample and not (spec.temperature > 0 and 0 < spec.top_p <= 1):
+        raise CaptureError(f"generation.temperature={spec.temperature} must be > 0 and top_p={spec.top_p} in (0, 1]")
+
+
+def _row_baselines(logprob: np.ndarray, entropy: np.ndarray, max_prob: np.ndarray, start: int, end: int) -> dict:
+    lp = logprob[start:end]
+    mean_lp = float(lp.mean())
+    return {
+        "mean_logprob": mean_lp,
+        "min_logprob": float(lp.min()),
+        "mean_entropy": float(entropy[start:end].mean()),
+        "first_token_prob": float(max_prob[start]),
+        "sequence_prob": float(np.exp(lp.sum())),
+        "perplexity": float(np.exp(-mean_lp)),
+    }
+
+
+def generate_and_capture(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    layers: str | Sequence[int] | None,
+    positions: Sequence[str],
+    generation: GenerationSpec,
+    cut_answer: Callable[[str], str],
+    progress: Callable[[int, int], None] | None = None,
+) -> CaptureResult:
+    """Generate an answer for every prompt and capture hidden states + baselines in the same pass.
+
+    prompt_ids: token ids per prompt (already templated; no padding). Batches of
+    `generation.batch_size` are left-padded. `cut_answer(text_before_stop) -> graded answer`.
+    progress(n_examples, n_generated_tokens) is called after each batch.
+    Returns a `CaptureResult` in input order (activations `[n, layers, positions, hidden]`).
+    Sampling (`do_sample=True`) draws from torch's global RNG: seed it for reproducible runs.
+    """
+    layout = find_decoder_blocks(model)
+    name = getattr(getattr(model, "config", None), "name_or_path", None) or layout.model_class
+    layer_list = resolve_layers(layers, layout.num_layers, name)
+    position_list = check_positions(positions)
+    _check_generation(generation)
+    vocab_size = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    _check_prompts(prompt_ids, vocab_size)
+    if tokenizer.pad_token_id is None:
+        raise CaptureError("the tokenizer has no pad token: wrap it with extract.models.prepare_tokenizer")
+    eos = _eos_ids(model, tokenizer)
+    device = next(model.parameters()).device
+
+    parts = []
+    with capture_hidden_states(model, layer_list) as recorder:
+        for begin in range(0, len(prompt_ids), generation.batch_size):
+            batch = prompt_ids[begin : begin + generation.batch_size]
+            recorder.clear()
+            part = _generate_batch(model, tokenizer, batch, recorder, position_list, generation, cut_answer, eos, device)
+            parts.append(part)
+            if progress is not None:
+                progress(len(batch), part.n_generated_tokens)
+    if not parts:
+        raise CaptureError("prompt_ids is empty")
+    return CaptureResult.concat(parts)
+
+
+def _generate_batch(model, tokenizer, prompts, recorder, positions, spec, cut_answer, eos, device) -> CaptureResult:
+    input_ids, attention_mask = _left_pad(prompts, tokenizer.pad_token_id, device)
+    prompt_len = input_ids.shape[1]
+    stop = _StopWhenAnswerFed(tokenizer, spec.stop_strings, prompt_len, set(eos))
+    stats = _TokenStats()
+    sampling = {"temperature": spec.temperature, "top_p": spec.top_p} if spec.do_sample else {}
+    handle = model.register_forward_hook(stats.hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            sequences = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=spec.max_new_tokens + 1,  # +1: see the module docstring
+                do_sample=spec.do_sample,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos or None,
+                stopping_criteria=StoppingCriteriaList([stop] if spec.stop_strings else []),
+                **sampling,
+            )
+    finally:
+        handle.remove()
+    generated = sequences[:, prompt_len:]
+    steps = generated.shape[1]
+    stats.finish(generated[:, -1])
+    if recorder.num_calls < steps:
+        raise CaptureError(f"recorded {recorder.num_calls} forward calls for {steps} generated tokens: "
+                           "the model's generate() bypasses the hooked modules")
+    logprob, entropy, max_prob = stats.arrays(steps)  # [steps, batch]
+    states = recorder.stacked(steps)  # [steps, batch, layers, hidden]; index t = state of token t-1
+
+    rows = [_finish_row(tokenizer, g, spec.max_new_tokens, set(eos), spec.stop_strings, cut_answer)
+            for g in generated.tolist()]
+    vectors = torch.empty((len(rows), states.shape[2], len(positions), states.shape[3]), dtype=torch.float32,
+                          device=states.device)
+    baselines = {name: np.empty(len(rows)) for name in BASELINE_NAMES}
+    for r, row in enumerate(rows):
+        if row.end > steps - 1:  # only with a tokenizer whose prefixes do not decode stably
+            log.warning("row %d: answer ends at token %d but only %d were fed back: clipped", r, row.end, steps - 1)
+            row.end = steps - 1
+        empty = row.end <= row.start
+        by_position = {
+            "prompt_last": states[0, r],
+            "answer_last": states[0, r] if empty else states[row.end, r],
+            "answer_mean": states[0, r] if empty else states[row.start + 1 : row.end + 1, r].mean(0),
+        }
+        for p, position in enumerate(positions):
+            vectors[r, :, p] = by_position[position]
+        span = (0, 1) if empty else (row.start, row.end)
+        for name, value in _row_baselines(logprob[:, r], entropy[:, r], max_prob[:, r], *span).items():
+            baselines[name][r] = value
+    return CaptureResult(
+        answers=[row.answer for row in rows],
+        raw_generations=[row.raw for row in rows],
+        n_answer_tokens=np.array([max(row.end - row.start, 0) for row in rows], dtype=np.int64),
+        truncated=np.array([row.truncated for row in rows], dtype=bool),
+        activations=vectors.cpu().numpy(),
+        baselines=baselines,
+        empty_answer=np.array([row.end <= row.start for row in rows], dtype=bool),
+        answer_in_text=np.array([row.found for row in rows], dtype=bool),
+        layers=recorder.layers,
+        positions=tuple(positions),
+        n_generated_tokens=int(steps * len(rows)),
+    )

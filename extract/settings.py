@@ -1,0 +1,65 @@
+"""Settings of the extract stage: what to generate and which hidden states to capture.
+
+Built by Hydra from `conf/extract/*.yaml` (`_target_` points here); plain dataclasses, so callers
+and tests can also build them directly.
+
+Capture sites, named once for the whole project (the Hugging Face `hidden_states` convention):
+- layer 0 = the input of the first decoder block (the embedding output, incl. position embeddings
+  for GPT-2 and the sqrt(hidden) scale for Gemma);
+- layer i (1 <= i < num_layers) = the output of decoder block i (1-based);
+- layer num_layers = the output of the final norm, i.e. AFTER the last block AND the final norm
+  (Llama, Mistral, Qwen, Gemma, GPT-2, GPT-NeoX), exactly as `hidden_states[-1]` in Hugging Face.
+Positions (see `extract.capture`):
+- `prompt_last`: the last prompt token (its state is known before any token is generated);
+- `answer_last`: the last token of the graded (cut) answer, excluding stop strings, EOS and padding;
+- `answer_mean`: the mean over the graded answer's tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+POSITIONS: tuple[str, ...] = ("prompt_last", "answer_last", "answer_mean")
+STORE_DTYPES: tuple[str, ...] = ("float16", "float32")
+
+
+@dataclass
+class GenerationSpec:
+    """How answers are generated. Greedy by default; `do_sample=True` uses temperature/top_p.
+
+    max_new_tokens: answer budget; an answer not finished within it is flagged `truncated`.
+    stop_strings: generation of a row stops at the first of these (the text before it is graded).
+    batch_size: prompts per `model.generate` call (left padding).
+    """
+
+    _target_: str = "extract.settings.GenerationSpec"
+    max_new_tokens: int = 24
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 16
+    stop_strings: list[str] = field(default_factory=lambda: ["\n"])
+
+
+@dataclass
+class ExtractSpec:
+    """The extract group: capture sites, generation, activation store, optional baselines.
+
+    layers: "all" (0..num_layers) or a list of layer indices (0 = embeddings, see module doc).
+    positions: a subset of `POSITIONS`, in the order they are stored.
+    store_dtype: float16 | float32 (activations on disk; reading always gives float32).
+    shard_size: rows per safetensors shard (the unit of resume after an interruption).
+    store_root: stores go to `<store_root>/<model>-<settings key[:12]>`.
+    p_true / verbalized: optional self-evaluation baselines (one more model call per question each).
+    """
+
+    _target_: str = "extract.settings.ExtractSpec"
+    layers: Any = "all"
+    positions: list[str] = field(default_factory=lambda: list(POSITIONS))
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    store_dtype: str = "float16"
+    shard_size: int = 256
+    store_root: str = "outputs/stores"
+    p_true: bool = False
+    verbalized: bool = False
