@@ -49,12 +49,6 @@ class PromptSpec:
     num_few_shot: int = 4
     max_prompt_tokens: int = 256
     truncate: bool = False
-    stop_sequences: list[str] = field(default_factory=lambda: ["\n"])
-    few_shot_stop_sequences: list[str] = field(default_factory=lambda: ["Question:"])
-
-    def stops_for(self, uses_chat_template: bool) -> list[str]:
-        """Where the graded answer ends: `stop_sequences`, plus `few_shot_stop_sequences` for base models."""
-        return list(self.stop_sequences) + ([] if uses_chat_template else list(self.few_shot_stop_sequences))
 
 
 def few_shot_for(question: str, spec: PromptSpec) -> list[dict[str, str]]:

@@ -20,6 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from extract.grading import GRADERS
+from extract.prompts import PromptSpec
+
 POSITIONS: tuple[str, ...] = ("prompt_last", "answer_last", "answer_mean")
 STORE_DTYPES: tuple[str, ...] = ("float16", "float32")
 
@@ -52,6 +55,8 @@ class ExtractSpec:
     shard_size: rows per safetensors shard (the unit of resume after an interruption).
     store_root: stores go to `<store_root>/<model>-<settings key[:12]>`.
     p_true / verbalized: optional self-evaluation baselines (one more model call per question each).
+    prompt: how questions become model inputs (extract.prompts.PromptSpec).
+    grader: exact | contains | f1 (extract.grading); f1_threshold for the f1 grader.
     """
 
     _target_: str = "extract.settings.ExtractSpec"
@@ -63,3 +68,17 @@ class ExtractSpec:
     store_root: str = "outputs/stores"
     p_true: bool = False
     verbalized: bool = False
+    prompt: PromptSpec = field(default_factory=PromptSpec)
+    grader: str = "contains"
+    f1_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        # Hydra builds nested nodes without a _target_ as plain dicts.
+        if isinstance(self.prompt, dict):
+            self.prompt = PromptSpec(**self.prompt)
+        if isinstance(self.generation, dict):
+            self.generation = GenerationSpec(**self.generation)
+
+    def check(self) -> None:
+        if self.grader not in GRADERS:
+            raise ValueError(f"extract.grader={self.grader!r}; allowed: {', '.join(GRADERS)}")

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,8 @@ class ProbeMetadata:
     split_sizes: dict[str, int] = field(default_factory=dict)  # e.g. {"train": 2100, "calibration": 450, ...}
     metrics: dict[str, Any] = field(default_factory=dict)
     thresholds: list[dict[str, Any]] = field(default_factory=list)  # ThresholdResult.to_dict() each
+    # the store settings the probe was trained on (prompt, generation, grader): the wrapper prompts alike
+    extract_settings: dict[str, Any] = field(default_factory=dict)
     library_version: str = ""
     created_at: str = ""
     format_version: int = FORMAT_VERSION
@@ -145,6 +147,10 @@ class ProbeArtifact:
     @property
     def thresholds(self) -> list[dict[str, Any]]:
         return self.metadata.thresholds
+
+    def with_metadata(self, **changes: Any) -> ProbeArtifact:
+        """A copy whose metadata has `changes` (e.g. test metrics and thresholds known after fitting)."""
+        return ProbeArtifact(self.probe, self.calibrator, replace(self.metadata, **changes))
 
     def predict(self, X, categories=None) -> tuple[np.ndarray, np.ndarray]:
         raw = self.probe.decision_function(X)

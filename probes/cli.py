@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("probecal")
 
@@ -17,28 +20,139 @@ DEMO_QUESTIONS = (
 )
 
 
+def _run_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _build(node):
+    from probes.config import instantiate_group
+
+    return instantiate_group(node)
+
+
+def _extract(cfg: DictConfig):
+    """Load the model and data, and fill (or reuse) the activation store. Returns (loaded, store)."""
+    from extract.models import load_model
+    from extract.runner import accuracy_table, extract_to_store, rows_and_splits
+
+    data_spec = _build(cfg.data)
+    rows, splits = rows_and_splits(data_spec)
+    loaded = load_model(_build(cfg.model))
+    store = extract_to_store(loaded, rows, splits, _build(cfg.extract), data_spec.name)
+    table = accuracy_table(store)
+    (_run_dir() / "store.txt").write_text(f"{store.path}\n")
+    print(f"\nactivation store: {store.path}\n\nModel accuracy by category ({loaded.fingerprint.name}, "
+          f"{data_spec.name}):\n{table}\n")
+    return loaded, store
+
+
+def stage_extract(cfg: DictConfig) -> None:
+    """Generate, grade and capture hidden states into the activation store."""
+    _extract(cfg)
+
+
+def stage_train(cfg: DictConfig) -> None:
+    """Extract (or reuse the store), sweep layers x positions, fit + calibrate the probe, evaluate, report."""
+    from probes.pipeline import evaluate_on_store, threshold_report, train_probe, write_run_outputs
+
+    start = time.perf_counter()
+    run_dir = _run_dir()
+    loaded, store = _extract(cfg)
+    train_spec = OmegaConf.to_object(cfg.train)
+    artifact, sweep_result, extra = train_probe(store, cfg.probe, cfg.calibration, train_spec, seed=cfg.seed)
+    sweep_result.to_json(run_dir / "sweep.json")
+    table, methods, data, mask = evaluate_on_store(artifact, store, cfg.calibration, train_spec, "test", cfg.seed)
+    thresholds = threshold_report(extra["threshold"], methods["probe"], data.y[mask])
+    artifact = artifact.with_metadata(
+        metrics={"test": {k: table.rows["probe"].get(k) for k in table.columns()}},
+        thresholds=[thresholds], extract_settings=store.settings,
+    )
+    artifact.save(run_dir / "probe")
+    model_name = loaded.fingerprint.name
+    notes = {
+        "model": model_name, "data": cfg.data.name, "store": str(store.path),
+        "selected site": f"layer {artifact.metadata.layer}, {artifact.metadata.position}",
+        "probe": artifact.metadata.kind, "calibration": artifact.metadata.calibrator_kind,
+        "split sizes": json.dumps(data.sizes()),
+        "abstention": _threshold_sentence(thresholds),
+    }
+    report, headline = write_run_outputs(
+        run_dir, f"probecal: {model_name} on {cfg.data.name}", table, methods, data, mask, train_spec,
+        sweep_result, {"notes": notes, "thresholds": thresholds, "selected": notes["selected site"],
+                       "model": model_name, "data": cfg.data.name, "seconds": time.perf_counter() - start},
+    )
+    print(f"\nselected {notes['selected site']}; {notes['abstention']}\n")
+    print(f"Test split, probe vs best baseline:\n{headline}\n\nreport: {report}")
+
+
+def _threshold_sentence(info: dict) -> str:
+    if not info.get("reachable"):
+        return (f"target accuracy {info['target_accuracy']:.0%} is not reachable with confidence "
+                f"{1 - info['delta']:.0%} on the calibration split: no abstention threshold")
+    return (f"abstain below p={info['threshold']:.3f} (target {info['target_accuracy']:.0%} at delta "
+            f"{info['delta']}); on test: accuracy {info['test_accuracy']:.3f} at coverage {info['test_coverage']:.3f}")
+
+
+def stage_evaluate(cfg: DictConfig) -> None:
+    """Evaluate a saved probe (evaluate.probe_dir=...) on the configured data set."""
+    from extract.models import ModelFingerprint
+    from probes.artifact import ProbeArtifact
+    from probes.pipeline import evaluate_on_store, write_run_outputs
+
+    if not cfg.evaluate.probe_dir:
+        raise SystemExit("probecal evaluate needs evaluate.probe_dir=<run dir>/probe")
+    artifact = ProbeArtifact.load(cfg.evaluate.probe_dir)
+    loaded, store = _extract(cfg)
+    ModelFingerprint.from_dict(artifact.metadata.model_fingerprint).check_matches(loaded.fingerprint, "probe")
+    train_spec = OmegaConf.to_object(cfg.train)
+    split = None if cfg.evaluate.split == "all" else cfg.evaluate.split
+    table, methods, data, mask = evaluate_on_store(artifact, store, cfg.calibration, train_spec, split, cfg.seed)
+    title = f"probecal evaluate: probe {cfg.evaluate.probe_dir} on {cfg.data.name} ({cfg.evaluate.split})"
+    report, headline = write_run_outputs(_run_dir(), title, table, methods, data, mask, train_spec, None,
+                                         {"notes": {"probe": str(cfg.evaluate.probe_dir)}})
+    print(f"\n{headline}\n\nreport: {report}")
+
+
+def stage_serve(cfg: DictConfig) -> None:
+    from probes.server import serve
+
+    serve(cfg)
+
+
+def stage_summarize(cfg: DictConfig) -> None:
+    """Collect metrics.json of a sweep (summarize.dir=...) into summary.csv / summary.md."""
+    from probes.summary import summarize
+
+    csv_path, md_path, table = summarize(Path(cfg.summarize.dir), cfg.summarize.sort_by)
+    print(f"{table}\n\nwritten: {csv_path}, {md_path}")
+
+
 def stage_demo(cfg: DictConfig) -> None:
     """Load the configured model and answer a few built-in questions."""
     from extract.models import load_model
-    from probes.config import instantiate_group
+    from extract.prompts import render_prompt
 
-    loaded = load_model(instantiate_group(cfg.model))
+    loaded = load_model(_build(cfg.model))
     tokenizer, model = loaded.tokenizer, loaded.model
+    prompt_spec = _build(cfg.extract).prompt
     for question in DEMO_QUESTIONS:
-        if loaded.uses_chat_template:
-            messages = [{"role": "user", "content": f"{question} Answer briefly."}]
-            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:
-            prompt = f"Question: {question}\nAnswer:"
+        prompt = render_prompt(question, tokenizer, loaded.uses_chat_template, prompt_spec)
         batch = tokenizer(prompt, return_tensors="pt", add_special_tokens=not loaded.uses_chat_template)
-        batch = batch.to(loaded.device)
-        out = model.generate(**batch, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(**batch.to(loaded.device), max_new_tokens=24, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
         answer = tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
         print(f"Q: {question}\nA: {answer.strip().splitlines()[0] if answer.strip() else ''}\n")
 
 
 STAGES: dict[str, tuple[Callable[[DictConfig], None], str]] = {
-    "run": (stage_demo, "the main job (for now: load the model and answer built-in questions)"),
+    "run": (stage_train, "the main job: extract -> train (sweep, select, calibrate) -> evaluate -> report"),
+    "extract": (stage_extract, "generate + grade answers and capture hidden states into the store"),
+    "train": (stage_train, "sweep layers/positions, fit + calibrate the probe, evaluate on test, report"),
+    "evaluate": (stage_evaluate, "evaluate a saved probe (evaluate.probe_dir=...) on any data set"),
+    "serve": (stage_serve, "OpenAI-compatible HTTP server with confidence, abstention and feedback"),
+    "summarize": (stage_summarize, "collect metrics.json of a multirun (summarize.dir=...) into one table"),
     "demo": (stage_demo, "load the model and answer a few built-in questions"),
 }
 
@@ -48,7 +162,9 @@ def usage() -> str:
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in STAGES.items()]
     lines += [
         "",
-        "Every setting is a Hydra override, e.g.  probecal run model=gemma3_270m seed=1",
+        "Every setting is a Hydra override, e.g.",
+        "  probecal run model=gemma3_270m probe=mass_mean calibration=isotonic extract.layers=[8,12]",
+        "  probecal run -m model=smollm2_135m_instruct,gemma3_270m",
         "`probecal STAGE --cfg job` prints the composed config; `probecal STAGE --help` lists config groups.",
     ]
     return "\n".join(lines)
@@ -72,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
     @hydra.main(config_path="pkg://probecal_conf", config_name="config", version_base="1.3")
     def _task(cfg: DictConfig) -> None:
+        OmegaConf.resolve(cfg)
         func(cfg)
 
     sys.argv = [f"probecal {stage}", *argv[1:]]

@@ -13,6 +13,36 @@ from extract.settings import ExtractSpec
 
 
 @dataclass
+class TrainSpec:
+    """`train`: layer sweep, selection, abstention target (probes/pipeline.py uses it)."""
+
+    n_folds: int = 5  # CV folds of the training split for the layer x position sweep
+    layers: list[int] | None = None  # restrict the sweep (None = every stored layer)
+    positions: list[str] | None = None  # restrict the sweep (None = every stored position)
+    target_accuracy: float = 0.9  # abstain below the threshold that keeps answered accuracy >= this ...
+    delta: float = 0.1  # ... with probability >= 1 - delta (finite-sample bound on the calibration split)
+    threshold_method: str = "ltt"  # ltt (Learn-then-Test) | clopper_pearson (simultaneous bounds)
+    n_bins: int = 15  # ECE / reliability bins
+    n_bootstrap: int = 1000  # bootstrap resamples for the ECE interval
+
+
+@dataclass
+class EvaluateSpec:
+    """`evaluate`: a saved probe on the configured data set."""
+
+    probe_dir: str | None = None  # <run dir>/probe written by `probecal train`
+    split: str = "test"  # test (baselines calibrated on this data's calibration split) | all (raw baselines)
+
+
+@dataclass
+class SummarizeSpec:
+    """`summarize`: one table from the metrics.json files of a multirun."""
+
+    dir: str = "outputs/multirun"
+    sort_by: str = "within_cat_auroc"
+
+
+@dataclass
 class ProbecalConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
@@ -20,6 +50,9 @@ class ProbecalConfig:
     probe: Any = None
     calibration: Any = None
     serve: Any = None  # probes.server.ServeSettings (conf/serve/)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
+    summarize: SummarizeSpec = field(default_factory=SummarizeSpec)
     seed: int = 0
 
 

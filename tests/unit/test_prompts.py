@@ -86,12 +86,6 @@ def test_template_with_unknown_placeholder_is_clear(word_tokenizer):
         render_prompt("q", word_tokenizer, False, PromptSpec(few_shot_examples=[{"q": "x"}]))
 
 
-def test_stop_sequences_per_prompt_kind():
-    spec = PromptSpec()
-    assert spec.stops_for(uses_chat_template=True) == ["\n"]
-    assert spec.stops_for(uses_chat_template=False) == ["\n", "Question:"]
-
-
 def test_prompt_spec_is_a_valid_structured_config():
     cfg = OmegaConf.structured(PromptSpec)
     cfg.max_prompt_tokens = 128
