@@ -503,12 +503,14 @@ def generate_and_capture(
     generation: GenerationSpec,
     cut_answer: Callable[[str], str],
     progress: Callable[[int, int], None] | None = None,
+    streamer: Any = None,
 ) -> CaptureResult:
     """Generate an answer for every prompt and capture hidden states + baselines in the same pass.
 
     prompt_ids: token ids per prompt (already templated; no padding). Batches of
     `generation.batch_size` are left-padded. `cut_answer(text_before_stop) -> graded answer`.
     progress(n_examples, n_generated_tokens) is called after each batch.
+    streamer: a transformers streamer (TextIteratorStreamer, ...) for a single prompt.
     Returns a `CaptureResult` in input order (activations `[n, layers, positions, hidden]`).
     Sampling (`do_sample=True`) draws from torch's global RNG: seed it for reproducible runs.
     """
@@ -521,6 +523,8 @@ def generate_and_capture(
     _check_prompts(prompt_ids, vocab_size)
     if tokenizer.pad_token_id is None:
         raise CaptureError("the tokenizer has no pad token: wrap it with extract.models.prepare_tokenizer")
+    if streamer is not None and len(prompt_ids) != 1:
+        raise CaptureError(f"a streamer needs exactly one prompt, got {len(prompt_ids)}")
     eos = _eos_ids(model, tokenizer)
     device = next(model.parameters()).device
 
@@ -529,7 +533,8 @@ def generate_and_capture(
         for begin in range(0, len(prompt_ids), generation.batch_size):
             batch = prompt_ids[begin : begin + generation.batch_size]
             recorder.clear()
-            part = _generate_batch(model, tokenizer, batch, recorder, position_list, generation, cut_answer, eos, device)
+            part = _generate_batch(model, tokenizer, batch, recorder, position_list, generation, cut_answer, eos, device,
+                                   streamer)
             parts.append(part)
             if progress is not None:
                 progress(len(batch), part.n_generated_tokens)
@@ -538,7 +543,8 @@ def generate_and_capture(
     return CaptureResult.concat(parts)
 
 
-def _generate_batch(model, tokenizer, prompts, recorder, positions, spec, cut_answer, eos, device) -> CaptureResult:
+def _generate_batch(model, tokenizer, prompts, recorder, positions, spec, cut_answer, eos, device,
+                    streamer=None) -> CaptureResult:
     input_ids, attention_mask = _left_pad(prompts, tokenizer.pad_token_id, device)
     prompt_len = input_ids.shape[1]
     stop = _StopWhenAnswerFed(tokenizer, spec.stop_strings, prompt_len, set(eos))
@@ -555,6 +561,7 @@ def _generate_batch(model, tokenizer, prompts, recorder, positions, spec, cut_an
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=eos or None,
                 stopping_criteria=StoppingCriteriaList([stop] if spec.stop_strings else []),
+                streamer=streamer,
                 **sampling,
             )
     finally:

@@ -148,6 +148,13 @@ class ProbeArtifact:
     def thresholds(self) -> list[dict[str, Any]]:
         return self.metadata.thresholds
 
+    def abstention_threshold(self) -> float | None:
+        """The threshold `probecal train` stored (None: no reachable target, never abstain)."""
+        for entry in self.metadata.thresholds:
+            if entry.get("reachable") and entry.get("threshold") is not None:
+                return float(entry["threshold"])
+        return None
+
     def with_metadata(self, **changes: Any) -> ProbeArtifact:
         """A copy whose metadata has `changes` (e.g. test metrics and thresholds known after fitting)."""
         return ProbeArtifact(self.probe, self.calibrator, replace(self.metadata, **changes))

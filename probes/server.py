@@ -722,12 +722,13 @@ def build_probed_model(cfg: Any, settings: ServeSettings) -> ProbedModelLike:
     if not settings.probe_dir:
         raise ValueError("serve.probe_dir is required: the folder of a saved probe artifact "
                          "(e.g. probecal serve serve.probe_dir=outputs/.../probe)")
-    from extract.models import load_model
     from probes.config import instantiate_group
-    from probes.wrapper import ProbedModel
+    from probes.wrapper import DEFAULT_ABSTENTION_MESSAGE, ProbedModel
 
-    loaded = load_model(instantiate_group(cfg.model))
-    return ProbedModel.from_transformers(loaded.model, loaded.tokenizer, settings.probe_dir)
+    return ProbedModel.from_config(
+        instantiate_group(cfg.model), settings.probe_dir, max_batch_size=settings.max_batch_size,
+        abstention_message=settings.abstention_message or DEFAULT_ABSTENTION_MESSAGE,
+    )
 
 
 def serve(cfg: Any, build: Callable[[Any, ServeSettings], ProbedModelLike] = build_probed_model) -> None:
