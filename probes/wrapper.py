@@ -11,9 +11,10 @@ forward per prompt is spent on scoring; the rows that are answered run their nor
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,16 @@ from extract.settings import GenerationSpec
 from probes.artifact import ProbeArtifact
 
 DEFAULT_ABSTENTION_MESSAGE = "I don't know."
+log = logging.getLogger(__name__)
+
+
+def _prompt_spec(saved: dict[str, Any]) -> PromptSpec:
+    """The prompt settings stored with the probe; fields this version no longer has are ignored, loudly."""
+    known = {f.name for f in fields(PromptSpec)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        log.warning("probe artifact prompt settings %s are unknown to this probecal version: ignored", unknown)
+    return PromptSpec(**{k: v for k, v in saved.items() if k in known})
 
 
 @dataclass(frozen=True)
@@ -79,7 +90,7 @@ class ProbedModel:
         self.abstain_before_generating = abstain_before_generating and self.position == "prompt_last"
         self.max_batch_size = max_batch_size
         settings = artifact.metadata.extract_settings or {}
-        self.prompt_spec = PromptSpec(**settings.get("prompt", {}))
+        self.prompt_spec = _prompt_spec(settings.get("prompt", {}))
         self.default_stop = list(settings.get("generation", {}).get("stop_strings", ["\n"]))
         self._lock = threading.Lock()  # one generate / tokenizer call at a time (fast tokenizers are not re-entrant)
 
