@@ -15,6 +15,7 @@ max_memory_allocated above the start of the run; on CPU the peak process RSS abo
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 import time
 
@@ -86,7 +87,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     loaded = load_model(ModelSpec(name="smollm2-135m-instruct", device=args.device))
     model, tok, device = loaded.model, loaded.tokenizer, loaded.device
@@ -133,6 +137,7 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - start
+            print(f"  {name}: {elapsed:.2f} s", file=sys.stderr, flush=True)
             if elapsed < best[name][0]:
                 best[name] = (elapsed, mem.peak, tokens)
             else:
