@@ -71,7 +71,6 @@ def stage_train(cfg: DictConfig) -> None:
     train_spec = OmegaConf.to_object(cfg.train)
     artifact, sweep_result, extra = train_probe(store, cfg.probe, cfg.calibration, train_spec, seed=cfg.seed,
                                                 splits=splits)
-    sweep_result.to_json(run_dir / "sweep.json")
     table, methods, data, mask = evaluate_on_store(artifact, store, cfg.calibration, train_spec, "test", cfg.seed,
                                                    splits=splits)
     thresholds = threshold_report(extra["threshold"], methods["probe"], data.y[mask])

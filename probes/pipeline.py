@@ -182,7 +182,11 @@ def write_run_outputs(
     run_dir: Path, title: str, table: EvalTable, methods: dict[str, np.ndarray], data: SplitData, mask: np.ndarray,
     spec: TrainSpec, sweep_result: SweepResult | None, extra: dict[str, Any],
 ) -> tuple[Path, str]:
-    """metrics.json + the report; returns (report path, headline table)."""
+    """metrics.json, sweep.json (when there is a sweep) and the report; returns (report path, headline table)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if sweep_result is not None:
+        sweep_result.to_json(run_dir / "sweep.json")
     baseline = best_baseline(table)
     shown_baselines = {
         m: p for m, p in methods.items() if not m.startswith(PROBE_METHOD) and (not m.endswith("(raw)") or m == baseline)
