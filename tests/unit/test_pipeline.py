@@ -283,3 +283,18 @@ def test_cli_multirun_and_summarize(cli_setup, cli_run, monkeypatch):
     assert all(r["model"] == "tiny-llama" and r["probe_auroc"] for r in rows)
     table = (sweep_dir / "summary.md").read_text().strip().splitlines()
     assert len(table) == 2 + 2  # header, rule, two runs
+
+
+def test_summarize_puts_runs_without_the_metric_last(tmp_path):
+    from probes.summary import summarize
+
+    for run, ece in (("a", None), ("b", 0.2), ("c", 0.1)):
+        (tmp_path / run).mkdir()
+        headline = {PROBE_METHOD: {"auroc": 0.7, "ece": ece}}
+        (tmp_path / run / "metrics.json").write_text(json.dumps({"headline": headline, "best_baseline": None}))
+    for sort_by, order in (("ece", ["c", "b", "a"]), ("auroc", ["a", "b", "c"])):
+        csv_path, _, _ = summarize(tmp_path, sort_by)
+        with csv_path.open() as fh:
+            assert [r["run"] for r in csv.DictReader(fh)] == order, sort_by
+    with pytest.raises(ValueError, match="summarize.sort_by='accuracy'; allowed: auroc"):
+        summarize(tmp_path, "accuracy")
