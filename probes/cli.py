@@ -33,7 +33,12 @@ def _build(node):
 
 
 def _extract(cfg: DictConfig):
-    """Load the model and data, and fill (or reuse) the activation store. Returns (loaded, store)."""
+    """Load the model and data, and fill (or reuse) the activation store.
+
+    Returns (loaded, store, splits): `splits` [n] are the ones the current data config assigns, which can
+    differ from those recorded in a reused store (data.seed and the fractions do not change activations,
+    so they are not part of the store's key); the train and evaluate stages use these.
+    """
     from extract.models import load_model
     from extract.runner import accuracy_table, extract_to_store, rows_and_splits
 
@@ -41,11 +46,14 @@ def _extract(cfg: DictConfig):
     rows, splits = rows_and_splits(data_spec)
     loaded = load_model(_build(cfg.model))
     store = extract_to_store(loaded, rows, splits, _build(cfg.extract), data_spec.name)
+    if store.column("split").tolist() != list(splits):
+        log.info("the store at %s was extracted with other splits (data.seed or fractions); using this run's",
+                 store.path)
     table = accuracy_table(store)
     (_run_dir() / "store.txt").write_text(f"{store.path}\n")
     print(f"\nactivation store: {store.path}\n\nModel accuracy by category ({loaded.fingerprint.name}, "
           f"{data_spec.name}):\n{table}\n")
-    return loaded, store
+    return loaded, store, splits
 
 
 def stage_extract(cfg: DictConfig) -> None:
@@ -59,11 +67,12 @@ def stage_train(cfg: DictConfig) -> None:
 
     start = time.perf_counter()
     run_dir = _run_dir()
-    loaded, store = _extract(cfg)
+    loaded, store, splits = _extract(cfg)
     train_spec = OmegaConf.to_object(cfg.train)
-    artifact, sweep_result, extra = train_probe(store, cfg.probe, cfg.calibration, train_spec, seed=cfg.seed)
-    sweep_result.to_json(run_dir / "sweep.json")
-    table, methods, data, mask = evaluate_on_store(artifact, store, cfg.calibration, train_spec, "test", cfg.seed)
+    artifact, sweep_result, extra = train_probe(store, cfg.probe, cfg.calibration, train_spec, seed=cfg.seed,
+                                                splits=splits)
+    table, methods, data, mask = evaluate_on_store(artifact, store, cfg.calibration, train_spec, "test", cfg.seed,
+                                                   splits=splits)
     thresholds = threshold_report(extra["threshold"], methods["probe"], data.y[mask])
     artifact = artifact.with_metadata(
         metrics={"test": {k: table.rows["probe"].get(k) for k in table.columns()}},
@@ -99,16 +108,19 @@ def stage_evaluate(cfg: DictConfig) -> None:
     """Evaluate a saved probe (evaluate.probe_dir=...) on the configured data set."""
     from extract.models import ModelFingerprint
     from probes.artifact import ProbeArtifact
-    from probes.pipeline import evaluate_on_store, write_run_outputs
+    from probes.pipeline import SPLITS, evaluate_on_store, write_run_outputs
 
     if not cfg.evaluate.probe_dir:
         raise SystemExit("probecal evaluate needs evaluate.probe_dir=<run dir>/probe")
+    if cfg.evaluate.split not in {*SPLITS, "all"}:
+        raise SystemExit(f"evaluate.split={cfg.evaluate.split!r}; allowed: {', '.join(SPLITS)}, all")
     artifact = ProbeArtifact.load(cfg.evaluate.probe_dir)
-    loaded, store = _extract(cfg)
+    loaded, store, splits = _extract(cfg)
     ModelFingerprint.from_dict(artifact.metadata.model_fingerprint).check_matches(loaded.fingerprint, "probe")
     train_spec = OmegaConf.to_object(cfg.train)
     split = None if cfg.evaluate.split == "all" else cfg.evaluate.split
-    table, methods, data, mask = evaluate_on_store(artifact, store, cfg.calibration, train_spec, split, cfg.seed)
+    table, methods, data, mask = evaluate_on_store(artifact, store, cfg.calibration, train_spec, split, cfg.seed,
+                                                   splits=splits)
     title = f"probecal evaluate: probe {cfg.evaluate.probe_dir} on {cfg.data.name} ({cfg.evaluate.split})"
     report, headline = write_run_outputs(_run_dir(), title, table, methods, data, mask, train_spec, None,
                                          {"notes": {"probe": str(cfg.evaluate.probe_dir)}})

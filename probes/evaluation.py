@@ -9,7 +9,8 @@ Direction of each known baseline score (the calibrator and AUROC need higher = m
 where lower means more confident are negated first):
 
     mean_logprob, min_logprob, sum_logprob, first_logprob   higher = more confident; exp(score) is a probability
-    p_true, max_prob, mean_prob                             higher = more confident; already a probability
+    p_true, max_prob, mean_prob, first_token_prob,
+    sequence_prob                                           higher = more confident; already a probability
     mean_entropy, max_entropy, perplexity                   LOWER = more confident -> negated; no raw row
 Unknown names are taken as higher = more confident, with no raw row (pass `directions` to override).
 """
@@ -28,11 +29,12 @@ from probes.metrics import metric_row, per_category_rows
 
 HIGHER_IS_CONFIDENT = {
     "mean_logprob": 1, "min_logprob": 1, "sum_logprob": 1, "first_logprob": 1,
-    "p_true": 1, "max_prob": 1, "mean_prob": 1,
+    "p_true": 1, "max_prob": 1, "mean_prob": 1, "first_token_prob": 1, "sequence_prob": 1,
     "mean_entropy": -1, "max_entropy": -1, "perplexity": -1,
 }  # fmt: skip
 LOGPROB_SCORES = {"mean_logprob", "min_logprob", "sum_logprob", "first_logprob"}
-PROBABILITY_SCORES = {"p_true", "max_prob", "mean_prob"}
+# first_token_prob and sequence_prob are the names extract.capture.BASELINE_NAMES records
+PROBABILITY_SCORES = {"p_true", "max_prob", "mean_prob", "first_token_prob", "sequence_prob"}
 
 # columns shown by to_markdown (to_csv / to_dict keep every column)
 SUMMARY_COLUMNS = (

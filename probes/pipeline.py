@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 HEADLINE_METRICS = ("auroc", "within_cat_auroc", "ece", "brier", "aurc", "sel_acc@0.8")
 PROBE_METHOD = "probe"
 PROBE_RAW_METHOD = "probe (uncalibrated)"
+SPLITS = ("train", "calibration", "test")
 
 
 @dataclass
@@ -38,9 +40,20 @@ class SplitData:
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # split name -> [n] bool
 
     @classmethod
-    def from_store(cls, store: ActivationStore) -> SplitData:
-        split = store.column("split")
-        masks = {name: split == name for name in ("train", "calibration", "test")}
+    def from_store(cls, store: ActivationStore, splits: Sequence[str] | None = None) -> SplitData:
+        """The store's labels and categories, split by `splits` [n] ("train" | "calibration" | "test").
+
+        splits: None = the splits recorded at extraction. The split seed and fractions are not part of the
+        store's settings key (splitting needs no new activations), so a reused store can carry the splits of
+        an earlier run: the CLI passes the ones the current data config assigns.
+        """
+        split = store.column("split") if splits is None else np.asarray(splits, dtype=str)
+        if split.shape != (len(store),):
+            raise ValueError(f"{len(split)} splits given for the {len(store)} rows of the store at {store.path}")
+        unknown = sorted(set(split.tolist()) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"unknown split name(s) {unknown}; allowed: {', '.join(SPLITS)}")
+        masks = {name: split == name for name in SPLITS}
         return cls(store.column("label").astype(int), store.column("category").astype(str), masks)
 
     def sizes(self) -> dict[str, int]:
@@ -64,12 +77,16 @@ def _calibrator(cfg_calibration):
 
 
 def train_probe(
-    store: ActivationStore, cfg_probe, cfg_calibration, spec: TrainSpec, seed: int = 0
+    store: ActivationStore, cfg_probe, cfg_calibration, spec: TrainSpec, seed: int = 0,
+    splits: Sequence[str] | None = None,
 ) -> tuple[ProbeArtifact, SweepResult, dict[str, Any]]:
-    """Sweep sites on train, fit the probe at the best site, calibrate + pick the threshold on calibration."""
+    """Sweep sites on train, fit the probe at the best site, calibrate + pick the threshold on calibration.
+
+    splits: [n] split of each store row (None = the ones recorded in the store, see `SplitData.from_store`).
+    """
     from probes.config import instantiate_group
 
-    data = SplitData.from_store(store)
+    data = SplitData.from_store(store, splits)
     for split in ("train", "calibration"):
         _check_split(split, data)
     train, calib = data.masks["train"], data.masks["calibration"]
@@ -96,16 +113,19 @@ def train_probe(
 
 def evaluate_on_store(
     artifact: ProbeArtifact, store: ActivationStore, cfg_calibration, spec: TrainSpec, split: str | None = "test",
-    seed: int = 0,
+    seed: int = 0, splits: Sequence[str] | None = None,
 ) -> tuple[EvalTable, dict[str, np.ndarray], SplitData, np.ndarray]:
     """Probe vs every logit baseline (raw and calibrated the same way) on `split` (None = all rows).
 
     Baselines are calibrated on the store's calibration split; on a store without one (a new data set
     evaluated with a saved probe), only their raw probabilities are shown.
+    splits: [n] split of each store row (None = the ones recorded in the store).
     Returns (table, {method: p [n_eval]}, split data, eval mask).
     """
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split={split!r}; allowed: {', '.join(SPLITS)} or None (all rows)")
     ModelFingerprint.from_dict(artifact.metadata.model_fingerprint).check_matches(store.fingerprint, "store")
-    data = SplitData.from_store(store)
+    data = SplitData.from_store(store, splits)
     mask = data.masks[split] if split else np.ones(len(data.y), bool)
     if mask.sum() == 0:
         raise ValueError(f"the store at {store.path} has no rows in the {split!r} split")
@@ -117,7 +137,11 @@ def evaluate_on_store(
     calib = data.masks["calibration"]
     baselines = store.baselines
     if calib.sum() > 0 and split:
-        label = artifact.metadata.calibrator_kind or "platt"
+        from probes.calibration import calibrator_kind
+
+        # Named after the calibrator that is fit here (cfg_calibration): in `probecal evaluate` it can differ
+        # from the one stored with the probe.
+        label = calibrator_kind(_calibrator(cfg_calibration))
         methods |= calibrate_baselines(
             {k: v[calib] for k, v in baselines.items()}, data.y[calib], {k: v[mask] for k, v in baselines.items()},
             lambda: _calibrator(cfg_calibration), label,
@@ -158,7 +182,11 @@ def write_run_outputs(
     run_dir: Path, title: str, table: EvalTable, methods: dict[str, np.ndarray], data: SplitData, mask: np.ndarray,
     spec: TrainSpec, sweep_result: SweepResult | None, extra: dict[str, Any],
 ) -> tuple[Path, str]:
-    """metrics.json + the report; returns (report path, headline table)."""
+    """metrics.json, sweep.json (when there is a sweep) and the report; returns (report path, headline table)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if sweep_result is not None:
+        sweep_result.to_json(run_dir / "sweep.json")
     baseline = best_baseline(table)
     shown_baselines = {
         m: p for m, p in methods.items() if not m.startswith(PROBE_METHOD) and (not m.endswith("(raw)") or m == baseline)

@@ -52,6 +52,12 @@ def _save(fig, path: Path) -> Path:
 def plot_layer_sweep(sweep: SweepResult, path: Path) -> Path:
     """AUROC by layer, one line per position, with the CV spread as a band."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    draw_layer_sweep(ax, sweep)
+    return _save(fig, path)
+
+
+def draw_layer_sweep(ax, sweep: SweepResult) -> None:
+    """Draw the layer-sweep curves on a matplotlib Axes (the notebook draws inline with this)."""
     for position in dict.fromkeys(r.position for r in sweep.rows):
         rows = sorted((r for r in sweep.rows if r.position == position), key=lambda r: r.layer)
         layers = np.array([r.layer for r in rows])
@@ -65,10 +71,10 @@ def plot_layer_sweep(sweep: SweepResult, path: Path) -> Path:
     ax.set(xlabel="layer (0 = embeddings)", ylabel="AUROC (train-split CV, mean ± std)",
            title="Where does the model know it is wrong? AUROC by layer")
     ax.legend(fontsize=8)
-    return _save(fig, path)
 
 
-def _reliability_panel(ax, p, y, n_bins, title):
+def draw_reliability(ax, p, y, n_bins: int, title: str) -> None:
+    """Reliability diagram of P(correct) p [n] against y [n] (1 = correct) on an Axes; bin counts above bars."""
     curve = reliability_curve(p, y, n_bins)
     filled = curve.counts > 0
     width = np.diff(curve.edges)
@@ -89,7 +95,7 @@ def plot_reliability(inputs: ReportInputs, path: Path) -> Path:
         panels.append((inputs.baselines[inputs.best_baseline], f"{inputs.best_baseline}"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
     for ax, (p, title) in zip(np.atleast_1d(axes), panels, strict=True):
-        _reliability_panel(ax, p, inputs.y, inputs.n_bins, title)
+        draw_reliability(ax, p, inputs.y, inputs.n_bins, title)
     fig.suptitle("Reliability diagrams (bin counts above bars)")
     return _save(fig, path)
 

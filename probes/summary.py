@@ -43,8 +43,10 @@ def collect(root: Path) -> list[dict]:
     return rows
 
 
-def _sort_value(value) -> float:
-    return -math.inf if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+def _sort_key(value, lower_is_better: bool) -> tuple[bool, float]:
+    """Best first, runs without the metric (None / NaN) last whatever the direction."""
+    missing = value is None or (isinstance(value, float) and math.isnan(value))
+    return (missing, 0.0 if missing else float(value) * (1 if lower_is_better else -1))
 
 
 def summarize(root: Path, sort_by: str = "within_cat_auroc") -> tuple[Path, Path, str]:
@@ -55,7 +57,7 @@ def summarize(root: Path, sort_by: str = "within_cat_auroc") -> tuple[Path, Path
     if not rows:
         raise FileNotFoundError(f"no metrics.json under {root}: point summarize.dir at a multirun directory")
     lower_is_better = sort_by in {"ece", "brier", "aurc"}
-    rows.sort(key=lambda r: _sort_value(r[f"probe_{sort_by}"]) * (-1 if lower_is_better else 1), reverse=True)
+    rows.sort(key=lambda r: _sort_key(r[f"probe_{sort_by}"], lower_is_better))
     columns = list(rows[0])
     out = io.StringIO()
     writer = csv.DictWriter(out, columns)

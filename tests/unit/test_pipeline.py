@@ -1,0 +1,300 @@
+"""The pipeline end to end: train/evaluate/report on a synthetic store, and the CLI on the tiny Llama."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from extract.capture import BASELINE_NAMES
+from extract.data import DataSpec
+from extract.grading import ARTICLES, CONTRAST_WORDS
+from extract.runner import rows_and_splits
+from extract.store import open_store
+from probes.artifact import ProbeArtifact, hash_arrays
+from probes.config import TrainSpec
+from probes.metrics import auroc
+from probes.pipeline import PROBE_METHOD, evaluate_on_store, train_probe, write_run_outputs
+from probes.sweep import SweepResult
+from tests import tiny_models
+from tests.pipeline_fixtures import SIGNAL_SITE, write_synthetic_store
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PLOTS = ("layers.png", "reliability.png", "risk_coverage.png", "categories.png", "confidence_hist.png")
+SPEC = TrainSpec(n_folds=3, n_bootstrap=50)
+
+
+def _group(path: str):
+    return OmegaConf.load(CONF / path)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_synthetic_store(tmp_path_factory.mktemp("store") / "synthetic")
+
+
+@pytest.fixture(scope="module")
+def trained(store, tmp_path_factory):
+    """train_probe -> evaluate_on_store (test split) -> write_run_outputs, once for the module."""
+    run_dir = tmp_path_factory.mktemp("run")
+    artifact, sweep_result, extra = train_probe(store, _group("probe/logistic.yaml"), _group("calibration/platt.yaml"),
+                                                SPEC, seed=0)
+    table, methods, data, mask = evaluate_on_store(artifact, store, _group("calibration/platt.yaml"), SPEC, "test")
+    report, headline = write_run_outputs(run_dir, "synthetic run", table, methods, data, mask, SPEC, sweep_result,
+                                         {"notes": {"store": str(store.path)}, "model": "synthetic-model"})
+    return {"run_dir": run_dir, "artifact": artifact, "sweep": sweep_result, "extra": extra, "table": table,
+            "methods": methods, "data": data, "mask": mask, "report": report, "headline": headline}
+
+
+# ------------------------------------------------------------------------------- synthetic store
+
+
+def test_synthetic_store_looks_like_an_extracted_one(store):
+    assert len(store) == 150 and store.layers == (0, 1, 2, 3)
+    assert sorted(store.baselines) == sorted(BASELINE_NAMES)
+    for field in ("id", "category", "question", "answers", "split", "label", "truncated", "empty_answer",
+                  "model_answer", "grader_rule"):
+        store.column(field)
+    split, label = store.column("split"), store.column("label")
+    for name in ("train", "calibration", "test"):
+        assert set(label[split == name]) == {0, 1}, name
+
+
+def test_sweep_selects_the_informative_site(trained, store):
+    sweep = trained["sweep"]
+    assert (sweep.best_layer, sweep.best_position) == SIGNAL_SITE
+    others = [r.auroc_mean for r in sweep.rows if (r.layer, r.position) != SIGNAL_SITE]
+    assert sweep.best_row().auroc_mean > 0.8 > max(others) + 0.1
+    assert len(sweep.rows) == 4 * 2
+    meta = trained["artifact"].metadata
+    assert (meta.layer, meta.position) == SIGNAL_SITE
+    split = store.column("split")
+    assert meta.split_sizes == {name: int((split == name).sum()) for name in ("train", "calibration", "test")}
+    assert meta.split_sizes["train"] > 80 and min(meta.split_sizes.values()) > 20
+
+
+def test_probe_scores_the_test_split(trained, store):
+    data, mask, methods = trained["data"], trained["mask"], trained["methods"]
+    assert np.array_equal(mask, store.column("split") == "test")
+    p = methods[PROBE_METHOD]
+    assert p.shape == (mask.sum(),) and np.all((p >= 0) & (p <= 1))
+    assert auroc(p, data.y[mask]) == pytest.approx(trained["table"].rows[PROBE_METHOD]["auroc"])
+    assert trained["table"].rows[PROBE_METHOD]["auroc"] > 0.75
+    # every baseline is shown calibrated, and the probability-valued ones raw as well
+    for name in BASELINE_NAMES:
+        assert f"{name} (platt)" in methods
+    assert {"mean_logprob (raw)", "first_token_prob (raw)", "sequence_prob (raw)"} <= set(methods)
+    assert "mean_entropy (raw)" not in methods  # an entropy is no probability
+
+
+def test_run_outputs_exist_and_are_valid(trained):
+    run_dir = trained["run_dir"]
+    for name in ("metrics.json", "sweep.json", "report.md", "report.html"):
+        assert (run_dir / name).is_file(), name
+    for name in PLOTS:
+        data = (run_dir / "plots" / name).read_bytes()
+        assert data[:8] == PNG_SIGNATURE, name
+        assert len(data) > 10_000, f"{name} is only {len(data)} bytes"
+    assert SweepResult.from_json(run_dir / "sweep.json").best_layer == SIGNAL_SITE[0]
+
+
+def test_report_mentions_every_method_and_embeds_every_plot(trained):
+    run_dir = trained["run_dir"]
+    markdown = (run_dir / "report.md").read_text()
+    for method in trained["table"].rows:
+        assert f"| {method} |" in markdown, method
+    for name in PLOTS:
+        assert f"(plots/{name})" in markdown
+    page = (run_dir / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == len(PLOTS)
+    assert "plots/" not in re.sub(r'alt="[^"]*"', "", page)  # self-contained: no file references
+    assert "## Categories" in markdown and "arithmetic" in markdown and "capitals" in markdown
+
+
+def test_metrics_and_headline_show_probe_and_best_baseline(trained):
+    metrics = json.loads((trained["run_dir"] / "metrics.json").read_text())
+    best = metrics["best_baseline"]
+    assert best and not best.startswith(PROBE_METHOD)
+    assert set(metrics["headline"]) == {PROBE_METHOD, best}
+    assert metrics["headline"][PROBE_METHOD]["auroc"] == pytest.approx(trained["table"].rows[PROBE_METHOD]["auroc"])
+    assert metrics["model"] == "synthetic-model" and metrics["train_spec"]["n_folds"] == 3
+    lines = trained["headline"].splitlines()
+    assert lines[0].startswith("| method | auroc | within_cat_auroc | ece")
+    assert [line.split("|")[1].strip() for line in lines[2:]] == [PROBE_METHOD, best]
+    # the best baseline has the highest within-category AUROC of the non-probe rows
+    rows = {m: r for m, r in trained["table"].rows.items() if not m.startswith(PROBE_METHOD)}
+    assert rows[best]["within_cat_auroc"] == max(r["within_cat_auroc"] for r in rows.values())
+
+
+# ------------------------------------------------------------------------------- splits and bad input
+
+
+def test_split_with_one_class_is_a_clear_error(store):
+    split, label = store.column("split"), store.column("label")
+    # the calibration split keeps only its correct answers; its wrong ones move to test
+    splits = np.where((split == "calibration") & (label == 0), "test", split)
+    with pytest.raises(ValueError, match=r"the calibration split has \d+ rows with labels \[1\]"):
+        train_probe(store, _group("probe/logistic.yaml"), _group("calibration/platt.yaml"), SPEC, splits=splits)
+
+
+def test_splits_override_the_recorded_ones(store, trained):
+    split = store.column("split")
+    splits = np.where(split == "test", "train", split)  # no test rows left
+    artifact, _, _ = train_probe(store, _group("probe/logistic.yaml"), _group("calibration/platt.yaml"), SPEC,
+                                 splits=splits)
+    assert artifact.metadata.split_sizes == {"train": int((split != "calibration").sum()),
+                                             "calibration": int((split == "calibration").sum()), "test": 0}
+    with pytest.raises(ValueError, match="no rows in the 'test' split"):
+        evaluate_on_store(artifact, store, _group("calibration/platt.yaml"), SPEC, "test", splits=splits)
+    with pytest.raises(ValueError, match=r"unknown split name\(s\) \['validation'\]"):
+        evaluate_on_store(artifact, store, _group("calibration/platt.yaml"), SPEC, "test",
+                          splits=np.where(split == "test", "validation", split))
+    with pytest.raises(ValueError, match="split='validation'; allowed: train, calibration, test"):
+        evaluate_on_store(trained["artifact"], store, _group("calibration/platt.yaml"), SPEC, "validation")
+
+
+def test_evaluate_all_rows_shows_raw_baselines(trained, store):
+    table, methods, _, mask = evaluate_on_store(trained["artifact"], store, _group("calibration/platt.yaml"), SPEC,
+                                                None)
+    assert mask.all()
+    assert {"probe", "probe (uncalibrated)", "mean_logprob (raw)", "min_logprob (raw)", "first_token_prob (raw)",
+            "sequence_prob (raw)"} == set(table.rows)
+
+
+# ------------------------------------------------------------------------------- the CLI on the tiny Llama
+
+
+def _write_tiny_dataset(path: Path, n_rows: int = 40, seed: int = 0) -> None:
+    """Two categories; each row accepts a random third of the tokenizer's words that its question lacks,
+    so even a random model's 2-token answers come out right for some rows and wrong for others."""
+    words = [w for w in dict.fromkeys(tiny_models.WORDS) if w.isalpha() and w not in ARTICLES | CONTRAST_WORDS]
+    words += [f"w{i}" for i in range(60, 99)]  # the tokenizer's filler words
+    countries = ["france", "germany", "italy", "spain", "australia"]
+    rng = random.Random(seed)
+    with path.open("w") as fh:
+        for i in range(n_rows):
+            if i % 2:
+                category, question = "geo", f"which city is {i // 2 % 12} in {countries[i % 5]} ?"
+            else:
+                category, question = "math", f"what is {i // 2 % 12} + {i % 7} ?"
+            pool = [w for w in words if w not in question.split()]
+            row = {"id": f"r{i}", "category": category, "question": question, "answers": rng.sample(pool, len(pool) // 3)}
+            fh.write(json.dumps(row) + "\n")
+
+
+@pytest.fixture(scope="module")
+def cli_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tiny_models.save_tiny_llama(root / "model")
+    _write_tiny_dataset(root / "data.jsonl")
+    common = [
+        "model=hf", f"model.path={root / 'model'}", "model.name=tiny-llama", "model.device=cpu",
+        "data=jsonl", f"data.path={root / 'data.jsonl'}",
+        "extract.generation.max_new_tokens=2", f"extract.store_root={root / 'stores'}",
+        "train.n_folds=3", "train.n_bootstrap=20",
+    ]
+    return root, common
+
+
+def _probecal(monkeypatch, *args: str) -> None:
+    from probes.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["probecal"])  # main() rewrites sys.argv for Hydra
+    assert main(list(args)) == 0
+
+
+@pytest.fixture(scope="module")
+def cli_run(cli_setup):
+    root, common = cli_setup
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _probecal(monkeypatch, "run", *common, f"hydra.run.dir={root / 'run'}")
+    return root / "run"
+
+
+def test_cli_run_writes_store_probe_metrics_and_report(cli_setup, cli_run):
+    root, _ = cli_setup
+    store_path = Path((cli_run / "store.txt").read_text().strip())
+    assert store_path.parent == root / "stores"
+    store = open_store(store_path)
+    assert len(store) == 40 and set(store.column("label")) == {0, 1}  # the data set gives mixed labels
+    artifact = ProbeArtifact.load(cli_run / "probe", expected_fingerprint=store.fingerprint)
+    assert artifact.metadata.layer in store.layers and artifact.metadata.position in store.positions
+    assert artifact.metadata.metrics["test"]["auroc"] is not None
+    metrics = json.loads((cli_run / "metrics.json").read_text())
+    assert metrics["model"] == "tiny-llama" and metrics["data"] == "jsonl"
+    assert metrics["headline"][PROBE_METHOD]["auroc"] == pytest.approx(artifact.metadata.metrics["test"]["auroc"])
+    for name in ("report.md", "report.html", "sweep.json", ".hydra/config.yaml", *(f"plots/{p}" for p in PLOTS)):
+        assert (cli_run / name).is_file(), name
+
+
+def test_cli_evaluate_a_saved_probe(cli_setup, cli_run, monkeypatch, capsys):
+    root, common = cli_setup
+    out = root / "evaluate"
+    _probecal(monkeypatch, "evaluate", *common, f"evaluate.probe_dir={cli_run / 'probe'}", f"hydra.run.dir={out}")
+    assert [p.name for p in (root / "stores").iterdir()] == [Path((cli_run / "store.txt").read_text().strip()).name]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["title"].startswith(f"probecal evaluate: probe {cli_run / 'probe'}")
+    # same store, same probe, same test split as the run: the same numbers
+    run_metrics = json.loads((cli_run / "metrics.json").read_text())
+    assert metrics["headline"][PROBE_METHOD] == pytest.approx(run_metrics["headline"][PROBE_METHOD], nan_ok=True)
+    assert (out / "report.md").is_file() and not (out / "sweep.json").exists()
+    assert "report:" in capsys.readouterr().out
+
+
+def test_cli_evaluate_rejects_an_unknown_split(cli_setup, cli_run, monkeypatch):
+    root, common = cli_setup
+    with pytest.raises(SystemExit, match="evaluate.split='validation'; allowed: train, calibration, test, all"):
+        _probecal(monkeypatch, "evaluate", *common, f"evaluate.probe_dir={cli_run / 'probe'}",
+                  "evaluate.split=validation", f"hydra.run.dir={root / 'bad'}")
+
+
+def test_cli_multirun_and_summarize(cli_setup, cli_run, monkeypatch):
+    root, common = cli_setup
+    sweep_dir = root / "multirun"
+    _probecal(monkeypatch, "run", "-m", "seed=0,1", *common, f"hydra.sweep.dir={sweep_dir}")
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    # both jobs reuse the one store, but each trains on the split its own seed assigns
+    (store_path,) = (root / "stores").iterdir()
+    store = open_store(store_path)
+    y = store.column("label").astype(int)
+    train_masks = []
+    for job, seed in zip(jobs, (0, 1), strict=True):
+        _, splits = rows_and_splits(DataSpec(name="jsonl", path=str(root / "data.jsonl"), seed=seed))
+        train_masks.append(np.asarray(splits) == "train")
+        meta = ProbeArtifact.load(job / "probe").metadata
+        X = store.read(meta.layer, meta.position)
+        assert meta.training_data_hash == hash_arrays(X[train_masks[-1]], y[train_masks[-1]]), f"seed {seed}"
+    assert not np.array_equal(*train_masks)
+
+    _probecal(monkeypatch, "summarize", f"summarize.dir={sweep_dir}", f"hydra.run.dir={root / 'summary-run'}")
+    with (sweep_dir / "summary.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["run"] for r in rows) == ["0", "1"]
+    assert sorted(r["overrides"].split()[0] for r in rows) == ["seed=0", "seed=1"]
+    assert all(r["model"] == "tiny-llama" and r["probe_auroc"] for r in rows)
+    table = (sweep_dir / "summary.md").read_text().strip().splitlines()
+    assert len(table) == 2 + 2  # header, rule, two runs
+
+
+def test_summarize_puts_runs_without_the_metric_last(tmp_path):
+    from probes.summary import summarize
+
+    for run, ece in (("a", None), ("b", 0.2), ("c", 0.1)):
+        (tmp_path / run).mkdir()
+        headline = {PROBE_METHOD: {"auroc": 0.7, "ece": ece}}
+        (tmp_path / run / "metrics.json").write_text(json.dumps({"headline": headline, "best_baseline": None}))
+    for sort_by, order in (("ece", ["c", "b", "a"]), ("auroc", ["a", "b", "c"])):
+        csv_path, _, _ = summarize(tmp_path, sort_by)
+        with csv_path.open() as fh:
+            assert [r["run"] for r in csv.DictReader(fh)] == order, sort_by
+    with pytest.raises(ValueError, match="summarize.sort_by='accuracy'; allowed: auroc"):
+        summarize(tmp_path, "accuracy")
