@@ -11,16 +11,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from extract.models import atomic_write_text  # noqa: E402
-from probes.evaluation import EvalTable  # noqa: E402
-from probes.metrics import reliability_curve, risk_coverage_curve  # noqa: E402
-from probes.sweep import SweepResult  # noqa: E402
+from extract.models import atomic_write_text
+from probes.evaluation import EvalTable
+from probes.metrics import reliability_curve, risk_coverage_curve
+from probes.sweep import SweepResult
 
 OVERCONFIDENCE_GAP = 0.10  # mean confidence above accuracy by more than this is flagged
 
@@ -40,18 +37,23 @@ class ReportInputs:
     notes: list[str] = field(default_factory=list)  # extra Markdown paragraphs (settings, threshold, ...)
 
 
+def _subplots(*grid: int, figsize: tuple[float, float]):
+    """A figure that is not registered with pyplot: no global backend switch, nothing to close."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     tmp.replace(path)
     return path
 
 
 def plot_layer_sweep(sweep: SweepResult, path: Path) -> Path:
     """AUROC by layer, one line per position, with the CV spread as a band."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = _subplots(figsize=(7, 4.2))
     draw_layer_sweep(ax, sweep)
     return _save(fig, path)
 
@@ -93,7 +95,7 @@ def plot_reliability(inputs: ReportInputs, path: Path) -> Path:
     panels = [(inputs.probe_raw, "probe, raw"), (inputs.probe, "probe, calibrated")]
     if inputs.best_baseline:
         panels.append((inputs.baselines[inputs.best_baseline], f"{inputs.best_baseline}"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
+    fig, axes = _subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
     for ax, (p, title) in zip(np.atleast_1d(axes), panels, strict=True):
         draw_reliability(ax, p, inputs.y, inputs.n_bins, title)
     fig.suptitle("Reliability diagrams (bin counts above bars)")
@@ -101,7 +103,7 @@ def plot_reliability(inputs: ReportInputs, path: Path) -> Path:
 
 
 def plot_risk_coverage(inputs: ReportInputs, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = _subplots(figsize=(6.5, 4.2))
     for name, p in {"probe (calibrated)": inputs.probe, **inputs.baselines}.items():
         curve = risk_coverage_curve(p, inputs.y)
         style = {"lw": 2.2, "color": "k"} if name.startswith("probe") else {"lw": 1.0}
@@ -127,7 +129,7 @@ def plot_categories(inputs: ReportInputs, path: Path) -> Path:
     rows = category_confidence(inputs.probe, inputs.y, inputs.categories)
     names = [r[0] for r in rows]
     x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rows) + 2), 4.4))
+    fig, ax = _subplots(figsize=(max(6, 0.8 * len(rows) + 2), 4.4))
     ax.bar(x - 0.2, [r[2] for r in rows], 0.4, label="accuracy")
     ax.bar(x + 0.2, [r[3] for r in rows], 0.4, label="mean P(correct), probe")
     if inputs.best_baseline:
@@ -144,7 +146,7 @@ def plot_categories(inputs: ReportInputs, path: Path) -> Path:
 
 
 def plot_histogram(inputs: ReportInputs, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    fig, ax = _subplots(figsize=(6.5, 4.0))
     bins = np.linspace(0, 1, 21)
     y = inputs.y.astype(bool)
     ax.hist(inputs.probe[y], bins=bins, alpha=0.6, label=f"correct answers (n={y.sum()})")
