@@ -184,3 +184,53 @@ def test_cuda_rank_without_a_gpu_for_it_is_refused(monkeypatch):
     assert rank_device(DistContext(1, 4, local_rank=1), "cuda:0") == "cuda:0"  # explicit: kept
     with pytest.raises(DistributedError, match=r"LOCAL_RANK=2 but this node has 2 CUDA device\(s\)"):
         rank_device(DistContext(2, 4, local_rank=2), "auto")
+
+
+# ---- Large models: one model split over devices (device_map="auto") --------------------------------
+
+
+def test_capture_under_an_accelerate_device_map_equals_the_plain_model(tmp_path, word_tokenizer):
+    """Blocks dispatched by accelerate (two of them offloaded to disk: their weights sit on the meta
+    device between calls and accelerate's hooks wrap their forward) still record the exact states.
+    CPU only: the execution device is the CPU for every block here (see the report for the limit)."""
+    import torch
+    from accelerate import dispatch_model
+
+    from extract.capture import generate_and_capture
+    from extract.settings import POSITIONS, GenerationSpec
+    from tests.tiny_models import tiny_llama
+
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "disk", "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    split = dispatch_model(tiny_llama(), device_map=device_map, offload_dir=str(tmp_path))
+    assert split.model.layers[1].mlp.up_proj.weight.device.type == "meta"
+    prompts = [word_tokenizer.encode(q) for q in ("what is the capital of france ?", "symbol for gold ?")]
+    spec = GenerationSpec(max_new_tokens=5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plain = generate_and_capture(tiny_llama(), word_tokenizer, prompts, "all", POSITIONS, spec, str.strip)
+        dispatched = generate_and_capture(split, word_tokenizer, prompts, "all", POSITIONS, spec, str.strip)
+    finally:
+        torch.set_num_threads(threads)
+    assert dispatched.answers == plain.answers
+    np.testing.assert_array_equal(dispatched.activations, plain.activations)
+    for name, values in plain.baselines.items():
+        np.testing.assert_array_equal(dispatched.baselines[name], values, err_msg=name)
+
+
+def test_recorder_stacks_layers_recorded_on_different_devices():
+    """With blocks on different GPUs each layer's states arrive on its block's device; stacking them
+    must gather them on one device. Two devices here: meta and cpu (the only pair a CPU box has)."""
+    import torch
+
+    from extract.capture import Recorder
+
+    # Values cannot be copied out of meta, so the meta layer comes first: everything gathers there.
+    recorder = Recorder([0, 2])
+    for _ in range(3):
+        recorder.record(0, torch.zeros((2, 4, 5), device="meta"))  # [batch, seq, hidden]
+        recorder.record(2, torch.ones((2, 1, 5)))
+    stacked = recorder.stacked()
+    assert stacked.shape == (3, 2, 2, 5) and stacked.device.type == "meta"
+    assert recorder.stacked(calls=2).shape == (2, 2, 2, 5)
