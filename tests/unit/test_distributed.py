@@ -25,16 +25,16 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 N_ROWS = 22  # 6 shards of 4 rows, the last one has 2
 
 
-def _env() -> dict:
+def subprocess_env() -> dict:
     # One BLAS thread in every process (torchrun's default for several workers), so the single
     # process computes with the same kernels as the ranks.
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1"}
 
 
-def _torchrun(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=180)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -68,7 +68,7 @@ def test_dead_rank_is_redone_on_relaunch_and_nothing_else(tmp_path):
     store, logs = tmp_path / "dist", tmp_path / "logs"
     logs.mkdir()
     # Rank 1 dies before its second shard (3), once rank 0 has written 0, 2 and 4: torchrun stops both.
-    crashed = _torchrun([str(WORKER), str(store), str(logs), str(N_ROWS), "1"], cwd=tmp_path, check=False)
+    crashed = torchrun([str(WORKER), str(store), str(logs), str(N_ROWS), "1"], cwd=tmp_path, check=False)
     assert crashed.returncode != 0
     assert _computed(logs) == {0: [0, 2, 4], 1: [1]}
     writer = StoreWriter(store, SETTINGS, N_ROWS)
@@ -78,7 +78,7 @@ def test_dead_rank_is_redone_on_relaunch_and_nothing_else(tmp_path):
 
     for log in logs.iterdir():
         log.unlink()
-    _torchrun([str(WORKER), str(store), str(logs), str(N_ROWS)], cwd=tmp_path)
+    torchrun([str(WORKER), str(store), str(logs), str(N_ROWS)], cwd=tmp_path)
     # Only the two missing shards were computed, one per rank; the rest was not touched.
     assert _computed(logs) == {0: [3], 1: [5]}
     assert {i: writer.shard_path(i).stat().st_mtime_ns for i in written} == written
@@ -90,7 +90,7 @@ def test_settings_mismatch_is_raised_on_every_rank(tmp_path):
     store, logs = tmp_path / "dist", tmp_path / "logs"
     logs.mkdir()
     StoreWriter(store, {**SETTINGS, "dataset_hash": "other"}, N_ROWS)  # a store made with other settings
-    proc = _torchrun([str(WORKER), str(store), str(logs), str(N_ROWS)], cwd=tmp_path, check=False)
+    proc = torchrun([str(WORKER), str(store), str(logs), str(N_ROWS)], cwd=tmp_path, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "dataset_hash: store has 'other', run has 'd1'" in out  # rank 0's own error
@@ -133,7 +133,7 @@ def test_cli_extract_under_torchrun_equals_single_process(tmp_path):
     model_dir = save_tiny_llama(tmp_path / "tiny")
     data = tmp_path / "q.jsonl"
     _questions(data, 20)
-    dist = _torchrun(["-m", "probes.cli", "extract", "model=hf", f"model.path={model_dir}", "model.name=tiny-llama",
+    dist = torchrun(["-m", "probes.cli", "extract", "model=hf", f"model.path={model_dir}", "model.name=tiny-llama",
                       "model.device=cpu", "data=jsonl", f"data.path={data}", "extract.shard_size=4",
                       "extract.generation.max_new_tokens=5", f"extract.store_root={tmp_path / 'dist'}",
                       f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
