@@ -1,6 +1,9 @@
 """Cost of the runtime wrapper: `ProbedModel.generate` vs plain `model.generate` on SmolLM2 (prints a table).
 
 Same prompts (the training prompt format), same batches, greedy, same stop string and token budget.
+The baseline stops rows exactly as the wrapper does (at the stop string, once the answer's last token was
+fed, `max_new_tokens + 1` budget), so the ratio is the cost of the hook, the probe and the bookkeeping.
+HF's own `stop_strings=` is shown too: it is much slower on CPU, so it would flatter the wrapper.
 Each mode runs once as warm-up, then the modes alternate `--repeats` times and the best time of each
 is kept (the machine is shared and noisy). Needs a probe artifact trained on SmolLM2
 (`probecal run` writes one to <run dir>/probe).
@@ -15,7 +18,9 @@ import time
 
 import torch
 from bench_capture import questions  # same question pool as the capture benchmark
+from transformers import StoppingCriteriaList
 
+from extract.capture import _eos_ids, _StopWhenAnswerFed
 from extract.models import ModelSpec
 from probes.wrapper import ProbedModel
 
@@ -36,18 +41,29 @@ def main() -> None:
     prompts = [wrapped.question_prompt(q) for q in questions(args.n)]
     batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
 
-    def plain() -> None:
+    def plain(hf_stop_strings: bool = False) -> None:
         for batch in batches:
             enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(wrapped.loaded.device)
+            if hf_stop_strings:
+                stopping = {"stop_strings": wrapped.default_stop, "tokenizer": tok,
+                            "max_new_tokens": args.max_new_tokens}
+            else:
+                criterion = _StopWhenAnswerFed(tok, wrapped.default_stop, enc["input_ids"].shape[1], set(eos))
+                stopping = {"stopping_criteria": StoppingCriteriaList([criterion]),
+                            "max_new_tokens": args.max_new_tokens + 1}
             with torch.no_grad():
-                model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                               stop_strings=wrapped.default_stop, tokenizer=tok)
+                model.generate(**enc, do_sample=False, pad_token_id=tok.pad_token_id, **stopping)
 
     def probed() -> None:
         for batch in batches:
             wrapped.generate(batch, max_new_tokens=args.max_new_tokens)
 
-    modes = {"plain model.generate": plain, "ProbedModel.generate": probed}
+    eos = _eos_ids(model, tok)
+    modes = {
+        "plain model.generate (same stopping)": plain,
+        "ProbedModel.generate": probed,
+        "plain model.generate (HF stop_strings)": lambda: plain(hf_stop_strings=True),
+    }
     best = {name: float("inf") for name in modes}
     for fn in modes.values():
         fn()  # warm-up
@@ -56,7 +72,7 @@ def main() -> None:
             start = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - start)
-    base = best["plain model.generate"]
+    base = best["plain model.generate (same stopping)"]
     print(f"SmolLM2, {args.n} prompts, batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, "
           f"probe at layer {wrapped.layer} / {wrapped.position}, best of {args.repeats}")
     print("| mode | wall time (s) | ratio to plain |")

@@ -182,8 +182,11 @@ class Recorder:
         return torch.stack(self._steps[layer])
 
     def stacked(self, calls: int | None = None) -> torch.Tensor:
-        """`[calls, batch, len(layers), hidden]` float32, the first `calls` forward calls."""
-        return torch.stack([torch.stack(self._steps[la][:calls]) for la in self.layers], dim=2).float()
+        """`[calls, batch, len(layers), hidden]` float32, the first `calls` forward calls, on the first
+        hooked layer's device: a model split by a device map (`device_map="auto"`) records each
+        layer on the device of its block."""
+        per_layer = [torch.stack(self._steps[la][:calls]) for la in self.layers]
+        return torch.stack([t.to(per_layer[0].device) for t in per_layer], dim=2).float()
 
     def clear(self) -> None:
         for steps in self._steps.values():

@@ -67,6 +67,7 @@ class ModelSpec:
     path: local HF folder, local .gguf file, or hub id (None for packaged models).
     dtype: auto | float32 | float16 | bfloat16 (auto: float32 on CPU, bf16/fp16 on CUDA).
     device: auto | cpu | cuda | cuda:N (auto: CUDA when present).
+    device_map: None, or an accelerate device map such as "auto" for a model larger than one GPU.
     chat: auto | true | false: use the tokenizer's chat template (auto: when it has one).
     """
 
@@ -76,6 +77,7 @@ class ModelSpec:
     revision: str | None = None
     dtype: str = "auto"
     device: str = "auto"
+    device_map: str | None = None  # e.g. "auto": accelerate spreads the model over all visible GPUs (device ignored)
     chat: str = "auto"
     trust_remote_code: bool = False
     cache_dir: str | None = None
@@ -369,8 +371,9 @@ def load_model(spec: ModelSpec | Any) -> LoadedModel:
 
     def _load():
         tok = AutoTokenizer.from_pretrained(load_from, trust_remote_code=spec.trust_remote_code, **kwargs)
+        placement = {"device_map": spec.device_map} if spec.device_map else {}
         mdl = AutoModelForCausalLM.from_pretrained(
-            load_from, dtype=dtype, trust_remote_code=spec.trust_remote_code, **kwargs
+            load_from, dtype=dtype, trust_remote_code=spec.trust_remote_code, **placement, **kwargs
         )
         return tok, mdl
 
@@ -387,7 +390,8 @@ def load_model(spec: ModelSpec | Any) -> LoadedModel:
         else:
             raise ModelLoadError(f"could not load model {name!r} from {load_from}: {err}") from err
 
-    model.to(device)
+    if not spec.device_map:
+        model.to(device)
     model.eval()
     prepare_tokenizer(tokenizer)
     return LoadedModel(model, tokenizer, fingerprint_of(model, name, source_hash), _use_chat(spec.chat, tokenizer))

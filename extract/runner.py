@@ -14,6 +14,7 @@ import numpy as np
 
 from extract.capture import generate_and_capture, resolve_layers
 from extract.data import QARow, assign_splits, dataset_hash
+from extract.distributed import DistContext
 from extract.grading import cut_answer, grade
 from extract.models import LoadedModel
 from extract.prompts import build_prompt_ids
@@ -54,10 +55,13 @@ def extract_to_store(
     spec: ExtractSpec,
     data_name: str,
     store_root: str | Path | None = None,
+    dist: DistContext | None = None,
 ) -> ActivationStore:
     """Generate, grade and capture every row into a store under `store_root` (default spec.store_root).
 
     A complete store with the same settings is reused; an interrupted one resumes.
+    dist: this process's place in a data-parallel launch (extract.distributed.distributed_context);
+    every rank passes the same rows and spec, computes its share of the shards, and gets the store.
     """
     spec.check()
     settings = store_settings(loaded, rows, spec, data_name)
@@ -114,7 +118,7 @@ def extract_to_store(
         return ShardData(result.activations, records, {k: np.asarray(v, float) for k, v in baselines.items()},
                          result.n_generated_tokens)
 
-    return run_extraction(store_dir, len(rows), settings, compute_shard, desc=f"extract {data_name}")
+    return run_extraction(store_dir, len(rows), settings, compute_shard, desc=f"extract {data_name}", dist=dist)
 
 
 def rows_and_splits(data_spec) -> tuple[list[QARow], list[str]]:

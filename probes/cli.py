@@ -38,14 +38,27 @@ def _extract(cfg: DictConfig):
     Returns (loaded, store, splits): `splits` [n] are the ones the current data config assigns, which can
     differ from those recorded in a reused store (data.seed and the fractions do not change activations,
     so they are not part of the store's key); the train and evaluate stages use these.
+    Under torchrun / accelerate launch every rank loads the model on its own device and computes its
+    share of the store's shards (extract.distributed); only rank 0 reports.
     """
-    from extract.models import load_model
+    from contextlib import nullcontext
+    from dataclasses import replace
+
+    from extract.distributed import distributed_context, main_rank_first
+    from extract.models import PACKAGED_MODELS, load_model
     from extract.runner import accuracy_table, extract_to_store, rows_and_splits
 
     data_spec = _build(cfg.data)
     rows, splits = rows_and_splits(data_spec)
-    loaded = load_model(_build(cfg.model))
-    store = extract_to_store(loaded, rows, splits, _build(cfg.extract), data_spec.name)
+    model_spec = _build(cfg.model)
+    # A GGUF model is de-quantized into the shared model cache on first use: one rank does that.
+    gguf = model_spec.name in PACKAGED_MODELS or str(model_spec.path).endswith(".gguf")
+    with distributed_context(model_spec.device) as dist:
+        with main_rank_first(dist) if gguf else nullcontext():
+            loaded = load_model(replace(model_spec, device=dist.device))
+        store = extract_to_store(loaded, rows, splits, _build(cfg.extract), data_spec.name, dist=dist)
+    if not dist.is_main:
+        return loaded, store, splits
     if store.column("split").tolist() != list(splits):
         log.info("the store at %s was extracted with other splits (data.seed or fractions); using this run's",
                  store.path)
@@ -63,11 +76,14 @@ def stage_extract(cfg: DictConfig) -> None:
 
 def stage_train(cfg: DictConfig) -> None:
     """Extract (or reuse the store), sweep layers x positions, fit + calibrate the probe, evaluate, report."""
+    from extract.distributed import is_main_process
     from probes.pipeline import evaluate_on_store, threshold_report, train_probe, write_run_outputs
 
     start = time.perf_counter()
     run_dir = _run_dir()
     loaded, store, splits = _extract(cfg)
+    if not is_main_process():  # under torchrun the other ranks only help with the extraction
+        return
     train_spec = OmegaConf.to_object(cfg.train)
     artifact, sweep_result, extra = train_probe(store, cfg.probe, cfg.calibration, train_spec, seed=cfg.seed,
                                                 splits=splits)
@@ -106,6 +122,7 @@ def _threshold_sentence(info: dict) -> str:
 
 def stage_evaluate(cfg: DictConfig) -> None:
     """Evaluate a saved probe (evaluate.probe_dir=...) on the configured data set."""
+    from extract.distributed import is_main_process
     from extract.models import ModelFingerprint
     from probes.artifact import ProbeArtifact
     from probes.pipeline import SPLITS, evaluate_on_store, write_run_outputs
@@ -116,6 +133,8 @@ def stage_evaluate(cfg: DictConfig) -> None:
         raise SystemExit(f"evaluate.split={cfg.evaluate.split!r}; allowed: {', '.join(SPLITS)}, all")
     artifact = ProbeArtifact.load(cfg.evaluate.probe_dir)
     loaded, store, splits = _extract(cfg)
+    if not is_main_process():
+        return
     ModelFingerprint.from_dict(artifact.metadata.model_fingerprint).check_matches(loaded.fingerprint, "probe")
     train_spec = OmegaConf.to_object(cfg.train)
     split = None if cfg.evaluate.split == "all" else cfg.evaluate.split
