@@ -179,7 +179,7 @@ def write_report(run_dir: Path, inputs: ReportInputs) -> Path:
         ("Confidence histogram", plot_histogram(inputs, plots / "confidence_hist.png")),
     ]
     parts = [f"# {inputs.title}", *inputs.notes, "## Evaluation", inputs.table.to_markdown(),
-             "ECE uses equal-width bins; `ece_lo`/`ece_hi` are the bootstrap 95% interval.",
+             "ECE uses equal-width bins; `ece_low`/`ece_high` are its bootstrap 95% interval.",
              "## Categories", _category_markdown(inputs)]
     for caption, path in figures:
         parts += [f"## {caption}", f"![{caption}](plots/{path.name})"]
