@@ -455,7 +455,7 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -548,7 +548,7 @@ def generate_and_capture(
 
 def _generate_batch(model, tokenizer, prompts, recorder, positions, spec, cut_answer, eos, device,
                     streamer=None) -> CaptureResult:
-    input_ids, attention_mask = _left_pad(prompts, tokenizer.pad_token_id, device)
+    input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id, device)
     prompt_len = input_ids.shape[1]
     stop = _StopWhenAnswerFed(tokenizer, spec.stop_strings, prompt_len, set(eos))
     stats = _TokenStats()

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from extract.capture import left_pad
+
 P_TRUE_PROMPT = (
     "Question: {question}\nProposed answer: {answer}\n"
     "Is the proposed answer true or false? Reply with one word: True or False."
@@ -37,13 +39,6 @@ def _prompt_ids(tokenizer: Any, text: str, cue: str, uses_chat_template: bool) -
         rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return tokenizer(rendered, add_special_tokens=False)["input_ids"]
     return tokenizer(text + cue)["input_ids"]
-
-
-def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    return ids, mask
 
 
 def _first_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
@@ -83,7 +78,7 @@ def p_true_confidence(
     ]
     scores = np.empty(len(prompts))
     for begin in range(0, len(prompts), batch_size):
-        ids, mask = _left_pad(prompts[begin : begin + batch_size], tokenizer.pad_token_id, device)
+        ids, mask = left_pad(prompts[begin : begin + batch_size], tokenizer.pad_token_id, device)
         # Explicit positions: with left padding, a plain forward would otherwise count the pads.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
@@ -132,7 +127,7 @@ def verbalized_confidence(
     ]
     scores = np.full(len(prompts), np.nan)
     for begin in range(0, len(prompts), batch_size):
-        ids, mask = _left_pad(prompts[begin : begin + batch_size], tokenizer.pad_token_id, device)
+        ids, mask = left_pad(prompts[begin : begin + batch_size], tokenizer.pad_token_id, device)
         with torch.no_grad():
             out = model.generate(
                 input_ids=ids,

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from extract.models import ModelFingerprint, atomic_write_text
+from extract.models import ModelFingerprint, atomic_write_bytes, atomic_write_text
 from extract.settings import POSITIONS, STORE_DTYPES
 
 if TYPE_CHECKING:
@@ -119,19 +119,6 @@ def _ensure_writable(path: Path) -> None:
         os.unlink(probe)
     except OSError as err:
         raise StoreError(f"store directory {path} is not writable: {err}") from None
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -235,7 +222,7 @@ class StoreWriter:
         metadata = {"format_version": str(FORMAT_VERSION), "key": self.key, "index": str(index), "rows": str(rows),
                     "records": records_json}
         path = self.shard_path(index)
-        _atomic_write_bytes(path, save(tensors, metadata=metadata))
+        atomic_write_bytes(path, save(tensors, metadata=metadata))
         return path
 
     def finalize(self) -> Path:

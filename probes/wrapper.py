@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.capture import capture_hidden_states, generate_and_capture
+from extract.capture import capture_hidden_states, generate_and_capture, left_pad
 from extract.grading import cut_answer
 from extract.models import LoadedModel, from_transformers, load_model
 from extract.prompts import PromptSpec, render_prompt
@@ -149,14 +149,12 @@ class ProbedModel:
 
     def score_prompts(self, prompt_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """prompt_last probe only: one prefill forward per batch, hooks on the probe's layer."""
-        from extract.capture import _left_pad  # the same left padding as generation
-
         model, tok = self.loaded.model, self.loaded.tokenizer
         vectors = []
         with capture_hidden_states(model, [self.layer]) as recorder, torch.no_grad():
             for begin in range(0, len(prompt_ids), self.max_batch_size):
                 recorder.clear()
-                ids, mask = _left_pad(prompt_ids[begin : begin + self.max_batch_size], tok.pad_token_id,
+                ids, mask = left_pad(prompt_ids[begin : begin + self.max_batch_size], tok.pad_token_id,
                                       self.loaded.device)
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
                 vectors.append(recorder.last_token(self.layer)[0].float().cpu().numpy())
