@@ -83,7 +83,7 @@ def draw_reliability(ax, p, y, n_bins: int, title: str) -> None:
     ax.bar(curve.centers[filled], curve.accuracy[filled], width=width[filled] * 0.9, alpha=0.6,
            edgecolor="k", label="accuracy in bin")
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    ax.plot(curve.confidence[filled], curve.accuracy[filled], "o-", color="C3", ms=3, label="mean confidence")
+    ax.plot(curve.confidence[filled], curve.accuracy[filled], "o-", color="C3", ms=3, label="accuracy at the bin's mean confidence")
     for x, acc, count in zip(curve.centers[filled], curve.accuracy[filled], curve.counts[filled], strict=True):
         ax.annotate(str(int(count)), (x, min(acc + 0.02, 0.97)), ha="center", fontsize=6)
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted P(correct)", ylabel="fraction correct", title=title)
