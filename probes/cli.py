@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -220,7 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     @hydra.main(config_path="pkg://probecal_conf", config_name="config", version_base="1.3")
     def _task(cfg: DictConfig) -> None:
         OmegaConf.resolve(cfg)
-        func(cfg)
+        try:
+            func(cfg)
+        except (ValueError, OSError, RuntimeError) as err:
+            # Our errors name the file / field / option; a traceback only helps when debugging probecal itself.
+            if os.environ.get("PROBECAL_DEBUG"):
+                raise
+            print(f"probecal {stage}: error: {err}\n(set PROBECAL_DEBUG=1 for the traceback)", file=sys.stderr)
+            sys.exit(2)
 
     sys.argv = [f"probecal {stage}", *argv[1:]]
     _task()
