@@ -139,4 +139,8 @@ def accuracy_table(store: ActivationStore) -> str:
         acc = np.mean([r["label"] for r in group])
         lines.append(f"| {name} | {len(group)} | {acc:.3f} | {sum(r['truncated'] for r in group)} "
                      f"| {sum(r['empty_answer'] for r in group)} |")
+    parsed = [r.get("verbalized_parsed") for r in records if r.get("verbalized_parsed") is not None]
+    if parsed:
+        lines.append(f"\nverbalized confidence: {parsed.count(False)} of {len(parsed)} replies unparseable "
+                     "(scored 0.5, flagged per row as verbalized_parsed=false)")
     return "\n".join(lines)

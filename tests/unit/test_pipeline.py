@@ -298,3 +298,27 @@ def test_summarize_puts_runs_without_the_metric_last(tmp_path):
             assert [r["run"] for r in csv.DictReader(fh)] == order, sort_by
     with pytest.raises(ValueError, match="summarize.sort_by='accuracy'; allowed: auroc"):
         summarize(tmp_path, "accuracy")
+
+
+def test_accuracy_table_counts_per_category(tmp_path):
+    from extract.runner import accuracy_table
+
+    store = write_synthetic_store(tmp_path / "store")
+    table = accuracy_table(store)
+    records = store.records
+    for category in {r["category"] for r in records} | {"all"}:
+        group = [r for r in records if category in ("all", r["category"])]
+        accuracy = sum(r["label"] for r in group) / len(group)
+        truncated = sum(r["truncated"] for r in group)
+        assert f"| {category} | {len(group)} | {accuracy:.3f} | {truncated} | 0 |" in table
+    assert "verbalized" not in table  # the baseline was off: nothing to report
+
+
+def test_accuracy_table_reports_unparseable_verbalized_replies(tmp_path, monkeypatch):
+    from extract.runner import accuracy_table
+
+    store = write_synthetic_store(tmp_path / "store")
+    records = [dict(r, verbalized_parsed=(i % 4 != 0)) for i, r in enumerate(store.records)]
+    monkeypatch.setattr(type(store), "records", property(lambda self: records))
+    unparseable = sum(1 for r in records if not r["verbalized_parsed"])
+    assert f"{unparseable} of {len(records)} replies unparseable" in accuracy_table(store)
