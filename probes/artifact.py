@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from extract.models import ModelFingerprint, atomic_write_text
+from extract.models import ModelFingerprint, atomic_write_text, sha256_file
 from probes.calibration import CALIBRATORS, PerCategoryCalibrator, calibrator_kind, rebuild_calibrator
 from probes.estimators import PROBES, probe_kind, rebuild_probe
 
@@ -83,21 +83,16 @@ def hash_arrays(*arrays) -> str:
     return digest.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _json_default(value):
+def json_default(value):
+    """`json.dumps(default=...)` for numpy values, tuples/sets and objects with `to_dict()`."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, tuple | set):
         return list(value)
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
@@ -179,13 +174,13 @@ class ProbeArtifact:
         os.close(fd)
         try:
             save_file(tensors, tmp)
-            digest = _sha256(Path(tmp))
+            digest = sha256_file(Path(tmp))
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         document = {**asdict(self.metadata), "tensors_sha256": digest}
-        atomic_write_text(directory / METADATA_FILE, json.dumps(document, indent=1, default=_json_default))
+        atomic_write_text(directory / METADATA_FILE, json.dumps(document, indent=1, default=json_default))
         return directory
 
     # -- loading ---------------------------------------------------------------------------------
@@ -230,7 +225,7 @@ class ProbeArtifact:
                 fingerprint.check_matches(expected_fingerprint, what=f"probe artifact {directory}")
             except ValueError as err:
                 raise ArtifactError(str(err)) from None
-        if expected_hash is not None and _sha256(tensors_path) != expected_hash:
+        if expected_hash is not None and sha256_file(tensors_path) != expected_hash:
             raise ArtifactError(f"{tensors_path}: contents do not match the sha256 recorded in {meta_path} (corrupt or replaced)")
         try:
             tensors = load_file(tensors_path)

@@ -124,7 +124,6 @@ def _threshold_sentence(info: dict) -> str:
 def stage_evaluate(cfg: DictConfig) -> None:
     """Evaluate a saved probe (evaluate.probe_dir=...) on the configured data set."""
     from extract.distributed import is_main_process
-    from extract.models import ModelFingerprint
     from probes.artifact import ProbeArtifact
     from probes.pipeline import SPLITS, evaluate_on_store, write_run_outputs
 
@@ -136,7 +135,7 @@ def stage_evaluate(cfg: DictConfig) -> None:
     loaded, store, splits = _extract(cfg)
     if not is_main_process():
         return
-    ModelFingerprint.from_dict(artifact.metadata.model_fingerprint).check_matches(loaded.fingerprint, "probe")
+    artifact.fingerprint.check_matches(loaded.fingerprint, "probe")
     train_spec = OmegaConf.to_object(cfg.train)
     split = None if cfg.evaluate.split == "all" else cfg.evaluate.split
     table, methods, data, mask = evaluate_on_store(artifact, store, cfg.calibration, train_spec, split, cfg.seed,

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from extract.models import ModelFingerprint, atomic_write_text
+from extract.models import atomic_write_text
 from extract.store import ActivationStore
-from probes.artifact import ProbeArtifact, hash_arrays
+from probes.artifact import ProbeArtifact, hash_arrays, json_default
 from probes.config import TrainSpec
 from probes.evaluation import EvalTable, calibrate_baselines, evaluate
 from probes.report import ReportInputs, write_report
@@ -124,7 +124,7 @@ def evaluate_on_store(
     """
     if split is not None and split not in SPLITS:
         raise ValueError(f"split={split!r}; allowed: {', '.join(SPLITS)} or None (all rows)")
-    ModelFingerprint.from_dict(artifact.metadata.model_fingerprint).check_matches(store.fingerprint, "store")
+    artifact.fingerprint.check_matches(store.fingerprint, "store")
     data = SplitData.from_store(store, splits)
     mask = data.masks[split] if split else np.ones(len(data.y), bool)
     if mask.sum() == 0:
@@ -207,18 +207,8 @@ def write_run_outputs(
         "train_spec": asdict(spec),
         **{k: v for k, v in extra.items() if k != "notes"},
     }
-    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=_json_default))
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=json_default))
     return report, headline(table, baseline)
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def threshold_report(threshold, p_test: np.ndarray, y_test: np.ndarray) -> dict[str, Any]:

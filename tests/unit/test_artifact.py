@@ -14,8 +14,8 @@ from probes.artifact import (
     ArtifactError,
     ProbeArtifact,
     ProbeMetadata,
-    _json_default,
     hash_arrays,
+    json_default,
 )
 from probes.calibration import CALIBRATORS, PerCategoryCalibrator
 from probes.estimators import PROBES
@@ -35,7 +35,7 @@ def data(n=240, seed=0):
 
 
 def as_json(meta: ProbeMetadata) -> str:
-    return json.dumps(asdict(meta), default=_json_default, sort_keys=True)
+    return json.dumps(asdict(meta), default=json_default, sort_keys=True)
 
 
 def make_artifact(kind="logistic", calibrator="platt"):
