@@ -22,7 +22,7 @@ import time
 import psutil
 import torch
 
-from extract.capture import generate_and_capture
+from extract.generation import generate_and_capture
 from extract.models import ModelSpec, load_model
 from extract.settings import POSITIONS, GenerationSpec
 

@@ -43,7 +43,7 @@ class SleepingFakeModel:
         return len(text.split())
 
     def generate(self, prompts, *, max_new_tokens=64, temperature=0.0, top_p=1.0, stop=None):
-        from probes.wrapper import ProbedGeneration
+        from probes.serving.wrapper import ProbedGeneration
 
         time.sleep(self.latency_s)
         return [
@@ -59,7 +59,7 @@ def build_probed_model(args: argparse.Namespace):
     if args.fake_latency_ms is not None:
         return SleepingFakeModel(args.fake_latency_ms / 1000, args.max_batch_size)
     from extract.models import ModelSpec, load_model
-    from probes.wrapper import ProbedModel
+    from probes.serving.wrapper import ProbedModel
 
     if not args.probe_dir:
         raise SystemExit("give --probe-dir (a saved probe artifact) or --fake-latency-ms for the model double")
@@ -70,7 +70,8 @@ def build_probed_model(args: argparse.Namespace):
 def _serve_in_child(args: argparse.Namespace, max_batch_size: int, db_path: str, port_pipe) -> None:
     import uvicorn
 
-    from probes.server import ServeSettings, create_app
+    from probes.serving.app import create_app
+    from probes.serving.settings import ServeSettings
 
     settings = ServeSettings(db_path=db_path, max_batch_size=max_batch_size, batch_wait_ms=args.batch_wait_ms,
                              max_tokens_limit=max(256, args.max_tokens), max_queue_size=4 * MAX_CLIENTS)

@@ -20,9 +20,9 @@ import torch
 from bench_capture import questions  # same question pool as the capture benchmark
 from transformers import StoppingCriteriaList
 
-from extract.capture import _eos_ids, _StopWhenAnswerFed
+from extract.generation import _eos_ids, _StopWhenAnswerFed
 from extract.models import ModelSpec
-from probes.wrapper import ProbedModel
+from probes.serving.wrapper import ProbedModel
 
 
 def main() -> None:

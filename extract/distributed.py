@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -191,70 +190,3 @@ def distributed_context(
     finally:
         if owned:
             dist.destroy_process_group()
-
-
-def _describe(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}"
-
-
-def run_extraction_distributed(
-    store_dir: Path,
-    n_rows: int,
-    settings: dict[str, Any],
-    compute_shard: Callable[[int, range], Any],
-    desc: str,
-    ctx: DistContext,
-):
-    """The distributed body of `extract.store.run_extraction` (steps 1-4 in the module docstring).
-
-    Every rank calls it with the same arguments; every rank returns the finished `ActivationStore`.
-    """
-    from extract.store import StoreWriter, open_store, write_shards
-
-    # 1. rank 0 alone writes (or checks) settings.json and decides what is missing.
-    plan: tuple[str, Any] = ("ok", None)
-    writer = None
-    if ctx.is_main:
-        try:
-            writer = StoreWriter(store_dir, settings, n_rows)
-            plan = ("ok", writer.missing_shards())
-        except Exception as err:
-            ctx.broadcast(("error", _describe(err)))
-            raise
-    status, missing = ctx.broadcast(plan)
-    if status != "ok":
-        raise DistributedError(f"rank 0 could not open the store at {store_dir}: {missing}")
-    if writer is None:
-        writer = StoreWriter(store_dir, settings, n_rows)  # settings.json exists now: this only checks it
-
-    # 2. this rank's share, written into the same directory.
-    mine = ctx.share(missing)
-    log.info("rank %d: %d of %d missing shard(s) to compute: %s", ctx.rank, len(mine), len(missing), mine)
-    failure = None
-    try:
-        write_shards(writer, mine, compute_shard, f"{desc} [rank {ctx.rank}/{ctx.world_size}]", show=ctx.is_main)
-    except Exception as err:
-        failure = err
-
-    # 3. everyone learns whether everyone succeeded.
-    failures = ctx.all_gather(None if failure is None else _describe(failure))
-    if failure is not None:
-        raise failure
-    failed = {rank: message for rank, message in enumerate(failures) if message is not None}
-    if failed:
-        raise DistributedError(f"extraction failed on rank(s) {sorted(failed)}: "
-                               + "; ".join(f"rank {r}: {m}" for r, m in failed.items())
-                               + ". Shards written so far are kept: relaunch to resume.")
-
-    # 4. rank 0 writes the manifest; the others open the store once it is there.
-    outcome = None
-    if ctx.is_main:
-        try:
-            writer.finalize()
-        except Exception as err:
-            ctx.broadcast(_describe(err))
-            raise
-    outcome = ctx.broadcast(outcome)
-    if outcome is not None:
-        raise DistributedError(f"rank 0 could not finalize the store at {store_dir}: {outcome}")
-    return open_store(store_dir)

@@ -20,11 +20,14 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from probecal.files import sha256_file
+from probecal.fingerprint import ModelFingerprint
 
 log = logging.getLogger(__name__)
 
@@ -83,40 +86,6 @@ class ModelSpec:
     cache_dir: str | None = None
 
 
-@dataclass(frozen=True)
-class ModelFingerprint:
-    """Identifies the model a store or probe belongs to. `num_layers` counts decoder blocks;
-    captured layers run 0..num_layers (0 = embeddings)."""
-
-    name: str
-    source_hash: str
-    architecture: str
-    hidden_size: int
-    num_layers: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelFingerprint:
-        names = {f.name for f in fields(cls)}
-        missing = names - set(data)
-        if missing:
-            raise ValueError(f"model fingerprint lacks field(s) {sorted(missing)}")
-        return cls(**{k: data[k] for k in names})
-
-    def differences(self, other: ModelFingerprint, keys=("name", "hidden_size", "num_layers")) -> list[str]:
-        return [
-            f"{k}: expected {getattr(self, k)!r}, got {getattr(other, k)!r}"
-            for k in keys
-            if getattr(self, k) != getattr(other, k)
-        ]
-
-    def check_matches(self, other: ModelFingerprint, what: str = "artifact") -> None:
-        diffs = self.differences(other)
-        if diffs:
-            raise ValueError(f"{what} was made for another model: " + "; ".join(diffs))
-
 
 @dataclass
 class LoadedModel:
@@ -164,49 +133,6 @@ def cache_root(cache_dir: str | None = None) -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "probecal"
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a UTF-8 text file atomically (see atomic_write_bytes)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that readers see the old content or the new one, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def sha256_file(path: Path, memo_dir: Path | None = None) -> str:
-    """sha256 of a file, memoized by (path, size, mtime) so repeated loads do not re-read it."""
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    memo_file = memo_dir / "file-hashes.json" if memo_dir else None
-    memo: dict[str, str] = {}
-    if memo_file and memo_file.exists():
-        try:
-            memo = json.loads(memo_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            memo = {}
-        if key in memo:
-            return memo[key]
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    value = digest.hexdigest()
-    if memo_file:
-        memo[key] = value
-        atomic_write_text(memo_file, json.dumps(memo, indent=1))
-    return value
 
 
 def _install_hint(packaged: PackagedModel) -> str:

@@ -6,21 +6,34 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from extract.capture import generate_and_capture, resolve_layers
 from extract.data import QARow, assign_splits, dataset_hash
-from extract.distributed import DistContext
+from extract.distributed import DistContext, DistributedError
+from extract.generation import generate_and_capture
 from extract.grading import cut_answer, grade
+from extract.hooks import resolve_layers
 from extract.models import LoadedModel
 from extract.prompts import build_prompt_ids
 from extract.self_eval import p_true_confidence, verbalized_confidence
 from extract.settings import ExtractSpec
-from extract.store import ActivationStore, ShardData, run_extraction, store_dir_for
+from extract.store import (
+    MANIFEST_FILE,
+    ActivationStore,
+    ShardData,
+    StoreWriter,
+    check_settings,
+    open_store,
+    store_dir_for,
+    store_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,3 +157,122 @@ def accuracy_table(store: ActivationStore) -> str:
         lines.append(f"\nverbalized confidence: {parsed.count(False)} of {len(parsed)} replies unparseable "
                      "(scored 0.5, flagged per row as verbalized_parsed=false)")
     return "\n".join(lines)
+
+def write_shards(
+    writer: StoreWriter,
+    indices: Sequence[int],
+    compute_shard: Callable[[int, range], ShardData],
+    desc: str = "extract",
+    show: bool = True,
+    done_rows: int = 0,
+) -> None:
+    """Compute and write the shards `indices`; a progress bar (starting at `done_rows` rows already
+    stored) shows examples, tokens/s and ETA."""
+    total = done_rows + sum(len(writer.shard_rows(i)) for i in indices)
+    tokens, start = 0, time.perf_counter()
+    with tqdm(total=total, initial=done_rows, unit="ex", desc=desc, dynamic_ncols=True, disable=not show) as bar:
+        for index in indices:
+            rows = writer.shard_rows(index)
+            data = compute_shard(index, rows)
+            writer.write_shard(index, data.activations, data.records, data.baselines)
+            tokens += data.n_tokens
+            bar.update(len(rows))
+            bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}")
+
+
+def run_extraction(
+    store_dir: str | Path,
+    n_rows: int,
+    settings: dict[str, Any],
+    compute_shard: Callable[[int, range], ShardData],
+    desc: str = "extract",
+    dist: DistContext | None = None,
+) -> ActivationStore:
+    """Fill (or resume, or reuse) the store at `store_dir`, calling `compute_shard(index, rows)` for
+    every shard not written yet; a progress bar shows examples, tokens/s and ETA.
+
+    dist: in a data-parallel launch (torchrun), this process's place; every rank calls
+    run_extraction with the same arguments, computes its share of the shards and gets the finished
+    store back (see extract.distributed). None or a world size of 1: everything in this process.
+    """
+    store_dir = Path(store_dir)
+    checked = check_settings(settings)
+    if (store_dir / MANIFEST_FILE).exists():
+        store = open_store(store_dir)
+        if store.key == store_key(checked) and len(store) == n_rows:
+            log.info("reusing the complete store at %s", store_dir)
+            return store
+    if dist is not None and dist.enabled:
+        return run_extraction_distributed(store_dir, n_rows, checked, compute_shard, desc, dist)
+    writer = StoreWriter(store_dir, checked, n_rows)  # raises on other settings, before any work
+    missing = writer.missing_shards()
+    done_rows = n_rows - sum(len(writer.shard_rows(i)) for i in missing)
+    if done_rows:
+        log.info("resuming %s: %d of %d rows already stored", store_dir, done_rows, n_rows)
+    write_shards(writer, missing, compute_shard, desc, done_rows=done_rows)
+    writer.finalize()
+    return open_store(store_dir)
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def run_extraction_distributed(
+    store_dir: Path,
+    n_rows: int,
+    settings: dict[str, Any],
+    compute_shard: Callable[[int, range], Any],
+    desc: str,
+    ctx: DistContext,
+):
+    """The distributed body of `run_extraction` (steps 1-4 in the `extract.distributed` docstring).
+
+    Every rank calls it with the same arguments; every rank returns the finished `ActivationStore`.
+    """
+    # 1. rank 0 alone writes (or checks) settings.json and decides what is missing.
+    plan: tuple[str, Any] = ("ok", None)
+    writer = None
+    if ctx.is_main:
+        try:
+            writer = StoreWriter(store_dir, settings, n_rows)
+            plan = ("ok", writer.missing_shards())
+        except Exception as err:
+            ctx.broadcast(("error", _describe(err)))
+            raise
+    status, missing = ctx.broadcast(plan)
+    if status != "ok":
+        raise DistributedError(f"rank 0 could not open the store at {store_dir}: {missing}")
+    if writer is None:
+        writer = StoreWriter(store_dir, settings, n_rows)  # settings.json exists now: this only checks it
+
+    # 2. this rank's share, written into the same directory.
+    mine = ctx.share(missing)
+    log.info("rank %d: %d of %d missing shard(s) to compute: %s", ctx.rank, len(mine), len(missing), mine)
+    failure = None
+    try:
+        write_shards(writer, mine, compute_shard, f"{desc} [rank {ctx.rank}/{ctx.world_size}]", show=ctx.is_main)
+    except Exception as err:
+        failure = err
+
+    # 3. everyone learns whether everyone succeeded.
+    failures = ctx.all_gather(None if failure is None else _describe(failure))
+    if failure is not None:
+        raise failure
+    failed = {rank: message for rank, message in enumerate(failures) if message is not None}
+    if failed:
+        raise DistributedError(f"extraction failed on rank(s) {sorted(failed)}: "
+                               + "; ".join(f"rank {r}: {m}" for r, m in failed.items())
+                               + ". Shards written so far are kept: relaunch to resume.")
+
+    # 4. rank 0 writes the manifest; the others open the store once it is there.
+    outcome = None
+    if ctx.is_main:
+        try:
+            writer.finalize()
+        except Exception as err:
+            ctx.broadcast(_describe(err))
+            raise
+    outcome = ctx.broadcast(outcome)
+    if outcome is not None:
+        raise DistributedError(f"rank 0 could not finalize the store at {store_dir}: {outcome}")
+    return open_store(store_dir)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.capture import left_pad
+from extract.generation import left_pad
 
 P_TRUE_PROMPT = (
     "Question: {question}\nProposed answer: {answer}\n"

@@ -9,7 +9,7 @@ Capture sites, named once for the whole project (the Hugging Face `hidden_states
 - layer i (1 <= i < num_layers) = the output of decoder block i (1-based);
 - layer num_layers = the output of the final norm, i.e. AFTER the last block AND the final norm
   (Llama, Mistral, Qwen, Gemma, GPT-2, GPT-NeoX), exactly as `hidden_states[-1]` in Hugging Face.
-Positions (see `extract.capture`):
+Positions (see `extract.generation`):
 - `prompt_last`: the last prompt token (its state is known before any token is generated);
 - `answer_last`: the last token of the graded (cut) answer, excluding stop strings, EOS and padding;
 - `answer_mean`: the mean over the graded answer's tokens.

@@ -21,19 +21,16 @@ import logging
 import math
 import os
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from extract.models import ModelFingerprint, atomic_write_bytes, atomic_write_text
 from extract.settings import POSITIONS, STORE_DTYPES
-
-if TYPE_CHECKING:
-    from extract.distributed import DistContext
+from probecal.files import atomic_write_bytes, atomic_write_text
+from probecal.fingerprint import ModelFingerprint
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +328,7 @@ class ActivationStore:
 
     @property
     def baselines(self) -> dict[str, np.ndarray]:
-        """name -> `[n]` float64 (see extract.capture.BASELINE_NAMES for directions)."""
+        """name -> `[n]` float64 (see extract.generation.BASELINE_NAMES for directions)."""
         if self._baselines is None:
             self._baselines = {name: self._concat(f"baseline.{name}") for name in self.manifest["baselines"]}
         return self._baselines
@@ -360,63 +357,3 @@ def open_store(path: str | Path) -> ActivationStore:
         raise StoreError(f"{manifest_file}: format_version {manifest.get('format_version')!r}, "
                          f"this probecal reads {FORMAT_VERSION}")
     return ActivationStore(path, manifest)
-
-
-def write_shards(
-    writer: StoreWriter,
-    indices: Sequence[int],
-    compute_shard: Callable[[int, range], ShardData],
-    desc: str = "extract",
-    show: bool = True,
-    done_rows: int = 0,
-) -> None:
-    """Compute and write the shards `indices`; a progress bar (starting at `done_rows` rows already
-    stored) shows examples, tokens/s and ETA."""
-    from tqdm.auto import tqdm
-
-    total = done_rows + sum(len(writer.shard_rows(i)) for i in indices)
-    tokens, start = 0, time.perf_counter()
-    with tqdm(total=total, initial=done_rows, unit="ex", desc=desc, dynamic_ncols=True, disable=not show) as bar:
-        for index in indices:
-            rows = writer.shard_rows(index)
-            data = compute_shard(index, rows)
-            writer.write_shard(index, data.activations, data.records, data.baselines)
-            tokens += data.n_tokens
-            bar.update(len(rows))
-            bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}")
-
-
-def run_extraction(
-    store_dir: str | Path,
-    n_rows: int,
-    settings: dict[str, Any],
-    compute_shard: Callable[[int, range], ShardData],
-    desc: str = "extract",
-    dist: DistContext | None = None,
-) -> ActivationStore:
-    """Fill (or resume, or reuse) the store at `store_dir`, calling `compute_shard(index, rows)` for
-    every shard not written yet; a progress bar shows examples, tokens/s and ETA.
-
-    dist: in a data-parallel launch (torchrun), this process's place; every rank calls
-    run_extraction with the same arguments, computes its share of the shards and gets the finished
-    store back (see extract.distributed). None or a world size of 1: everything in this process.
-    """
-    store_dir = Path(store_dir)
-    checked = check_settings(settings)
-    if (store_dir / MANIFEST_FILE).exists():
-        store = open_store(store_dir)
-        if store.key == store_key(checked) and len(store) == n_rows:
-            log.info("reusing the complete store at %s", store_dir)
-            return store
-    if dist is not None and dist.enabled:
-        from extract.distributed import run_extraction_distributed
-
-        return run_extraction_distributed(store_dir, n_rows, checked, compute_shard, desc, dist)
-    writer = StoreWriter(store_dir, checked, n_rows)  # raises on other settings, before any work
-    missing = writer.missing_shards()
-    done_rows = n_rows - sum(len(writer.shard_rows(i)) for i in missing)
-    if done_rows:
-        log.info("resuming %s: %d of %d rows already stored", store_dir, done_rows, n_rows)
-    write_shards(writer, missing, compute_shard, desc, done_rows=done_rows)
-    writer.finalize()
-    return open_store(store_dir)

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from extract.models import ModelFingerprint, atomic_write_text, sha256_file
+from probecal.files import atomic_write_text, json_default, sha256_file
+from probecal.fingerprint import ModelFingerprint
 from probes.calibration import CALIBRATORS, PerCategoryCalibrator, calibrator_kind, rebuild_calibrator
 from probes.estimators import PROBES, probe_kind, rebuild_probe
 
@@ -82,18 +83,6 @@ def hash_arrays(*arrays) -> str:
         digest.update(array.tobytes())
     return digest.hexdigest()
 
-
-def json_default(value):
-    """`json.dumps(default=...)` for numpy values, tuples/sets and objects with `to_dict()`."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, tuple | set):
-        return list(value)
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 class ProbeArtifact:

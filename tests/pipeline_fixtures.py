@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from extract.capture import BASELINE_NAMES
+from extract.generation import BASELINE_NAMES
 from extract.store import ActivationStore, StoreWriter, open_store
-from probes.sweep import SweepResult, sweep
+from probes.evaluation.sweep import SweepResult, sweep
 
 SIGNAL_SITE = (2, "answer_last")
 CATEGORY_ACCURACY = {"capitals": 0.7, "arithmetic": 0.35}  # different difficulty, as in real data sets
@@ -45,7 +45,7 @@ def _labels_and_splits(n_rows: int, rng: np.random.Generator) -> tuple[list[str]
 
 
 def _baselines(labels: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Weakly informative logit baselines, in the units `extract.capture` records them in."""
+    """Weakly informative logit baselines, in the units `extract.generation` records them in."""
     noisy = 0.6 * labels + rng.normal(0.0, 0.5, len(labels))  # higher = more confident
     mean_logprob = np.minimum(-1.5 + noisy, -0.01)
     values = {
@@ -114,7 +114,7 @@ def write_synthetic_store(
 
 
 def write_synthetic_sweep(store: ActivationStore, path: str | Path, n_folds: int = 3, seed: int = 0) -> SweepResult:
-    """Sweep every stored site on the store's train split (as `probes.pipeline.train_probe` does); write JSON."""
+    """Sweep every stored site on the store's train split (as `probes.cli.pipeline.train_probe` does); write JSON."""
     train = store.column("split") == "train"
     y = store.column("label").astype(int)[train]
     result = sweep(lambda layer, pos: store.read(layer, pos)[train], y, list(store.layers), list(store.positions),

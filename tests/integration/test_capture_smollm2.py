@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from extract.capture import generate_and_capture
+from extract.generation import generate_and_capture
 from extract.models import ModelSpec, load_model
 from extract.settings import POSITIONS, GenerationSpec
 

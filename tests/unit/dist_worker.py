@@ -45,7 +45,8 @@ def _wait_for(paths: list[Path], seconds: float = 60.0) -> None:
 
 def main(store_dir: str, log_dir: str, n_rows: str, crash_after: str | None = None) -> None:
     from extract.distributed import distributed_context
-    from extract.store import StoreWriter, run_extraction
+    from extract.runner import run_extraction
+    from extract.store import StoreWriter
 
     computed = 0
     with distributed_context("cpu") as ctx:

@@ -18,7 +18,7 @@ from probes.calibration import (
     calibrator_kind,
     rebuild_calibrator,
 )
-from probes.metrics import ece, within_category_ece
+from probes.evaluation.metrics import ece, within_category_ece
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 

@@ -5,15 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from extract.capture import (
-    BASELINE_NAMES,
-    CaptureError,
-    answer_token_span,
-    capture_hidden_states,
-    find_decoder_blocks,
-    find_stop,
-    generate_and_capture,
-)
+from extract.generation import BASELINE_NAMES, answer_token_span, find_stop, generate_and_capture
+from extract.hooks import CaptureError, capture_hidden_states, find_decoder_blocks
 from extract.self_eval import p_true_confidence, parse_confidence, verbalized_confidence
 from extract.settings import POSITIONS, GenerationSpec
 from tests import tiny_models

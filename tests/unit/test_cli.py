@@ -1,6 +1,6 @@
 import pytest
 
-from probes import cli
+from probes.cli import main as cli
 
 
 def test_help_lists_every_stage(capsys):

@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
-from probes.config import instantiate_group, register_configs
+from probes.cli.config import instantiate_group, register_configs
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 

@@ -280,7 +280,7 @@ def test_qarow_answers_become_a_tuple_and_hash_ignores_metadata():
 def test_every_data_option_instantiates():
     from hydra import compose, initialize_config_module
 
-    from probes.config import instantiate_group, register_configs
+    from probes.cli.config import instantiate_group, register_configs
 
     register_configs()
     for option in sorted(p.stem for p in (ROOT / "conf" / "data").glob("*.yaml")):

@@ -16,7 +16,8 @@ from extract.distributed import (
     is_main_process,
     rank_device,
 )
-from extract.store import StoreWriter, open_store, run_extraction
+from extract.runner import run_extraction
+from extract.store import StoreWriter, open_store
 from tests.tiny_models import save_tiny_llama
 from tests.unit.dist_worker import SETTINGS, fake_shard
 
@@ -196,7 +197,7 @@ def test_capture_under_an_accelerate_device_map_equals_the_plain_model(tmp_path,
     import torch
     from accelerate import dispatch_model
 
-    from extract.capture import generate_and_capture
+    from extract.generation import generate_and_capture
     from extract.settings import POSITIONS, GenerationSpec
     from tests.tiny_models import tiny_llama
 
@@ -224,7 +225,7 @@ def test_recorder_stacks_layers_recorded_on_different_devices():
     must gather them on one device. Two devices here: meta and cpu (the only pair a CPU box has)."""
     import torch
 
-    from extract.capture import Recorder
+    from extract.hooks import Recorder
 
     # Values cannot be copied out of meta, so the meta layer comes first: everything gathers there.
     recorder = Recorder([0, 2])

@@ -6,7 +6,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from probes.feedback import FeedbackStore, ResponseRecord, UnknownResponseError, calibration_stats
+from probes.serving.feedback import FeedbackStore, ResponseRecord, UnknownResponseError, calibration_stats
 
 # 5 equal-width bins: bin 0 gets 0.05, 0.15, 0.15 (1 of 3 correct), bin 4 gets 0.85, 0.95, 1.0 (2 of 3).
 P = [0.05, 0.15, 0.15, 0.85, 0.95, 1.0]

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, brier_score_loss, log_loss, roc_auc_score
 
-from probes import metrics as m
 from probes.calibration import PlattCalibrator
-from probes.evaluation import calibrate_baselines, evaluate, oriented, raw_probability
+from probes.evaluation import metrics as m
+from probes.evaluation.tables import calibrate_baselines, evaluate, oriented, raw_probability
 
 
 @pytest.fixture

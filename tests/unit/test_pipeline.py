@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from extract.capture import BASELINE_NAMES
 from extract.data import DataSpec
+from extract.generation import BASELINE_NAMES
 from extract.grading import ARTICLES, CONTRAST_WORDS
 from extract.runner import rows_and_splits
 from extract.store import open_store
 from probes.artifact import ProbeArtifact, hash_arrays
-from probes.config import TrainSpec
-from probes.metrics import auroc
-from probes.pipeline import PROBE_METHOD, evaluate_on_store, train_probe, write_run_outputs
-from probes.sweep import SweepResult
+from probes.cli.config import TrainSpec
+from probes.cli.pipeline import PROBE_METHOD, evaluate_on_store, train_probe, write_run_outputs
+from probes.evaluation.metrics import auroc
+from probes.evaluation.sweep import SweepResult
 from tests import tiny_models
 from tests.pipeline_fixtures import SIGNAL_SITE, write_synthetic_store
 
@@ -205,7 +205,7 @@ def cli_setup(tmp_path_factory):
 
 
 def _probecal(monkeypatch, *args: str) -> None:
-    from probes.cli import main
+    from probes.cli.main import main
 
     monkeypatch.setattr(sys, "argv", ["probecal"])  # main() rewrites sys.argv for Hydra
     assert main(list(args)) == 0
@@ -286,7 +286,7 @@ def test_cli_multirun_and_summarize(cli_setup, cli_run, monkeypatch):
 
 
 def test_summarize_puts_runs_without_the_metric_last(tmp_path):
-    from probes.summary import summarize
+    from probes.evaluation.summary import summarize
 
     for run, ece in (("a", None), ("b", 0.2), ("c", 0.1)):
         (tmp_path / run).mkdir()

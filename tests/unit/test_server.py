@@ -19,8 +19,9 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from probes.server import ServeSettings, create_app
-from probes.wrapper import ProbedGeneration
+from probes.serving.app import create_app
+from probes.serving.settings import ServeSettings
+from probes.serving.wrapper import ProbedGeneration
 
 
 class FakeProbedModel:
@@ -416,7 +417,8 @@ def test_real_uvicorn_on_loopback(tmp_path):
 
 
 def test_batcher_shutdown_answers_every_waiting_request():
-    from probes.server import Batcher, QueueFullError, Sampling
+    from probes.serving.batcher import Batcher, QueueFullError
+    from probes.serving.protocol import Sampling
 
     gate = threading.Event()
     model = FakeProbedModel(gate=gate)
@@ -441,8 +443,8 @@ def test_batcher_shutdown_answers_every_waiting_request():
 def test_serve_group_composes_with_overrides(tmp_path):
     from hydra import compose, initialize_config_module
 
-    from probes.config import instantiate_group, register_configs
-    from probes.server import build_probed_model
+    from probes.cli.config import instantiate_group, register_configs
+    from probes.serving.app import build_probed_model
 
     register_configs()
     with initialize_config_module(config_module="probecal_conf", version_base="1.3"):
@@ -452,4 +454,4 @@ def test_serve_group_composes_with_overrides(tmp_path):
     assert (settings.host, settings.port, settings.max_batch_size, settings.probe_dir) == ("127.0.0.1", 9001, 4, None)
     settings.validate()
     with pytest.raises(ValueError, match="serve.probe_dir is required"):
-        build_probed_model(cfg, settings)
+        build_probed_model(cfg.model, settings)

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from extract.runner import run_extraction
 from extract.store import (
     ShardData,
     StoreError,
     StoreWriter,
     open_store,
-    run_extraction,
     store_dir_for,
     store_key,
 )
@@ -104,10 +104,11 @@ EXTRACTION_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)  # bit-identical results between the runs compared
     sys.path.insert(0, {root!r})
     from tests import tiny_models
-    from extract.capture import generate_and_capture
+    from extract.generation import generate_and_capture
     from extract.models import from_transformers
     from extract.settings import GenerationSpec
-    from extract.store import ShardData, run_extraction
+    from extract.runner import run_extraction
+    from extract.store import ShardData
 
     loaded = from_transformers(tiny_models.tiny_llama(), tiny_models.word_tokenizer(), name="tiny-llama")
     words = tiny_models.WORDS

@@ -3,8 +3,14 @@
 import numpy as np
 import pytest
 
-from probes.metrics import risk_coverage_curve
-from probes.thresholds import METHODS, ThresholdResult, choose_threshold, clopper_pearson_upper, realised
+from probes.evaluation.metrics import risk_coverage_curve
+from probes.evaluation.thresholds import (
+    METHODS,
+    ThresholdResult,
+    choose_threshold,
+    clopper_pearson_upper,
+    realised,
+)
 
 # Synthetic calibrated scores: p ~ Beta(4, 1.5) and y ~ Bernoulli(p). The true accuracy of the answered set
 # {p >= t} is E[p | p >= t], computed on a large fixed reference sample (no label noise in it).

@@ -14,7 +14,7 @@ from probes.artifact import ProbeArtifact
 from probes.calibration import PlattCalibrator
 from probes.estimators import LogisticProbe
 from probes.scorer import ProbeScorer
-from probes.wrapper import ProbedModel
+from probes.serving.wrapper import ProbedModel
 
 LAYER = 2
 QUESTIONS = ["what is the capital of france ?", "what is 12 + 30 ?", "which city is in asia ?"]
@@ -144,7 +144,8 @@ def test_server_with_the_real_wrapper(loaded, tmp_path):
     """The HTTP server around ProbedModel on the tiny model: the confidence it serves is the wrapper's."""
     from fastapi.testclient import TestClient
 
-    from probes.server import ServeSettings, create_app
+    from probes.serving.app import create_app
+    from probes.serving.settings import ServeSettings
 
     make_artifact(loaded.fingerprint, "answer_last", tmp_path / "probe", threshold=0.0)
     wrapped = ProbedModel.from_transformers(loaded.model, loaded.tokenizer, tmp_path / "probe")

@@ -2,7 +2,7 @@
 
 `ProbedModel` joins a live transformers model and a saved probe artifact. It hooks only the layer the
 probe reads and captures the probe's position during the normal `generate` call (no
-`output_hidden_states`, no second pass over the sequence): see `extract.capture.generate_and_capture`.
+`output_hidden_states`, no second pass over the sequence): see `extract.generation.generate_and_capture`.
 
 Pre-generation mode: a probe trained at `prompt_last` scores the question from the prompt alone; with an
 abstention threshold, rows below it get the abstention message and are never generated (one prefill
@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.capture import capture_hidden_states, generate_and_capture, left_pad
+from extract.generation import generate_and_capture, left_pad
 from extract.grading import cut_answer
+from extract.hooks import capture_hidden_states
 from extract.models import LoadedModel, from_transformers, load_model
 from extract.prompts import PromptSpec, render_prompt
 from extract.settings import GenerationSpec

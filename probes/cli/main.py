@@ -28,7 +28,7 @@ def _run_dir() -> Path:
 
 
 def _build(node):
-    from probes.config import instantiate_group
+    from probes.cli.config import instantiate_group
 
     return instantiate_group(node)
 
@@ -78,7 +78,7 @@ def stage_extract(cfg: DictConfig) -> None:
 def stage_train(cfg: DictConfig) -> None:
     """Extract (or reuse the store), sweep layers x positions, fit + calibrate the probe, evaluate, report."""
     from extract.distributed import is_main_process
-    from probes.pipeline import evaluate_on_store, threshold_report, train_probe, write_run_outputs
+    from probes.cli.pipeline import evaluate_on_store, threshold_report, train_probe, write_run_outputs
 
     start = time.perf_counter()
     run_dir = _run_dir()
@@ -125,7 +125,7 @@ def stage_evaluate(cfg: DictConfig) -> None:
     """Evaluate a saved probe (evaluate.probe_dir=...) on the configured data set."""
     from extract.distributed import is_main_process
     from probes.artifact import ProbeArtifact
-    from probes.pipeline import SPLITS, evaluate_on_store, write_run_outputs
+    from probes.cli.pipeline import SPLITS, evaluate_on_store, write_run_outputs
 
     if not cfg.evaluate.probe_dir:
         raise SystemExit("probecal evaluate needs evaluate.probe_dir=<run dir>/probe")
@@ -147,14 +147,16 @@ def stage_evaluate(cfg: DictConfig) -> None:
 
 
 def stage_serve(cfg: DictConfig) -> None:
-    from probes.server import serve
+    from probes.serving.app import build_probed_model, serve
 
-    serve(cfg)
+    settings = _build(cfg.serve)
+    settings.validate()
+    serve(settings, build_probed_model(_build(cfg.model), settings))
 
 
 def stage_summarize(cfg: DictConfig) -> None:
     """Collect metrics.json of a sweep (summarize.dir=...) into summary.csv / summary.md."""
-    from probes.summary import summarize
+    from probes.evaluation.summary import summarize
 
     csv_path, md_path, table = summarize(Path(cfg.summarize.dir), cfg.summarize.sort_by)
     print(f"{table}\n\nwritten: {csv_path}, {md_path}")
@@ -204,7 +206,7 @@ def usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     import hydra
 
-    from probes.config import register_configs
+    from probes.cli.config import register_configs
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help", "help"}:

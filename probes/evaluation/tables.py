@@ -1,4 +1,4 @@
-"""Evaluate methods on a split: one tidy table, rows = methods, columns = metrics (probes/metrics.py).
+"""Evaluate methods on a split: one tidy table, rows = methods, columns = metrics (probes/evaluation/metrics.py).
 
 A "method" is anything that gives each example a P(correct) in [0, 1]: the probe at its selected site
 (calibrated and raw), and each logit baseline, raw when the baseline is itself a probability and after
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from probes.metrics import metric_row, per_category_rows
+from probes.evaluation.metrics import metric_row, per_category_rows
 
 HIGHER_IS_CONFIDENT = {
     "mean_logprob": 1, "min_logprob": 1, "sum_logprob": 1, "first_logprob": 1,
@@ -33,7 +33,7 @@ HIGHER_IS_CONFIDENT = {
     "mean_entropy": -1, "max_entropy": -1, "perplexity": -1,
 }  # fmt: skip
 LOGPROB_SCORES = {"mean_logprob", "min_logprob", "sum_logprob", "first_logprob"}
-# first_token_prob and sequence_prob are the names extract.capture.BASELINE_NAMES records
+# first_token_prob and sequence_prob are the names extract.generation.BASELINE_NAMES records
 PROBABILITY_SCORES = {"p_true", "max_prob", "mean_prob", "first_token_prob", "sequence_prob"}
 
 # columns shown by to_markdown (to_csv / to_dict keep every column)

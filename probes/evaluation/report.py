@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from extract.models import atomic_write_text
-from probes.evaluation import EvalTable
-from probes.metrics import reliability_curve, risk_coverage_curve
-from probes.sweep import SweepResult
+from probecal.files import atomic_write_text
+from probes.evaluation.metrics import reliability_curve, risk_coverage_curve
+from probes.evaluation.sweep import SweepResult
+from probes.evaluation.tables import EvalTable
 
 OVERCONFIDENCE_GAP = 0.10  # mean confidence above accuracy by more than this is flagged
 

@@ -16,14 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from extract.models import atomic_write_text
 from extract.store import ActivationStore
+from probecal.files import atomic_write_text
 from probes.artifact import ProbeArtifact, hash_arrays, json_default
-from probes.config import TrainSpec
-from probes.evaluation import EvalTable, calibrate_baselines, evaluate
-from probes.report import ReportInputs, write_report
-from probes.sweep import SweepResult, sweep
-from probes.thresholds import choose_threshold, realised
+from probes.cli.config import TrainSpec
+from probes.evaluation.report import ReportInputs, write_report
+from probes.evaluation.sweep import SweepResult, sweep
+from probes.evaluation.tables import EvalTable, calibrate_baselines, evaluate
+from probes.evaluation.thresholds import choose_threshold, realised
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _check_split(name: str, data: SplitData) -> None:
 
 
 def _calibrator(cfg_calibration):
-    from probes.config import instantiate_group
+    from probes.cli.config import instantiate_group
 
     return instantiate_group(cfg_calibration)
 
@@ -84,7 +84,7 @@ def train_probe(
 
     splits: [n] split of each store row (None = the ones recorded in the store, see `SplitData.from_store`).
     """
-    from probes.config import instantiate_group
+    from probes.cli.config import instantiate_group
 
     data = SplitData.from_store(store, splits)
     for split in ("train", "calibration"):
@@ -148,7 +148,7 @@ def evaluate_on_store(
             categories_calibration=data.categories[calib], categories_test=data.categories[mask],
         )
     else:
-        from probes.evaluation import raw_probability
+        from probes.evaluation.tables import raw_probability
 
         methods |= {f"{k} (raw)": raw for k, v in baselines.items() if (raw := raw_probability(k, v[mask])) is not None}
     table = evaluate(methods, data.y[mask], data.categories[mask], n_bins=spec.n_bins,

@@ -14,7 +14,7 @@ from extract.settings import ExtractSpec
 
 @dataclass
 class TrainSpec:
-    """`train`: layer sweep, selection, abstention target (probes/pipeline.py uses it)."""
+    """`train`: layer sweep, selection, abstention target (probes/cli/pipeline.py uses it)."""
 
     n_folds: int = 5  # CV folds of the training split for the layer x position sweep
     layers: list[int] | None = None  # restrict the sweep (None = every stored layer)
@@ -49,7 +49,7 @@ class ProbecalConfig:
     extract: ExtractSpec = field(default_factory=ExtractSpec)
     probe: Any = None
     calibration: Any = None
-    serve: Any = None  # probes.server.ServeSettings (conf/serve/)
+    serve: Any = None  # probes.serving.settings.ServeSettings (conf/serve/)
     train: TrainSpec = field(default_factory=TrainSpec)
     evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
     summarize: SummarizeSpec = field(default_factory=SummarizeSpec)

@@ -24,9 +24,9 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from threadpoolctl import threadpool_limits
 
-from extract.models import atomic_write_text
+from probecal.files import atomic_write_text
 from probes.estimators import logistic_fold_fit, standardize_stats
-from probes.metrics import auroc
+from probes.evaluation.metrics import auroc
 
 SWEEP_FORMAT_VERSION = 1
 

@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from extract.models import atomic_write_text
+from probecal.files import atomic_write_text
 
 METRICS = ("auroc", "within_cat_auroc", "ece", "brier", "aurc", "sel_acc@0.8")
 

@@ -1,0 +1,204 @@
+"""Capture sites: find a model's decoder blocks and record hidden states with forward hooks.
+
+Capture sites follow the Hugging Face `hidden_states` convention; see `extract.settings` (layer 0 =
+input of block 1 = embedding output; layer i = output of block i; the last layer is AFTER the final
+norm, exactly like `hidden_states[-1]`). Hooks keep, for every forward call, only the LAST position's
+hidden state at each requested layer (`[batch, hidden]` per layer and call), and are always removed
+(`capture_hidden_states` is a context manager).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from extract.settings import POSITIONS
+
+log = logging.getLogger(__name__)
+
+
+
+class CaptureError(ValueError):
+    """A capture request that cannot work (bad layer, position, model layout, input)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the blocks are
+# ----------------------------------------------------------------------------------------------
+
+# (path of the block list, relative to the model) -- the parent object holds the final norm.
+_BLOCK_PATHS = (
+    "model.layers",  # Llama, Mistral, Qwen2/3, Gemma/Gemma2/Gemma3 (text), Phi3, OLMo, SmolLM
+    "model.language_model.layers",  # Gemma3ForConditionalGeneration and other multimodal wrappers
+    "transformer.h",  # GPT-2, GPT-J, Bloom, Falcon
+    "gpt_neox.layers",  # GPT-NeoX, Pythia
+    "model.decoder.layers",  # OPT
+    "transformer.blocks",  # MPT
+    "model.transformer.blocks",  # OLMo (v1)
+)
+_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_norm", "norm_f")
+_EMBED_NAMES = ("embed_tokens", "wte", "embed_in", "word_embeddings", "tok_embeddings")
+
+
+@dataclass
+class DecoderLayout:
+    """The modules the capture hooks attach to. `num_layers` counts decoder blocks."""
+
+    model_class: str
+    embeddings: nn.Module | None
+    blocks: list[nn.Module]
+    final_norm: nn.Module | None  # None: the last layer is the last block's output
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+
+def _attr_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def find_decoder_blocks(model: nn.Module) -> DecoderLayout:
+    """Locate embeddings, decoder blocks and final norm of a causal LM (see `_BLOCK_PATHS`)."""
+    for path in _BLOCK_PATHS:
+        blocks = _attr_path(model, path)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            parent = _attr_path(model, path.rpartition(".")[0])
+            break
+    else:
+        raise CaptureError(
+            f"cannot find the decoder blocks of {type(model).__name__}: none of {', '.join(_BLOCK_PATHS)} "
+            "is a non-empty nn.ModuleList. Add the path of its block list to extract.hooks._BLOCK_PATHS."
+        )
+    norm = next((m for n in _NORM_NAMES if isinstance(m := getattr(parent, n, None), nn.Module)), None)
+    embed = next((m for n in _EMBED_NAMES if isinstance(m := getattr(parent, n, None), nn.Module)), None)
+    if embed is None and hasattr(model, "get_input_embeddings"):
+        embed = model.get_input_embeddings()
+    return DecoderLayout(type(model).__name__, embed, list(blocks), norm)
+
+
+def resolve_layers(layers: str | Sequence[int] | None, num_layers: int, model_name: str = "the model") -> list[int]:
+    """"all"/None -> [0..num_layers]; otherwise validate (negative indices count from the end)."""
+    if layers is None or (isinstance(layers, str) and layers == "all"):
+        return list(range(num_layers + 1))
+    if isinstance(layers, (str, int)):
+        raise CaptureError(f"extract.layers={layers!r}: use 'all' or a list of layer indices")
+    valid = f"valid layers are 0..{num_layers} (0 = embeddings, {num_layers} = after the final norm)"
+    resolved = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise CaptureError(f"extract.layers: {layer!r} is not an integer; {valid}")
+        if not -(num_layers + 1) <= layer <= num_layers:
+            raise CaptureError(f"extract.layers: layer {layer} is out of range for {model_name}: {valid}")
+        resolved.append(int(layer) % (num_layers + 1))
+    if not resolved:
+        raise CaptureError("extract.layers is empty: use 'all' or a list of layer indices")
+    if len(set(resolved)) != len(resolved):
+        raise CaptureError(f"extract.layers={list(layers)} names a layer twice")
+    return resolved
+
+
+def check_positions(positions: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(positions, str):
+        positions = [positions]
+    unknown = [p for p in positions if p not in POSITIONS]
+    if unknown or not positions:
+        raise CaptureError(f"extract.positions: unknown {unknown or 'empty list'}; allowed: {', '.join(POSITIONS)}")
+    if len(set(positions)) != len(positions):
+        raise CaptureError(f"extract.positions={list(positions)} names a position twice")
+    return tuple(positions)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hooks
+# ----------------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """Last-position hidden state of every forward call, per hooked layer.
+
+    One entry per forward call: during `generate` that is the prefill (entry 0 = last prompt token)
+    and then one entry per fed token. `last_token(layer)` -> `[calls, batch, hidden]`.
+    """
+
+    def __init__(self, layers: Sequence[int]):
+        self.layers = tuple(layers)
+        self._steps: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
+
+    def record(self, layer: int, hidden: torch.Tensor) -> None:
+        # clone: a view would keep the whole [batch, seq, hidden] prefill output alive.
+        self._steps[layer].append(hidden[:, -1, :].detach().clone())
+
+    @property
+    def num_calls(self) -> int:
+        return len(self._steps[self.layers[0]])
+
+    def last_token(self, layer: int) -> torch.Tensor:
+        """`[calls, batch, hidden]` in the model's dtype."""
+        if layer not in self._steps:
+            raise CaptureError(f"layer {layer} is not hooked; hooked layers: {list(self.layers)}")
+        if not self._steps[layer]:
+            raise CaptureError("nothing recorded yet: run the model inside the capture context")
+        return torch.stack(self._steps[layer])
+
+    def stacked(self, calls: int | None = None) -> torch.Tensor:
+        """`[calls, batch, len(layers), hidden]` float32, the first `calls` forward calls, on the first
+        hooked layer's device: a model split by a device map (`device_map="auto"`) records each
+        layer on the device of its block."""
+        per_layer = [torch.stack(self._steps[la][:calls]) for la in self.layers]
+        return torch.stack([t.to(per_layer[0].device) for t in per_layer], dim=2).float()
+
+    def clear(self) -> None:
+        for steps in self._steps.values():
+            steps.clear()
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextmanager
+def capture_hidden_states(model: nn.Module, layers: str | Sequence[int] | None = "all") -> Iterator[Recorder]:
+    """Hook `layers` of `model` for the duration of the block; the hooks are always removed.
+
+    Layer 0 hooks the input of the first block (HF `hidden_states[0]`), layer i < num_layers the
+    output of block i, layer num_layers the final norm's output. Example (runtime wrapper):
+        with capture_hidden_states(model, [12]) as rec:
+            model.generate(...)
+        vectors = rec.last_token(12)  # [calls, batch, hidden]
+    """
+    layout = find_decoder_blocks(model)
+    resolved = resolve_layers(layers, layout.num_layers, layout.model_class)
+    recorder = Recorder(resolved)
+    handles = []
+    try:
+        for layer in resolved:
+            if layer == 0:
+
+                def pre_hook(module, args, kwargs, _layer=layer):
+                    recorder.record(_layer, args[0] if args else kwargs["hidden_states"])
+
+                handles.append(layout.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+                continue
+            last_with_norm = layer == layout.num_layers and layout.final_norm is not None
+            module = layout.final_norm if last_with_norm else layout.blocks[layer - 1]
+
+            def hook(module, args, output, _layer=layer):
+                recorder.record(_layer, _first_tensor(output))
+
+            handles.append(module.register_forward_hook(hook))
+        yield recorder
+    finally:
+        for handle in handles:
+            handle.remove()

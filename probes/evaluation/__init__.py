@@ -1,0 +1,1 @@
+"""Measuring probes: metrics, evaluation tables, abstention thresholds, the layer sweep, the report."""

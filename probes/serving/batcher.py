@@ -1,0 +1,134 @@
+"""Queue -> batches -> `generate` on one dedicated model thread, so the event loop never runs the model.
+
+One asyncio task collects up to `max_batch_size` requests (waiting at most `batch_wait_ms` after the
+first), groups them by sampling settings and calls `ProbedModel.generate` once per group on a single
+thread, so the model is never called from two threads at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from probes.serving.protocol import ProbedModelLike, Prompt, Sampling
+from probes.serving.wrapper import ProbedGeneration
+
+log = logging.getLogger("probecal.serve")
+
+
+class QueueFullError(Exception):
+    """The queue is full or the worker is not running: the request gets a 503."""
+
+
+class ModelError(Exception):
+    """The model raised while generating a batch; every request of that batch fails with a 500."""
+
+
+@dataclass
+class _Pending:
+    prompt: Prompt
+    sampling: Sampling
+    future: asyncio.Future
+
+
+class Batcher:
+    """Queue -> batches -> `generate` on one dedicated thread; results go back to each request's future."""
+
+    def __init__(self, model: ProbedModelLike, max_batch_size: int, batch_wait_s: float, max_queue_size: int,
+                 on_batch: Callable[[int], None] = lambda size: None,
+                 on_error: Callable[[], None] = lambda: None):
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_s
+        self.max_queue_size = max_queue_size
+        self._on_batch, self._on_error = on_batch, on_error
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._task: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue(maxsize=self.max_queue_size)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probecal-model")
+        self._task = asyncio.create_task(self._run(), name="probecal-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        while self._queue is not None and not self._queue.empty():
+            pending = self._queue.get_nowait()
+            if not pending.future.done():
+                pending.future.set_exception(QueueFullError("the server is shutting down"))
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def submit(self, prompt: Prompt, sampling: Sampling) -> ProbedGeneration:
+        if not self.running:
+            raise QueueFullError("the model worker is not running")
+        future = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait(_Pending(prompt, sampling, future))
+        except asyncio.QueueFull:
+            raise QueueFullError(f"{self.max_queue_size} requests are already queued") from None
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        batch: list[_Pending] = []
+        try:
+            while True:
+                batch = [await self._queue.get()]
+                deadline = loop.time() + self.batch_wait_s
+                while len(batch) < self.max_batch_size:
+                    if not self._queue.empty():
+                        batch.append(self._queue.get_nowait())
+                        continue
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
+                        break
+                groups: dict[Sampling, list[_Pending]] = {}
+                for pending in batch:
+                    groups.setdefault(pending.sampling, []).append(pending)
+                for sampling, group in groups.items():
+                    await self._generate(sampling, group)
+        except asyncio.CancelledError:  # shutting down mid-batch: answer the requests taken off the queue
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(QueueFullError("the server is shutting down"))
+            raise
+
+    async def _generate(self, sampling: Sampling, group: list[_Pending]) -> None:
+        self._on_batch(len(group))
+        call = lambda: self.model.generate(  # noqa: E731 - runs on the model thread
+            [p.prompt for p in group], max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+            top_p=sampling.top_p, stop=list(sampling.stop) if sampling.stop else None,
+        )
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+            if len(results) != len(group):
+                raise RuntimeError(f"generate returned {len(results)} results for {len(group)} prompts")
+        except Exception as err:  # a model failure fails this batch only; the worker keeps serving
+            log.exception("generate failed on a batch of %d", len(group))
+            self._on_error()
+            for pending in group:
+                if not pending.future.done():
+                    pending.future.set_exception(ModelError(f"{type(err).__name__}: {err}"))
+            return
+        for pending, result in zip(group, results, strict=True):
+            if not pending.future.done():  # done = the client went away and the handler was cancelled
+                pending.future.set_result(result)

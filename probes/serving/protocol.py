@@ -1,0 +1,225 @@
+"""OpenAI request bodies, their validation, the error shape, and what the server needs from a model.
+
+Not supported (clear 400): n > 1, streaming, logprobs, echo, best_of, penalties, logit_bias, seed, tools /
+functions, non-text response formats, token-id prompts, several prompts in one request. Sampling defaults
+to greedy (temperature 0), the setting probes are trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+try:
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from pydantic import BaseModel, ConfigDict
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError("probecal serve needs the `serve` extra: pip install 'probecal[serve]'") from err
+
+from probes.serving.settings import ServeSettings
+from probes.serving.wrapper import ProbedGeneration
+
+Prompt = str | list[dict[str, str]]  # completion text, or chat messages [{"role", "content"}]
+
+
+class ProbedModelLike(Protocol):
+    """What the server needs from `probes.serving.wrapper.ProbedModel` (tests pass a small double)."""
+
+    model_name: str
+    max_context_tokens: int
+    max_batch_size: int
+
+    def generate(
+        self, prompts: list[Prompt], *, max_new_tokens: int, temperature: float, top_p: float,
+        stop: list[str] | None,
+    ) -> list[ProbedGeneration]: ...
+
+    def count_tokens(self, prompt: Prompt) -> int: ...
+
+
+class APIError(Exception):
+    """An error returned to the client as OpenAI's {"error": {message, type, param, code}} body."""
+
+    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    err = exc.errors()[0]
+    param = ".".join(str(p) for p in err["loc"][1:]) or None  # loc[0] is "body"
+    kind = err["type"]
+    if kind == "json_invalid":
+        detail = err.get("ctx", {}).get("error", "")
+        return APIError(400, f"The request body is not valid JSON ({detail}).", code="invalid_json")
+    if param is None:
+        return APIError(400, "The request body must be a JSON object (Content-Type: application/json).")
+    if kind == "missing":
+        return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_parameter")
+    if kind == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: '{param}'.", param=param,
+                        code="unrecognized_parameter")
+    got = err.get("input")
+    return APIError(400, f"Invalid value for '{param}': {err['msg']} (got {json.dumps(got)[:80]}).",
+                    param=param, code="invalid_type")
+
+
+class _Body(BaseModel):
+    # strict: "5" is not an integer and true is not a number; forbid: a misspelt option is an error
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class _SamplingFields(_Body):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: Any = None  # str | list[str], checked in _sampling for a clear message
+    user: str | None = None  # accepted and ignored, as OpenAI does for tracking ids
+    # options accepted only at their no-op value (see _UNSUPPORTED)
+    n: int | None = None
+    stream: bool | None = None
+    stream_options: Any = None
+    logprobs: Any = None
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: Any = None
+    seed: int | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Any  # str or [str]; checked in _completion_prompt
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant"]
+    content: Any  # str or [{"type": "text", "text": ...}]; checked in _chat_prompt
+    name: str | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: bool | None = None
+    response_format: Any = None
+
+
+class FeedbackRequest(_Body):
+    id: str
+    correct: bool
+
+
+def _is_off(value: Any) -> bool:
+    return value in (None, False, 0, "", [], {}, "none") or value == {"type": "text"}
+
+
+# option -> why it is refused; each is accepted only absent or at its no-op value (n=1, stream=false, ...)
+_UNSUPPORTED = {
+    "n": "only n=1 is supported (one choice per request)",
+    "best_of": "best_of is not supported",
+    "stream": "streaming is not supported; send stream=false",
+    "stream_options": "stream_options is not supported (no streaming)",
+    "logprobs": "logprobs are not supported",
+    "top_logprobs": "top_logprobs are not supported",
+    "echo": "echo is not supported",
+    "presence_penalty": "presence_penalty is not supported",
+    "frequency_penalty": "frequency_penalty is not supported",
+    "logit_bias": "logit_bias is not supported",
+    "seed": "seed is not supported (use temperature=0 for reproducible answers)",
+    "suffix": "suffix (insertion) is not supported",
+    "tools": "tools are not supported",
+    "tool_choice": "tool_choice is not supported",
+    "functions": "functions are not supported",
+    "function_call": "function_call is not supported",
+    "response_format": "only response_format {'type': 'text'} is supported",
+}
+
+
+def _reject_unsupported(body: BaseModel) -> None:
+    for name, why in _UNSUPPORTED.items():
+        value = getattr(body, name, None)
+        refused = value not in (None, 1) if name in ("n", "best_of") else not _is_off(value)
+        if refused:
+            raise APIError(400, f"Unsupported value for '{name}': {why}.", param=name, code="unsupported_parameter")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Generation settings; requests are batched together only when these are equal."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...] | None
+
+
+def _sampling(body: _SamplingFields, max_tokens: int | None, settings: ServeSettings) -> Sampling:
+    max_new = settings.default_max_tokens if max_tokens is None else max_tokens
+    param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
+    if not 1 <= max_new <= settings.max_tokens_limit:
+        raise APIError(400, f"Invalid value for '{param}': {max_new} is outside [1, {settings.max_tokens_limit}] "
+                       "(serve.max_tokens_limit).", param=param, code="invalid_value")
+    temperature = 0.0 if body.temperature is None else body.temperature
+    if not 0.0 <= temperature <= 2.0:
+        raise APIError(400, f"Invalid value for 'temperature': {temperature} is outside [0, 2].",
+                       param="temperature", code="invalid_value")
+    top_p = 1.0 if body.top_p is None else body.top_p
+    if not 0.0 < top_p <= 1.0:
+        raise APIError(400, f"Invalid value for 'top_p': {top_p} is outside (0, 1].", param="top_p",
+                       code="invalid_value")
+    stop = body.stop
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (
+        not isinstance(stop, list) or not 1 <= len(stop) <= 4 or not all(isinstance(s, str) and s for s in stop)
+    ):
+        raise APIError(400, "Invalid value for 'stop': expected a non-empty string or a list of 1 to 4 "
+                       "non-empty strings.", param="stop", code="invalid_value")
+    return Sampling(max_new, temperature, top_p, tuple(stop) if stop else None)
+
+
+def _completion_prompt(prompt: Any) -> str:
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise APIError(400, "Invalid value for 'prompt': expected a string (one prompt per request; token "
+                       "ids are not supported).", param="prompt", code="invalid_value")
+    if not prompt:
+        raise APIError(400, "Invalid value for 'prompt': the prompt is empty.", param="prompt", code="invalid_value")
+    return prompt
+
+
+def _chat_prompt(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    if not messages:
+        raise APIError(400, "Invalid value for 'messages': at least one message is required.", param="messages",
+                       code="invalid_value")
+    out = []
+    for i, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list) and all(
+            isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            and set(part) <= {"type", "text"}
+            for part in content
+        ):
+            content = "".join(part["text"] for part in content)
+        if not isinstance(content, str):
+            raise APIError(400, f"Invalid value for 'messages.{i}.content': expected a string or a list of "
+                           "{'type': 'text', 'text': ...} parts (images and audio are not supported).",
+                           param=f"messages.{i}.content", code="invalid_value")
+        out.append({"role": message.role, "content": content})
+    return out

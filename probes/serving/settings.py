@@ -1,0 +1,43 @@
+"""`ServeSettings`: the `serve` config group (conf/serve/default.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServeSettings:
+    """The `serve` config group (conf/serve/default.yaml). Building it only assigns; `validate` checks."""
+
+    host: str = "127.0.0.1"  # loopback by default: the server has no authentication
+    port: int = 8000
+    probe_dir: str | None = None  # saved probe artifact the wrapper loads (required by `probecal serve`)
+    db_path: str = "outputs/serve/feedback.sqlite"  # responses + feedback; kept across restarts
+    max_batch_size: int = 16  # most requests per generate call (also capped by the model's own limit)
+    batch_wait_ms: float = 5.0  # after the first queued request, wait this long for more to batch
+    max_queue_size: int = 256  # queued requests beyond this get 503 instead of waiting without bound
+    default_max_tokens: int = 64  # max_tokens when a request does not set it
+    max_tokens_limit: int = 256  # largest max_tokens a request may ask for
+    max_request_bytes: int = 1_000_000  # larger bodies get 413 before they are parsed
+    abstention_message: str | None = None  # text returned for an abstained answer (None: the wrapper's)
+    calibration_window: int = 1000  # rolling window: the last N labelled responses
+    calibration_bins: int = 10  # equal-width confidence bins for ECE and per-bin accuracy
+    store_text: bool = True  # store prompts and answers in the database (False: only confidences)
+    model_name: str | None = None  # name reported in responses (None: the wrapper's model_name)
+
+    def validate(self) -> None:
+        positive = ("port", "max_batch_size", "max_queue_size", "default_max_tokens", "max_tokens_limit",
+                    "max_request_bytes", "calibration_window", "calibration_bins")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"serve.{name} must be a positive integer, got {value!r}")
+        if not 0 <= self.batch_wait_ms <= 10_000:
+            raise ValueError(f"serve.batch_wait_ms must be in [0, 10000] ms, got {self.batch_wait_ms!r}")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(
+                f"serve.default_max_tokens={self.default_max_tokens} exceeds "
+                f"serve.max_tokens_limit={self.max_tokens_limit}"
+            )
+        if not self.db_path:
+            raise ValueError("serve.db_path must name a SQLite file")
