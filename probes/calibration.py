@@ -236,19 +236,19 @@ class PerCategoryCalibrator(BaseEstimator):
         return calibrator
 
 
+# The one registry of calibrator kinds: the global ones above plus the per-category wrapper.
+CALIBRATOR_KINDS: dict[str, type] = {**CALIBRATORS, PerCategoryCalibrator.kind: PerCategoryCalibrator}
+
+
 def calibrator_kind(calibrator) -> str:
-    if isinstance(calibrator, PerCategoryCalibrator):
-        return PerCategoryCalibrator.kind
-    for kind, cls in CALIBRATORS.items():
-        if type(calibrator) is cls:
-            return kind
-    raise ValueError(f"{type(calibrator).__name__} is not a probecal calibrator; known: {', '.join(CALIBRATORS)}")
+    kind = getattr(type(calibrator), "kind", None)
+    if CALIBRATOR_KINDS.get(kind) is not type(calibrator):
+        raise ValueError(f"{type(calibrator).__name__} is not a probecal calibrator; known: {', '.join(CALIBRATOR_KINDS)}")
+    return kind
 
 
 def rebuild_calibrator(kind: str, params: dict, tensors: dict[str, np.ndarray]):
     """A fitted calibrator from its kind, `get_params()` and `to_tensors()`."""
-    if kind == PerCategoryCalibrator.kind:
-        return PerCategoryCalibrator.from_tensors(params, tensors)
-    if kind not in CALIBRATORS:
-        raise ValueError(f"unknown calibrator kind {kind!r}; known: {', '.join([*CALIBRATORS, 'per_category'])}")
-    return CALIBRATORS[kind].from_tensors(params, tensors)
+    if kind not in CALIBRATOR_KINDS:
+        raise ValueError(f"unknown calibrator kind {kind!r}; known: {', '.join(CALIBRATOR_KINDS)}")
+    return CALIBRATOR_KINDS[kind].from_tensors(params, tensors)

@@ -400,14 +400,24 @@ class MLPProbe(_Probe):
         return hidden @ self.w2_ + self.b2_
 
 
-PROBES: dict[str, type[_Probe]] = {"logistic": LogisticProbe, "mass_mean": MassMeanProbe, "mlp": MLPProbe}
+def register_probe(cls: type[_Probe]) -> type[_Probe]:
+    """Add a probe class to the one registry of kinds (keyed by its `kind`), so artifacts can save and load it."""
+    if not cls.kind or cls.kind in PROBES:
+        raise ValueError(f"{cls.__name__}: probe kind {cls.kind!r} is empty or already registered")
+    PROBES[cls.kind] = cls
+    return cls
+
+
+PROBES: dict[str, type[_Probe]] = {}
+for _cls in (LogisticProbe, MassMeanProbe, MLPProbe):
+    register_probe(_cls)
 
 
 def probe_kind(probe) -> str:
-    for kind, cls in PROBES.items():
-        if type(probe) is cls:
-            return kind
-    raise ValueError(f"{type(probe).__name__} is not a probecal probe; known kinds: {', '.join(PROBES)}")
+    kind = getattr(type(probe), "kind", None)
+    if PROBES.get(kind) is not type(probe):
+        raise ValueError(f"{type(probe).__name__} is not a probecal probe; known kinds: {', '.join(PROBES)}")
+    return kind
 
 
 def rebuild_probe(kind: str, params: dict, tensors: dict[str, np.ndarray]) -> _Probe:
