@@ -16,10 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from extract.data import SPLITS
 from extract.store import ActivationStore
 from probecal.files import atomic_write_text
 from probes.artifact import ProbeArtifact, hash_arrays, json_default
 from probes.cli.config import TrainSpec
+from probes.evaluation.metrics import HEADLINE_METRICS
 from probes.evaluation.report import ReportInputs, write_report
 from probes.evaluation.sweep import SweepResult, sweep
 from probes.evaluation.tables import EvalTable, calibrate_baselines, evaluate
@@ -27,10 +29,8 @@ from probes.evaluation.thresholds import choose_threshold, realised
 
 log = logging.getLogger(__name__)
 
-HEADLINE_METRICS = ("auroc", "within_cat_auroc", "ece", "brier", "aurc", "sel_acc@0.8")
 PROBE_METHOD = "probe"
 PROBE_RAW_METHOD = "probe (uncalibrated)"
-SPLITS = ("train", "calibration", "test")
 
 
 @dataclass

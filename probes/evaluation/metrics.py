@@ -19,6 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 
 STRATEGIES = ("uniform", "quantile")
+# The columns every headline table shows (run summary, metrics.json, `probecal summarize`).
+HEADLINE_METRICS = ("auroc", "within_cat_auroc", "ece", "brier", "aurc", "sel_acc@0.8")
+# The one table of metric directions: these are better when LOWER; every other metric is better when higher.
+LOWER_IS_BETTER = frozenset({"ece", "ece_quantile", "within_cat_ece", "mce", "brier", "nll", "aurc", "eaurc"})
 DEFAULT_COVERAGES = (0.5, 0.8, 0.9)
 
 

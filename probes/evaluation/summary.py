@@ -9,8 +9,7 @@ import math
 from pathlib import Path
 
 from probecal.files import atomic_write_text
-
-METRICS = ("auroc", "within_cat_auroc", "ece", "brier", "aurc", "sel_acc@0.8")
+from probes.evaluation.metrics import HEADLINE_METRICS, LOWER_IS_BETTER
 
 
 def _overrides(job_dir: Path) -> str:
@@ -35,9 +34,9 @@ def collect(root: Path) -> list[dict]:
             "model": data.get("model", ""),
             "data": data.get("data", ""),
             "site": data.get("selected", ""),
-            **{f"probe_{m}": probe.get(m) for m in METRICS},
+            **{f"probe_{m}": probe.get(m) for m in HEADLINE_METRICS},
             "best_baseline": baseline_name or "",
-            **{f"baseline_{m}": baseline.get(m) for m in METRICS},
+            **{f"baseline_{m}": baseline.get(m) for m in HEADLINE_METRICS},
         }
         rows.append(row)
     return rows
@@ -51,12 +50,12 @@ def _sort_key(value, lower_is_better: bool) -> tuple[bool, float]:
 
 def summarize(root: Path, sort_by: str = "within_cat_auroc") -> tuple[Path, Path, str]:
     """Write `<root>/summary.csv` and `<root>/summary.md` (best first by the probe's `sort_by`)."""
-    if sort_by not in METRICS:
-        raise ValueError(f"summarize.sort_by={sort_by!r}; allowed: {', '.join(METRICS)}")
+    if sort_by not in HEADLINE_METRICS:
+        raise ValueError(f"summarize.sort_by={sort_by!r}; allowed: {', '.join(HEADLINE_METRICS)}")
     rows = collect(root)
     if not rows:
         raise FileNotFoundError(f"no metrics.json under {root}: point summarize.dir at a multirun directory")
-    lower_is_better = sort_by in {"ece", "brier", "aurc"}
+    lower_is_better = sort_by in LOWER_IS_BETTER
     rows.sort(key=lambda r: _sort_key(r[f"probe_{sort_by}"], lower_is_better))
     columns = list(rows[0])
     out = io.StringIO()

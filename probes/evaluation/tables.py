@@ -29,12 +29,12 @@ from probes.evaluation.metrics import metric_row, per_category_rows
 
 HIGHER_IS_CONFIDENT = {
     "mean_logprob": 1, "min_logprob": 1, "sum_logprob": 1, "first_logprob": 1,
-    "p_true": 1, "max_prob": 1, "mean_prob": 1, "first_token_prob": 1, "sequence_prob": 1,
+    "p_true": 1, "verbalized": 1, "max_prob": 1, "mean_prob": 1, "first_token_prob": 1, "sequence_prob": 1,
     "mean_entropy": -1, "max_entropy": -1, "perplexity": -1,
 }  # fmt: skip
 LOGPROB_SCORES = {"mean_logprob", "min_logprob", "sum_logprob", "first_logprob"}
 # first_token_prob and sequence_prob are the names extract.generation.BASELINE_NAMES records
-PROBABILITY_SCORES = {"p_true", "max_prob", "mean_prob", "first_token_prob", "sequence_prob"}
+PROBABILITY_SCORES = {"p_true", "verbalized", "max_prob", "mean_prob", "first_token_prob", "sequence_prob"}
 
 # columns shown by to_markdown (to_csv / to_dict keep every column)
 SUMMARY_COLUMNS = (

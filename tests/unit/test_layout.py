@@ -1,0 +1,114 @@
+"""The house plan, checked: who may import whom (in a fresh interpreter, via sys.modules) and no import cycles."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("probecal", "extract", "probes")
+
+
+def project_modules() -> dict[str, Path]:
+    modules = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            if parts[-1] == "__main__":
+                continue
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            modules[name] = path
+    return modules
+
+
+def loaded_after_import(modules: list[str]) -> set[str]:
+    """sys.modules of a fresh interpreter after importing `modules` (extras such as fastapi may be absent)."""
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {modules!r}:\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except ImportError as err:\n"
+        "        if 'probecal' in str(err) or name.split('.')[0] not in str(err):\n"
+        "            raise\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _roots(names: set[str], prefix: str) -> list[str]:
+    return sorted(n for n in names if n == prefix or n.startswith(prefix + "."))
+
+
+CORE = ["probes", "probes.estimators", "probes.calibration", "probes.artifact", "probes.scorer"]
+
+
+def test_probe_core_and_evaluation_import_neither_torch_transformers_nor_extract():
+    evaluation = [m for m in project_modules() if m.startswith("probes.evaluation")]
+    loaded = loaded_after_import(CORE + evaluation)
+    for forbidden in ("torch", "transformers", "extract", "fastapi", "hydra"):
+        assert not _roots(loaded, forbidden), f"probe core/evaluation pulled in {forbidden}"
+
+
+def test_extract_never_imports_probes():
+    extract = [m for m in project_modules() if m.startswith("extract")]
+    loaded = loaded_after_import(extract)
+    assert not _roots(loaded, "probes")
+
+
+def test_shared_helpers_are_torch_free():
+    loaded = loaded_after_import(["probecal", "probecal.files", "probecal.fingerprint"])
+    assert not _roots(loaded, "torch") and not _roots(loaded, "extract") and not _roots(loaded, "probes")
+
+
+def test_nothing_outside_the_cli_imports_it():
+    others = [m for m in project_modules() if not m.startswith("probes.cli")]
+    loaded = loaded_after_import(others)
+    assert not _roots(loaded, "probes.cli")
+
+
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """Project modules `path` imports anywhere in the file (function-level imports count too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        found |= {name for name in names if name in known}
+    return found
+
+
+def test_no_import_cycles():
+    modules = project_modules()
+    graph = {name: imports_of(path, set(modules)) - {name} for name, path in modules.items()}
+    # Packages' __init__ files may re-export their children; an edge into a package is an edge into its __init__.
+    cycles = []
+
+    def visit(node, stack, on_stack, done):
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph[node]):
+            if nxt in on_stack:
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in done:
+                visit(nxt, stack, on_stack, done)
+        on_stack.discard(stack.pop())
+        done.add(node)
+
+    done: set[str] = set()
+    for name in sorted(graph):
+        if name not in done:
+            visit(name, [], set(), done)
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_cycle_detector_finds_a_planted_cycle(tmp_path, monkeypatch):
+    (tmp_path / "a.py").write_text("import b\n")
+    (tmp_path / "b.py").write_text("def f():\n    from a import x\n")
+    known = {"a", "b"}
+    assert imports_of(tmp_path / "a.py", known) == {"b"}
+    assert imports_of(tmp_path / "b.py", known) == {"a"}
