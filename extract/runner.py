@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -27,10 +28,14 @@ from extract.settings import ExtractSpec
 from extract.store import (
     MANIFEST_FILE,
     ActivationStore,
+    RowRecord,
     ShardData,
+    StoreError,
     StoreWriter,
     check_settings,
     open_store,
+    read_manifest,
+    shard_problems,
     store_dir_for,
     store_key,
 )
@@ -112,20 +117,21 @@ def extract_to_store(
             # An unparseable reply carries no information: 0.5, and the row records that it was not parsed.
             baselines["verbalized"] = np.where(np.isnan(values), 0.5, values)
         records = [
-            {
-                "id": row.id,
-                "category": row.category,
-                "question": row.question,
-                "answers": list(row.answers),
-                "split": splits[i],
-                "label": int(g.correct),
-                "grader_rule": g.rule,
-                "matched": g.matched,
-                "grade_reason": g.reason,
-                "f1": g.f1,
-                "verbalized_parsed": ok,
+            RowRecord(
+                id=row.id,
+                category=row.category,
+                domain=getattr(row, "domain", row.category),
+                question=row.question,
+                answers=tuple(row.answers),
+                split=splits[i],
+                label=int(g.correct),
+                grader_rule=g.rule,
+                matched=g.matched,
+                grade_reason=g.reason,
+                f1=g.f1,
+                verbalized_parsed=ok,
                 **fields,
-            }
+            )
             for i, row, g, ok, fields in zip(shard_rows, batch_rows, grades, parsed, result.row_fields(), strict=True)
         ]
         return ShardData(result.activations, records, {k: np.asarray(v, float) for k, v in baselines.items()},
@@ -143,16 +149,17 @@ def rows_and_splits(data_spec) -> tuple[list[QARow], list[str]]:
 
 def accuracy_table(store: ActivationStore) -> str:
     """Markdown: per category, rows, accuracy, truncated answers (cut by max_new_tokens) and empty answers."""
-    records = store.records
+    # From `records` (dicts), so that a caller may hand in edited records; typed again here.
+    rows = [RowRecord.from_dict(r, f"{store.path}: record {i}") for i, r in enumerate(store.records)]
     lines = ["| category | n | accuracy | truncated | empty |", "|---|---:|---:|---:|---:|"]
-    groups: dict[str, list[dict]] = {}
-    for record in records:
-        groups.setdefault(record["category"], []).append(record)
-    for name, group in [*sorted(groups.items()), ("all", records)]:
-        acc = np.mean([r["label"] for r in group])
-        lines.append(f"| {name} | {len(group)} | {acc:.3f} | {sum(r['truncated'] for r in group)} "
-                     f"| {sum(r['empty_answer'] for r in group)} |")
-    parsed = [r.get("verbalized_parsed") for r in records if r.get("verbalized_parsed") is not None]
+    groups: dict[str, list[RowRecord]] = {}
+    for row in rows:
+        groups.setdefault(row.category, []).append(row)
+    for name, group in [*sorted(groups.items()), ("all", rows)]:
+        acc = np.mean([r.label for r in group])
+        lines.append(f"| {name} | {len(group)} | {acc:.3f} | {sum(r.truncated for r in group)} "
+                     f"| {sum(r.empty_answer for r in group)} |")
+    parsed = [r.verbalized_parsed for r in rows if r.verbalized_parsed is not None]
     if parsed:
         lines.append(f"\nverbalized confidence: {parsed.count(False)} of {len(parsed)} replies unparseable "
                      "(scored 0.5, flagged per row as verbalized_parsed=false)")
@@ -197,11 +204,9 @@ def run_extraction(
     """
     store_dir = Path(store_dir)
     checked = check_settings(settings)
-    if (store_dir / MANIFEST_FILE).exists():
-        store = open_store(store_dir)
-        if store.key == store_key(checked) and len(store) == n_rows:
-            log.info("reusing the complete store at %s", store_dir)
-            return store
+    store = reuse_or_repair(store_dir, checked, n_rows, may_delete=dist is None or dist.is_main)
+    if store is not None:
+        return store
     if dist is not None and dist.enabled:
         return run_extraction_distributed(store_dir, n_rows, checked, compute_shard, desc, dist)
     writer = StoreWriter(store_dir, checked, n_rows)  # raises on other settings, before any work
@@ -211,7 +216,46 @@ def run_extraction(
         log.info("resuming %s: %d of %d rows already stored", store_dir, done_rows, n_rows)
     write_shards(writer, missing, compute_shard, desc, done_rows=done_rows)
     writer.finalize()
-    return open_store(store_dir)
+    return open_store(store_dir, verify_hashes=False)  # finalize has just hashed every shard
+
+
+def reuse_or_repair(store_dir: Path, settings: dict[str, Any], n_rows: int, may_delete: bool) -> ActivationStore | None:
+    """The complete store at `store_dir` if its manifest is for these settings and every shard is intact
+    (present, same size, same sha256). Otherwise None, after deleting (may_delete: one process only)
+    the shards that are missing or damaged and the manifest, so that the resume machinery recomputes
+    exactly those. Another store's manifest is left alone (StoreWriter then names the differences);
+    a damaged manifest is an error naming the file.
+    """
+    if not (store_dir / MANIFEST_FILE).exists():
+        return None
+    try:
+        manifest = read_manifest(store_dir)
+    except StoreError as err:
+        # A format-1 manifest (no checksums) of these settings: rebuilt with checksums from its shards.
+        try:
+            raw = json.loads((store_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise err from None
+        if not isinstance(raw, dict) or raw.get("format_version") != 1 or raw.get("key") != store_key(settings):
+            raise
+        log.info("the store at %s has no shard checksums (format 1): adding them", store_dir)
+        if may_delete:
+            (store_dir / MANIFEST_FILE).unlink(missing_ok=True)
+        return None
+    if manifest["key"] != store_key(settings) or manifest["n_rows"] != n_rows:
+        return None
+    problems = shard_problems(store_dir, manifest, hashes=True)
+    if not problems:
+        log.info("reusing the complete store at %s (shard sizes and sha256 checked)", store_dir)
+        return ActivationStore(store_dir, manifest)
+    log.warning("the store at %s is damaged (%s): recomputing %d shard(s)", store_dir, "; ".join(problems.values()),
+                len(problems))
+    if may_delete:
+        (store_dir / MANIFEST_FILE).unlink(missing_ok=True)
+        for index in problems:
+            (store_dir / manifest["shards"][index]["file"]).unlink(missing_ok=True)
+    return None
+
 
 def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
@@ -275,4 +319,4 @@ def run_extraction_distributed(
     outcome = ctx.broadcast(outcome)
     if outcome is not None:
         raise DistributedError(f"rank 0 could not finalize the store at {store_dir}: {outcome}")
-    return open_store(store_dir)
+    return open_store(store_dir, verify_hashes=False)  # rank 0's finalize has just hashed every shard

@@ -29,7 +29,8 @@ def fake_shard(rows: range) -> ShardData:
     per_row = [np.random.default_rng(i) for i in rows]
     return ShardData(
         activations=np.stack([rng.normal(size=(2, 2, 5)) for rng in per_row]).astype(np.float32),
-        records=[{"id": f"q{i}", "label": i % 2} for i in rows],
+        records=[{"id": f"q{i}", "category": "c", "question": f"q {i}?", "answers": ["a"], "split": "train",
+                  "label": i % 2, "model_answer": "a"} for i in rows],
         baselines={"mean_logprob": np.array([-rng.random() for rng in per_row])},
         n_tokens=3 * len(rows),
     )

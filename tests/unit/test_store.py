@@ -32,11 +32,17 @@ def settings(**changes):
     return {**base, **changes}
 
 
+def record(i: int, **changes) -> dict:
+    """The required RowRecord fields of row i (the runner writes the optional ones too)."""
+    return {"id": f"q{i}", "category": "capitals", "question": f"question {i}?", "answers": ["paris"],
+            "split": "train", "label": i % 2, "model_answer": "paris", **changes}
+
+
 def fake_shard(rows: range) -> ShardData:
     rng = np.random.default_rng(rows.start)
     return ShardData(
         activations=rng.normal(size=(len(rows), 2, 2, 5)).astype(np.float32),
-        records=[{"id": f"q{i}", "label": i % 2, "question": f"question {i}?"} for i in rows],
+        records=[record(i) for i in rows],
         baselines={"mean_logprob": -rng.random(len(rows))},
         n_tokens=3 * len(rows),
     )
@@ -58,8 +64,9 @@ def test_round_trip_reads_each_site_and_records(tmp_path):
         store.read(1, "answer_mean")
     with pytest.raises(StoreError, match="position 'answer_last'"):
         store.read(0, "answer_last")
-    with pytest.raises(StoreError, match="record field 'split' is missing"):
-        store.column("split")
+    assert store.rows[3].domain == "capitals" and store.rows[3].answers == ("paris",)  # domain defaults to category
+    with pytest.raises(StoreError, match="record field 'splt' does not exist; RowRecord fields: id, category"):
+        store.column("splt")
 
 
 def test_float32_store_is_exact(tmp_path):
@@ -124,7 +131,8 @@ EXTRACTION_SCRIPT = textwrap.dedent(
             time.sleep(float(os.environ["SLOW"]))
         result = generate_and_capture(loaded.model, loaded.tokenizer, [prompts[i] for i in rows], [0, 1, 3],
                                       settings["positions"], spec, str.strip)
-        records = [{{"id": i, "question": questions[i], **fields}} for i, fields in zip(rows, result.row_fields())]
+        records = [{{"id": str(i), "category": "words", "question": questions[i], "answers": ["x"], "split": "test",
+                    "label": 0, **fields}} for i, fields in zip(rows, result.row_fields())]
         print("computed", CURRENT, index, flush=True)
         return ShardData(result.activations, records, result.baselines, result.n_generated_tokens)
 
