@@ -1,0 +1,154 @@
+"""Leave-one-domain-out: split logic, candidate scoring and the transfer table (probes/evaluation/transfer.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from probes.calibration import PlattCalibrator
+from probes.evaluation.metrics import within_category_auroc
+from probes.evaluation.transfer import (
+    Candidate,
+    center_by_group,
+    design_matrix,
+    domain_folds,
+    fold_logistic_scores,
+    generic_fold_scores,
+    logit_feature_matrix,
+    score_candidates,
+    transfer_table,
+)
+
+
+def _synthetic(n_per_category: int = 60, seed: int = 0):
+    """Three domains x two categories; the label moves the hidden state along one direction, and each domain
+    adds its own offset (so "which domain" is visible in the activations, as in real stores)."""
+    rng = np.random.default_rng(seed)
+    domains = {"geo": ("capitals", "continents"), "chem": ("symbols", "masses"), "math": ("add", "times")}
+    rows = [(d, c) for d, cats in domains.items() for c in cats for _ in range(n_per_category)]
+    dom = np.array([d for d, _ in rows])
+    cat = np.array([c for _, c in rows])
+    y = (rng.random(len(rows)) < 0.5).astype(int)
+    hidden = 8
+    direction = np.eye(hidden)[0]
+    offsets = {d: rng.normal(0, 3, hidden) for d in domains}
+    X = rng.normal(size=(len(rows), hidden)) + 1.5 * y[:, None] * direction + np.array([offsets[d] for d in dom])
+    split = np.array(["train", "train", "calibration", "test"] * (len(rows) // 4))
+    return X, y, cat, dom, split
+
+
+def test_domain_folds_never_train_or_calibrate_on_the_held_out_domain():
+    X, y, cat, dom, split = _synthetic()
+    folds = domain_folds(dom, split == "train", split == "calibration", y)
+    assert folds.domains == ("chem", "geo", "math")
+    for f, name in enumerate(folds.domains):
+        held = dom == name
+        np.testing.assert_array_equal(folds.held_out[f], held)  # every row of the domain, whatever its split
+        assert not (folds.fit[f] & held).any() and not (folds.calibrate[f] & held).any()
+        np.testing.assert_array_equal(folds.fit[f], (split == "train") & ~held)  # all other domains' train rows
+        np.testing.assert_array_equal(folds.calibrate[f], (split == "calibration") & ~held)
+        assert set(dom[folds.fit[f]]) == set(folds.domains) - {name}
+
+
+def test_domain_folds_skip_a_domain_with_one_label_and_refuse_a_single_domain():
+    X, y, cat, dom, split = _synthetic()
+    y = y.copy()
+    y[dom == "math"] = 1  # no wrong answer in math: no AUROC there
+    folds = domain_folds(dom, split == "train", split == "calibration", y)
+    assert folds.domains == ("chem", "geo")
+    with pytest.raises(ValueError, match="at least two domains"):
+        domain_folds(np.array(["one"] * len(y)), split == "train", split == "calibration", y)
+
+
+def test_fold_scores_match_a_fit_on_the_fold_rows_only():
+    X, y, cat, dom, split = _synthetic()
+    folds = domain_folds(dom, split == "train", split == "calibration", y)
+    Z = design_matrix(X, None, "hidden").astype(np.float64)
+    scores, _ = fold_logistic_scores(Z, y, folds.fit, C=0.1, tol=1e-10, max_iter=5000)
+    # Changing the held-out domain's labels must not change that fold's scores (no leak of its labels).
+    y_flipped = y.copy()
+    y_flipped[dom == folds.domains[0]] ^= 1
+    flipped, _ = fold_logistic_scores(Z, y_flipped, folds.fit, C=0.1, tol=1e-10, max_iter=5000)
+    np.testing.assert_allclose(flipped[0], scores[0], atol=1e-6)
+    assert not np.allclose(flipped[1], scores[1], atol=1e-3)  # the other folds did train on those rows
+
+
+def test_score_candidates_finds_the_signal_and_logit_features_help_when_they_carry_it():
+    X, y, cat, dom, split = _synthetic()
+    folds = domain_folds(dom, split == "train", split == "calibration", y)
+    rng = np.random.default_rng(1)
+    noise = {0: rng.normal(size=X.shape), 1: X}  # layer 1 holds the signal, layer 0 is noise
+    logits = {"mean_logprob": -1.0 + 2.0 * y + rng.normal(0, 0.3, len(y)), "mean_entropy": rng.random(len(y))}
+    L = logit_feature_matrix(logits)
+    search = score_candidates(lambda layer, pos: noise[layer], L, y, cat, folds, [0, 1], ["answer_last"],
+                              Cs=[0.01, 0.1])
+    assert len(search.scores) == 2 * 2 * 2
+    by = {(s.candidate.layer, s.candidate.features, s.candidate.C): s.heldout_auroc for s in search.scores}
+    assert by[(1, "hidden", 0.1)] > 0.75 > by[(0, "hidden", 0.1)]
+    assert by[(0, "hidden+logits", 0.1)] > 0.9  # the logit signal alone nearly separates the labels
+    best = search.best()
+    assert best.candidate.features == "hidden+logits" and set(best.per_domain) == set(folds.domains)
+    assert best.heldout_auroc == pytest.approx(np.mean(list(best.per_domain.values())))
+    assert search.to_dict()["scores"][0]["layer"] == 0
+
+
+def test_logit_feature_matrix_orients_every_signal_higher_is_more_confident():
+    values = {"mean_logprob": np.array([-2.0, -0.1]), "sequence_prob": np.array([0.0, 0.9]),
+              "mean_entropy": np.array([3.0, 0.5]), "perplexity": np.array([7.0, 1.1])}
+    L = logit_feature_matrix(values, ["mean_logprob", "sequence_prob", "mean_entropy", "perplexity"])
+    assert L.shape == (2, 4) and np.all(L[1] > L[0])  # row 1 is the confident one on every signal
+    np.testing.assert_allclose(L[:, 1], np.log([1e-6, 0.9]))
+    np.testing.assert_allclose(L[:, 3], -np.log([7.0, 1.1]))
+    with pytest.raises(ValueError, match="not among the baselines"):
+        logit_feature_matrix(values, ["p_true"])
+
+
+def test_design_matrix_weights_logit_columns_and_validates_the_feature_set():
+    X = np.random.default_rng(0).normal(size=(50, 3))
+    L = np.random.default_rng(1).normal(size=(50, 2))
+    Z = design_matrix(X, L, "hidden+logits", logit_weight=4.0)
+    np.testing.assert_allclose(Z.std(axis=0), [1, 1, 1, 4, 4], rtol=1e-4)
+    with pytest.raises(ValueError, match="features='hidden\\+all'.*allowed values"):
+        design_matrix(X, L, "hidden+all")
+    with pytest.raises(ValueError, match="needs the store's logit signals"):
+        design_matrix(X, None, "hidden+logits")
+
+
+def test_center_by_group_removes_each_group_mean():
+    X, y, cat, dom, split = _synthetic()
+    centred = center_by_group(X, dom)
+    for d in np.unique(dom):
+        np.testing.assert_allclose(centred[dom == d].mean(axis=0), 0.0, atol=1e-9)
+
+
+def test_transfer_table_means_over_domains_and_calibrates_on_other_domains():
+    X, y, cat, dom, split = _synthetic()
+    folds = domain_folds(dom, split == "train", split == "calibration", y)
+    Z = design_matrix(X, None, "hidden").astype(np.float64)
+    scores, _ = fold_logistic_scores(Z, y, folds.fit, C=0.1)
+    rng = np.random.default_rng(2)
+    baselines = {"sequence_prob": np.clip(0.3 + 0.2 * y + rng.normal(0, 0.2, len(y)), 0, 1)}
+    table = transfer_table({"probe": scores}, baselines, y, cat, folds, PlattCalibrator, "platt")
+    assert set(table.rows) == {"probe", "sequence_prob (platt)", "sequence_prob (raw)"}
+    for f, d in enumerate(folds.domains):
+        held = folds.held_out[f]
+        calibrator = PlattCalibrator().fit(scores[f][folds.calibrate[f]], y[folds.calibrate[f]])
+        p = calibrator.predict(scores[f][held])
+        assert table.per_domain["probe"][d]["within_cat_auroc"] == pytest.approx(
+            within_category_auroc(p, y[held], cat[held]).mean)
+        assert table.per_domain["probe"][d]["n"] == held.sum()
+    mean = np.mean([table.per_domain["probe"][d]["ece"] for d in folds.domains])
+    assert table.rows["probe"]["ece"] == pytest.approx(mean)
+    assert table.rows["probe"]["within_cat_auroc"] > table.rows["sequence_prob (platt)"]["within_cat_auroc"]
+    assert table.best("probe") in {"sequence_prob (platt)", "sequence_prob (raw)"}
+
+
+def test_generic_fold_scores_fit_any_probe_per_fold():
+    from probes.estimators import LogisticProbe
+
+    X, y, cat, dom, split = _synthetic()
+    folds = domain_folds(dom, split == "train", split == "calibration", y)
+    scores = generic_fold_scores(X, y, folds.fit, lambda: LogisticProbe(C=0.1))
+    expected = LogisticProbe(C=0.1).fit(X[folds.fit[1]], y[folds.fit[1]]).decision_function(X)
+    np.testing.assert_allclose(scores[1], expected)
+    assert Candidate(3, "answer_last", "hidden", 0.01).describe() == "layer 3 / answer_last, hidden, C=0.01"
