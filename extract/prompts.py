@@ -1,23 +1,33 @@
-"""Turn questions into model inputs: a chat turn for instruct models, a few-shot prompt for base models.
+"""Turn prompts into token ids: ONE encoder (`encode_prompt`) for training, self-evaluation, serving and the demo.
 
-Chat models: the user turn is `chat_template_format` filled with `instruction` and the question, wrapped
-by the tokenizer's chat template with the generation prompt; the template carries BOS (if the model uses
-one), so the text is tokenized without adding special tokens again.
-Base models: `num_few_shot` examples from `few_shot_examples` rendered with `few_shot_format`, then the
-question with `few_shot_question_format`; the tokenizer's BOS is prepended when the tokenizer adds one.
+Three kinds of prompt, told apart by type:
+- `Question(text)`: the training prompt format below (what probes are trained on);
+- chat messages (`[{"role": "user", "content": ...}, ...]`): the tokenizer's chat template with the
+  generation prompt; the template is authoritative for special tokens (it writes BOS where the model
+  wants one), so nothing is added -- the same ids `apply_chat_template(tokenize=True)` and chat servers
+  (vLLM, TGI) produce;
+- raw text (`str`): the tokenizer's own leading special tokens (BOS for Llama/Gemma/Mistral, nothing for
+  Qwen/GPT-2) unless the text already starts with them (a rendered chat template that writes `<s>`), and
+  never trailing ones (an EOS at the end of a prompt would tell the model the text is over).
+Every kind gets its leading special tokens exactly once: never a doubled BOS, never a missing one.
+
+Question format. Chat models: the user turn is `chat_template_format` filled with `instruction` and the
+question, wrapped by the chat template (a chat-message prompt, above). Base models: `num_few_shot`
+examples from `few_shot_examples` rendered with `few_shot_format`, then the question with
+`few_shot_question_format` (a raw-text prompt, above).
 
 Few-shot examples are never the question being asked: an example whose normalized question equals the
 row's question is skipped and the next example of the pool takes its place. This is decided per
 question (not per data set), so a question always gets the same prompt, in training and at serving time.
 
-Prompt length is bounded by `max_prompt_tokens`: a longer prompt is an error naming the row id, or with
-`truncate=True` the question (never the template) is shortened from the end until it fits.
+Prompt length is bounded by `max_prompt_tokens`: a longer question prompt is an error naming the row id,
+or with `truncate=True` the question (never the template) is shortened from the end until it fits.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,7 +82,9 @@ def _format(template: str, name: str, **values: str) -> str:
 
 
 def render_prompt(question: str, tokenizer: Any, uses_chat_template: bool, spec: PromptSpec) -> str:
-    """The prompt text for one question (chat template applied; without a BOS the tokenizer adds itself)."""
+    """The prompt text for one question, for display and logs. To get ids, use
+    `encode_prompt(Question(question), ...)`: re-encoding this text as raw text can add a BOS that the
+    chat template left out on purpose."""
     if uses_chat_template:
         content = _format(spec.chat_template_format, "chat_template_format", instruction=spec.instruction, question=question)
         messages = [{"role": "user", "content": content}]
@@ -84,20 +96,55 @@ def render_prompt(question: str, tokenizer: Any, uses_chat_template: bool, spec:
     return shots + _format(spec.few_shot_question_format, "few_shot_question_format", question=question)
 
 
-def _tokenizer_adds_bos(tokenizer: Any) -> bool:
-    """Whether the tokenizer's own special-token handling puts BOS first (checked, not assumed)."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return False
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(with_special) and with_special[0] == bos
+@dataclass(frozen=True)
+class Question:
+    """A question to be asked in the training prompt format; `row_id` names it in length errors."""
+
+    text: str
+    row_id: str = "question"
 
 
-def _encode(text: str, tokenizer: Any, uses_chat_template: bool) -> list[int]:
+ChatMessages = Sequence[Mapping[str, str]]
+Prompt = Question | str | ChatMessages
+
+
+def leading_special_ids(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts BEFORE a text (`[bos]`, or `[]`): checked, not assumed
+    (`bos_token` is often set on tokenizers that never add it, e.g. Qwen and GPT-2)."""
+    probe = "a"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    special = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    for start in range(len(special) - len(plain) + 1):
+        if special[start : start + len(plain)] == plain:
+            return special[:start]
+    return []
+
+
+def _encode_text(text: str, tokenizer: Any) -> list[int]:
+    """Raw text -> ids with the tokenizer's leading special tokens exactly once (none trailing)."""
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if not uses_chat_template and _tokenizer_adds_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:
-        ids = [tokenizer.bos_token_id, *ids]
+    prefix = leading_special_ids(tokenizer)
+    if prefix and ids[: len(prefix)] != prefix:
+        ids = prefix + ids
     return ids
+
+
+def _encode_messages(messages: ChatMessages, tokenizer: Any, uses_chat_template: bool) -> list[int]:
+    """Chat messages -> the chat template's ids with the generation prompt (the template writes BOS)."""
+    if not uses_chat_template:
+        raise ValueError("this model is used without a chat template: send a plain text prompt, not chat messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not {"role", "content"} <= set(message):
+            raise ValueError(f"chat message [{i}] needs keys 'role' and 'content', got {message!r}")
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _question_ids(question: str, tokenizer: Any, uses_chat_template: bool, spec: PromptSpec) -> list[int]:
+    if uses_chat_template:
+        content = _format(spec.chat_template_format, "chat_template_format", instruction=spec.instruction, question=question)
+        return _encode_messages([{"role": "user", "content": content}], tokenizer, uses_chat_template)
+    return _encode_text(render_prompt(question, tokenizer, uses_chat_template, spec), tokenizer)
 
 
 def _shorten_question(question: str, row_id: str, tokenizer: Any, uses_chat_template: bool, spec: PromptSpec) -> list[int]:
@@ -105,7 +152,7 @@ def _shorten_question(question: str, row_id: str, tokenizer: Any, uses_chat_temp
     q_ids = tokenizer(question, add_special_tokens=False)["input_ids"]
     for keep in range(len(q_ids) - 1, 0, -1):
         shorter = tokenizer.decode(q_ids[:keep], skip_special_tokens=True).strip()
-        ids = _encode(render_prompt(shorter, tokenizer, uses_chat_template, spec), tokenizer, uses_chat_template)
+        ids = _question_ids(shorter, tokenizer, uses_chat_template, spec)
         if len(ids) <= spec.max_prompt_tokens:
             return ids
     raise ValueError(
@@ -114,27 +161,56 @@ def _shorten_question(question: str, row_id: str, tokenizer: Any, uses_chat_temp
     )
 
 
+def _bounded_question_ids(
+    question: Question, tokenizer: Any, uses_chat_template: bool, spec: PromptSpec
+) -> tuple[list[int], bool]:
+    """(ids within `spec.max_prompt_tokens`, whether the question was shortened to get there)."""
+    if spec.max_prompt_tokens < 1:
+        raise ValueError(f"extract.prompt.max_prompt_tokens={spec.max_prompt_tokens}; must be >= 1")
+    ids = _question_ids(question.text, tokenizer, uses_chat_template, spec)
+    if len(ids) <= spec.max_prompt_tokens:
+        return ids, False
+    if not spec.truncate:
+        raise ValueError(
+            f"row {question.row_id!r}: prompt is {len(ids)} tokens, more than extract.prompt.max_prompt_tokens="
+            f"{spec.max_prompt_tokens}; shorten the question, raise the limit, or set extract.prompt.truncate=true"
+        )
+    return _shorten_question(question.text, question.row_id, tokenizer, uses_chat_template, spec), True
+
+
+def encode_prompt(prompt: Prompt, tokenizer: Any, uses_chat_template: bool, spec: PromptSpec | None = None) -> list[int]:
+    """Token ids for one prompt, ready for the model (leading special tokens exactly once; no padding).
+
+    prompt: a `Question` (training prompt format of `spec`, bounded by `spec.max_prompt_tokens`), chat
+    messages (chat template + generation prompt) or raw text (the tokenizer's BOS unless already there).
+    See the module docstring for the rules.
+    """
+    if isinstance(prompt, Question):
+        if spec is None:
+            raise ValueError("a Question is formatted with a PromptSpec: pass spec=")
+        ids, shortened = _bounded_question_ids(prompt, tokenizer, uses_chat_template, spec)
+        if shortened:
+            log.warning("truncated the question of row %r to fit max_prompt_tokens", prompt.row_id)
+        return ids
+    if isinstance(prompt, str):
+        return _encode_text(prompt, tokenizer)
+    if isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
+        return _encode_messages(prompt, tokenizer, uses_chat_template)
+    raise TypeError(f"a prompt is a Question, a str or a non-empty list of chat messages, got {type(prompt).__name__}")
+
+
 def build_prompt_ids(rows: Sequence[Any], tokenizer: Any, uses_chat_template: bool, spec: PromptSpec) -> list[list[int]]:
-    """Token ids per row, ready for the model (special tokens exactly once; no padding).
+    """Token ids per row in the training prompt format: `encode_prompt(Question(row.question, row.id))`.
 
     rows: QARow-like objects with `id` and `question`. Returns one list of ids per row, each at most
     `spec.max_prompt_tokens` long (or a ValueError naming the first row that is too long, unless
     `spec.truncate`).
     """
-    if spec.max_prompt_tokens < 1:
-        raise ValueError(f"extract.prompt.max_prompt_tokens={spec.max_prompt_tokens}; must be >= 1")
     out: list[list[int]] = []
     truncated: list[str] = []
     for row in rows:
-        ids = _encode(render_prompt(row.question, tokenizer, uses_chat_template, spec), tokenizer, uses_chat_template)
-        if len(ids) > spec.max_prompt_tokens:
-            if not spec.truncate:
-                raise ValueError(
-                    f"row {row.id!r}: prompt is {len(ids)} tokens, more than extract.prompt.max_prompt_tokens="
-                    f"{spec.max_prompt_tokens}; shorten the question, raise the limit, or set "
-                    "extract.prompt.truncate=true"
-                )
-            ids = _shorten_question(row.question, row.id, tokenizer, uses_chat_template, spec)
+        ids, shortened = _bounded_question_ids(Question(row.question, row.id), tokenizer, uses_chat_template, spec)
+        if shortened:
             truncated.append(row.id)
         out.append(ids)
     if truncated:

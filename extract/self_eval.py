@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from extract.generation import left_pad
+from extract.prompts import encode_prompt
 
 P_TRUE_PROMPT = (
     "Question: {question}\nProposed answer: {answer}\n"
@@ -34,11 +35,9 @@ _VERBALIZED_CUE = "\nConfidence (0-100):"
 
 
 def _prompt_ids(tokenizer: Any, text: str, cue: str, uses_chat_template: bool) -> list[int]:
-    if uses_chat_template:
-        messages = [{"role": "user", "content": text}]
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
-    return tokenizer(text + cue)["input_ids"]
+    """A user turn for chat models, text + completion cue for base models (BOS exactly once either way)."""
+    prompt = [{"role": "user", "content": text}] if uses_chat_template else text + cue
+    return encode_prompt(prompt, tokenizer, uses_chat_template)
 
 
 def _first_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:

@@ -24,9 +24,19 @@ CHAT_TEMPLATE = (
 )
 
 
-def word_tokenizer(chat: bool = True):
-    """A whitespace word-level tokenizer over `SPECIAL_TOKENS + WORDS` (vocab 99)."""
+# Like Llama 3 / Gemma / Mistral templates: the template itself writes BOS first.
+CHAT_TEMPLATE_WITH_BOS = "{{ bos_token }}" + CHAT_TEMPLATE
+
+
+def word_tokenizer(chat: bool = True, add_bos: bool = False, template_bos: bool = False):
+    """A whitespace word-level tokenizer over `SPECIAL_TOKENS + WORDS` (vocab 99).
+
+    add_bos: its post-processor prepends `<s>` to every encoding with special tokens (like Llama/Gemma).
+    template_bos: its chat template writes `{{ bos_token }}` (like Llama 3/Gemma); both together are the
+    case where re-encoding a rendered template with special tokens doubles BOS.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(SPECIAL_TOKENS + WORDS))}
@@ -36,6 +46,8 @@ def word_tokenizer(chat: bool = True):
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    if add_bos:
+        backend.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",
@@ -46,7 +58,7 @@ def word_tokenizer(chat: bool = True):
         clean_up_tokenization_spaces=False,
     )
     if chat:
-        tok.chat_template = CHAT_TEMPLATE
+        tok.chat_template = CHAT_TEMPLATE_WITH_BOS if template_bos else CHAT_TEMPLATE
     tok.padding_side = "left"
     return tok
 

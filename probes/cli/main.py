@@ -164,18 +164,20 @@ def stage_summarize(cfg: DictConfig) -> None:
 
 def stage_demo(cfg: DictConfig) -> None:
     """Load the configured model and answer a few built-in questions."""
+    import torch
+
     from extract.models import load_model
-    from extract.prompts import render_prompt
+    from extract.prompts import Question, encode_prompt
 
     loaded = load_model(_build(cfg.model))
     tokenizer, model = loaded.tokenizer, loaded.model
     prompt_spec = _build(cfg.extract).prompt
     for question in DEMO_QUESTIONS:
-        prompt = render_prompt(question, tokenizer, loaded.uses_chat_template, prompt_spec)
-        batch = tokenizer(prompt, return_tensors="pt", add_special_tokens=not loaded.uses_chat_template)
-        out = model.generate(**batch.to(loaded.device), max_new_tokens=24, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        answer = tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        ids = encode_prompt(Question(question), tokenizer, loaded.uses_chat_template, prompt_spec)
+        input_ids = torch.tensor([ids], device=loaded.device)
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=24,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        answer = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
         print(f"Q: {question}\nA: {answer.strip().splitlines()[0] if answer.strip() else ''}\n")
 
 

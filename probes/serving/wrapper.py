@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.generation import generate_and_capture, left_pad
+from extract.generation import answer_token_span, find_stop, generate_and_capture, left_pad
 from extract.grading import cut_answer
 from extract.hooks import capture_hidden_states
 from extract.models import LoadedModel, from_transformers, load_model
-from extract.prompts import PromptSpec, render_prompt
+from extract.prompts import PromptSpec, Question, encode_prompt, render_prompt
 from extract.settings import GenerationSpec
 from probes.artifact import ProbeArtifact
+from probes.serving.forward import BatchFeed, decode, eos_ids, finish_text, states_up_to_layer
 
 DEFAULT_ABSTENTION_MESSAGE = "I don't know."
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def _prompt_spec(saved: dict[str, Any]) -> PromptSpec:
 class ProbedGeneration:
     """One generated sequence with its confidence. Higher `p_correct` = more likely correct."""
 
-    text: str  # the generated text (the abstention message when abstained before generating)
+    text: str  # the generated text, stop string excluded (the abstention message when abstained)
     p_correct: float  # calibrated probability that the answer is correct
     score: float  # raw probe score (decision function) before calibration
     layer: int  # hidden-state layer the probe read (0 = embeddings, i = output of block i)
@@ -56,13 +57,35 @@ class ProbedGeneration:
     threshold: float | None  # abstention threshold in force (None: no abstention policy)
     finish_reason: str  # "stop" (stop sequence / EOS), "length" (max_new_tokens), "abstained"
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # tokens generated, up to and including the one completing the stop string / EOS
+    completion_ids: tuple[int, ...] = ()  # those tokens (empty when abstained before generating)
+    answer_chars: tuple[int, int] | None = None  # [start, end) of `text` the probe scored (None: prompt_last)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-Prompt = str | list[dict[str, str]]
+# Raw completion text, chat messages, or a Question (asked in the format the probe was trained on).
+Prompt = str | list[dict[str, str]] | Question
+
+
+@dataclass(frozen=True)
+class ProbedScore:
+    """The confidence of a completion another engine generated (`ProbedModel.score`)."""
+
+    p_correct: float  # calibrated probability that the answer is correct (higher = more likely correct)
+    score: float
+    layer: int
+    position: str
+    abstained: bool
+    threshold: float | None
+    prompt_tokens: int
+    completion_tokens: int  # tokens of the completion scored (up to EOS)
+    answer_tokens: tuple[int, int]  # [start, end) of the completion tokens the probe read (graded answer)
+    answer_text: str  # the graded answer: completion cut at the stop string / first line, stripped
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class ProbedModel:
@@ -127,17 +150,16 @@ class ProbedModel:
 
     # -- prompts -----------------------------------------------------------------------------------
     def _encode(self, prompt: Prompt) -> list[int]:
-        tokenizer = self.loaded.tokenizer
-        if isinstance(prompt, str):
-            return tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        if not self.loaded.uses_chat_template:
-            raise ValueError(f"{self.model_name} has no chat template: send a plain prompt string")
-        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)[
-            "input_ids"
-        ]
+        """The one encoder training uses too (`extract.prompts.encode_prompt`): a Question gets exactly
+        the ids the probe was trained on; BOS exactly once for every kind of prompt."""
+        try:
+            return encode_prompt(prompt, self.loaded.tokenizer, self.loaded.uses_chat_template, self.prompt_spec)
+        except ValueError as err:
+            raise ValueError(f"{self.model_name}: {err}") from None
 
     def question_prompt(self, question: str) -> str:
-        """The prompt text the probe was trained on, for one question."""
+        """The prompt text the probe was trained on, for one question (for display; `ask` and
+        `generate(Question(q))` encode the question itself, which is what the probe saw)."""
         return render_prompt(question, self.loaded.tokenizer, self.loaded.uses_chat_template, self.prompt_spec)
 
     # -- scoring -----------------------------------------------------------------------------------
@@ -163,9 +185,18 @@ class ProbedModel:
 
     # -- generation --------------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, stop: list[str] | None = None, streamer: Any = None) -> list[ProbedGeneration]:
-        """Generate for each prompt (a completion string or a chat message list) with its confidence."""
-        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
+                 top_p: float = 1.0, stop: list[str] | None = None, streamer: Any = None,
+                 on_text: Callable[[int, str], None] | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> list[ProbedGeneration]:
+        # on_text(i, piece): text pieces of prompt i as they are generated (a whole batch at once); the
+        # pieces of a prompt concatenate to a prefix of its final `text`. cancelled(): polled every step,
+        # True stops the generation (raises probes.serving.forward.GenerationCancelled). The returned text
+        # stops before the stop string; `answer_chars` says which part the probe scored: the graded
+        # answer (the text cut at the first stop string or line break, stripped).
+        """Generate for each prompt (a completion string, a chat message list or a `Question`) with its
+        confidence."""
+        single = isinstance(prompts, (str, Question)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
         batch: list[Prompt] = [prompts] if single else list(prompts)
         with self._lock:
             prompt_ids = [self._encode(p) for p in batch]
@@ -178,55 +209,160 @@ class ProbedModel:
                         results[i] = self._result(self.abstention_message, p_pre[i], s_pre[i], True, "abstained",
                                                   len(prompt_ids[i]), 0)
                 todo = [i for i in todo if results[i] is None]
+            if todo and streamer is not None and len(todo) > 1:
+                raise ValueError("a transformers streamer takes one prompt; use on_text for several")
             if todo:
                 spec = GenerationSpec(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                       temperature=temperature if temperature > 0 else 1.0, top_p=top_p,
                                       batch_size=self.max_batch_size,
                                       stop_strings=self.default_stop if stop is None else list(stop))
+                eos = eos_ids(self.loaded.model, self.loaded.tokenizer)
+                feed = BatchFeed(self.loaded.tokenizer, len(todo), max_new_tokens, eos, spec.stop_strings,
+                                 on_text=None if on_text is None else (lambda k, piece: on_text(todo[k], piece)),
+                                 cancelled=cancelled)
                 capture = generate_and_capture(
                     self.loaded.model, self.loaded.tokenizer, [prompt_ids[i] for i in todo], [self.layer],
-                    [self.position], spec, partial(cut_answer, stop_sequences=spec.stop_strings), streamer=streamer,
+                    [self.position], spec, partial(cut_answer, stop_sequences=spec.stop_strings),
+                    streamer=_Tee(feed, streamer) if streamer is not None else feed,
                 )
                 p, score = self._score(capture.activations[:, 0, 0, :])
                 for k, i in enumerate(todo):
-                    finish = "length" if capture.truncated[k] else "stop"
-                    abstained = self._abstains(p[k])
-                    results[i] = self._result(capture.raw_generations[k], p[k], score[k], abstained, finish,
-                                              len(prompt_ids[i]), int(capture.n_answer_tokens[k]))
+                    text, n_tokens, finish = finish_text(self.loaded.tokenizer, feed.tokens[k], max_new_tokens, eos,
+                                                         spec.stop_strings)
+                    answer = capture.answers[k]
+                    at = text.find(answer) if answer and not capture.empty_answer[k] else -1
+                    chars = None if self.position == "prompt_last" or at < 0 else (at, at + len(answer))
+                    results[i] = self._result(text, p[k], score[k], self._abstains(p[k]), finish,
+                                              len(prompt_ids[i]), n_tokens,
+                                              completion_ids=tuple(feed.tokens[k][:n_tokens]), answer_chars=chars)
         return results  # type: ignore[return-value]
+
+    # -- scoring completions another engine generated ----------------------------------------------
+    def prompt_ids(self, prompt: Prompt | Sequence[int]) -> list[int]:
+        """Token ids of a prompt (encoded as `generate` encodes it; token ids pass through)."""
+        if _is_ids(prompt) and prompt:
+            return list(prompt)
+        with self._lock:
+            return self._encode(prompt)
+
+    def score(self, prompts: Sequence[Prompt | Sequence[int]], completions: Sequence[str | Sequence[int]],
+              stop: list[str] | None = None) -> list[ProbedScore]:
+        """The confidence `generate` would give had the model generated `completions` itself.
+
+        One forward per batch over prompt + completion, up to the end of the graded answer and up to the
+        probe's layer only. The completion is cut as `generate` cuts it: at EOS, at the first stop string
+        (`stop`, default: the probe's training stop strings), then to its first line. Token ids in and out
+        avoid tokenizer drift; a text completion is encoded without special tokens.
+        """
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        tok = self.loaded.tokenizer
+        stops = self.default_stop if stop is None else list(stop)
+        eos = eos_ids(self.loaded.model, tok)
+        out: list[ProbedScore] = []
+        with self._lock:
+            ids = [list(p) if _is_ids(p) and p else self._encode(p) for p in prompts]
+            comp = [list(c) if _is_ids(c) else tok(c, add_special_tokens=False)["input_ids"] for c in completions]
+            spans = [self._answer_span(c, stops, eos) for c in comp]
+            for begin in range(0, len(ids), self.max_batch_size):
+                chunk = range(begin, min(begin + self.max_batch_size, len(ids)))
+                sequences = []
+                for i in chunk:
+                    start, end, _ = spans[i]
+                    use_answer = self.position != "prompt_last" and end > start
+                    sequences.append(ids[i] + comp[i][:end] if use_answer else ids[i])
+                hidden, width = states_up_to_layer(self.loaded.model, sequences, self.layer, tok.pad_token_id)
+                vectors = []
+                for r, i in enumerate(chunk):
+                    start, end, _ = spans[i]
+                    base = width - len(sequences[r]) + len(ids[i])  # index of the first completion token
+                    if self.position == "prompt_last" or end <= start:
+                        vectors.append(hidden[r, base - 1])
+                    elif self.position == "answer_last":
+                        vectors.append(hidden[r, base + end - 1])
+                    else:
+                        vectors.append(hidden[r, base + start : base + end].mean(0))
+                p, score = self._score(torch.stack(vectors).cpu().numpy())
+                for r, i in enumerate(chunk):
+                    start, end, answer = spans[i]
+                    out.append(ProbedScore(
+                        p_correct=float(p[r]), score=float(score[r]), layer=self.layer, position=self.position,
+                        abstained=self._abstains(p[r]), threshold=self.threshold, prompt_tokens=len(ids[i]),
+                        completion_tokens=len(comp[i]), answer_tokens=(start, end), answer_text=answer,
+                    ))
+        return out
+
+    def _answer_span(self, completion: list[int], stops: list[str], eos: set[int]) -> tuple[int, int, str]:
+        """[start, end) of the graded answer within `completion` and its text, cut as generation cuts it."""
+        eos_at = next((k for k, t in enumerate(completion) if t in eos), None)
+        tokens = completion if eos_at is None else completion[:eos_at]
+        text = decode(self.loaded.tokenizer, tokens)
+        found = find_stop(text, stops)
+        before = text if found is None else text[: found[0]]
+        answer = cut_answer(before, stop_sequences=stops)
+        start, end, _ = answer_token_span(self.loaded.tokenizer, tokens, before, answer)
+        return start, end, answer
 
     def ask(self, questions: str | Sequence[str], **kwargs: Any) -> list[ProbedGeneration]:
         """Generate answers to questions formatted with the prompt the probe was trained on."""
         questions = [questions] if isinstance(questions, str) else list(questions)
-        return self.generate([self.question_prompt(q) for q in questions], **kwargs)
+        return self.generate([Question(q) for q in questions], **kwargs)
 
     def stream(self, prompt: Prompt, **kwargs: Any) -> Iterator[str | ProbedGeneration]:
-        """Yield text pieces as they are generated, then the final `ProbedGeneration`."""
-        from transformers import TextIteratorStreamer
+        """Yield text pieces as they are generated, then the final `ProbedGeneration`; the pieces
+        concatenate to its `text` (an abstention yields the abstention message as one piece)."""
+        import queue
 
-        streamer = TextIteratorStreamer(self.loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        pieces: queue.Queue = queue.Queue()
         outcome: dict[str, Any] = {}
 
         def work():
             try:
-                outcome["result"] = self.generate(prompt, streamer=streamer, **kwargs)[0]
+                outcome["result"] = self.generate(prompt, on_text=lambda i, piece: pieces.put(piece), **kwargs)[0]
             except BaseException as err:  # re-raised in the caller's thread
                 outcome["error"] = err
-                streamer.end()
+            pieces.put(None)
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        yield from (piece for piece in streamer if piece)
+        sent = ""
+        while (piece := pieces.get()) is not None:
+            sent += piece
+            yield piece
         thread.join()
         if "error" in outcome:
             raise outcome["error"]
-        yield outcome["result"]
+        result = outcome["result"]
+        if result.text.startswith(sent) and len(result.text) > len(sent):
+            yield result.text[len(sent) :]
+        yield result
 
-    def _result(self, text, p, score, abstained, finish, prompt_tokens, completion_tokens) -> ProbedGeneration:
+    def _result(self, text, p, score, abstained, finish, prompt_tokens, completion_tokens,
+                completion_ids=(), answer_chars=None) -> ProbedGeneration:
         if abstained and finish != "abstained":
-            text = self.abstention_message
+            text, answer_chars = self.abstention_message, None
         return ProbedGeneration(
             text=text, p_correct=float(p), score=float(score), layer=self.layer, position=self.position,
             abstained=bool(abstained), threshold=self.threshold, finish_reason=finish,
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, completion_ids=completion_ids,
+            answer_chars=answer_chars,
         )
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+class _Tee:
+    """Hands every `put`/`end` to two streamers (the batch feed and a caller's own streamer)."""
+
+    def __init__(self, *streamers: Any):
+        self.streamers = streamers
+
+    def put(self, value: Any) -> None:
+        for s in self.streamers:
+            s.put(value)
+
+    def end(self) -> None:
+        for s in self.streamers:
+            s.end()

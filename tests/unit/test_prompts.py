@@ -92,3 +92,48 @@ def test_prompt_spec_is_a_valid_structured_config():
     assert OmegaConf.to_object(cfg).few_shot_examples[0]["answer"] == "eight"
     with pytest.raises(Exception, match="instrucion"):
         cfg.instrucion = "typo"
+
+
+def test_encode_prompt_puts_leading_special_tokens_exactly_once():
+    from extract.prompts import Question, encode_prompt, leading_special_ids
+
+    both = tiny_models.word_tokenizer(add_bos=True, template_bos=True)
+    plain = tiny_models.word_tokenizer()
+    assert leading_special_ids(both) == [both.bos_token_id] and leading_special_ids(plain) == []
+    words = plain("what is 12 + 30 ?", add_special_tokens=False)["input_ids"]
+    assert encode_prompt("what is 12 + 30 ?", both, True) == [1, *words]
+    assert encode_prompt("<s> what is 12 + 30 ?", both, True) == [1, *words]  # already there: not doubled
+    assert encode_prompt("what is 12 + 30 ?", plain, True) == words  # a tokenizer without BOS gets none
+    messages = [{"role": "user", "content": "what is 12 + 30 ?"}]
+    chat_ids = encode_prompt(messages, both, True)
+    assert chat_ids == both.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"]
+    assert chat_ids.count(1) == 1 and chat_ids[0] == 1
+    # A Question is build_prompt_ids of one row, in both formats.
+    for chat in (True, False):
+        assert encode_prompt(Question(CAPITAL.question), both, chat, PromptSpec()) == build_prompt_ids(
+            [CAPITAL], both, chat, PromptSpec())[0]
+
+
+def test_encode_prompt_rejects_what_it_cannot_encode(word_tokenizer):
+    from extract.prompts import Question, encode_prompt
+
+    with pytest.raises(ValueError, match="without a chat template: send a plain text prompt"):
+        encode_prompt([{"role": "user", "content": "what"}], word_tokenizer, False)
+    with pytest.raises(ValueError, match=r"chat message \[1\] needs keys 'role' and 'content'"):
+        encode_prompt([{"role": "user", "content": "what"}, {"text": "x"}], word_tokenizer, True)
+    with pytest.raises(ValueError, match="a Question is formatted with a PromptSpec"):
+        encode_prompt(Question("what"), word_tokenizer, True)
+    with pytest.raises(TypeError, match="got int"):
+        encode_prompt(42, word_tokenizer, True)
+    with pytest.raises(ValueError, match=r"row 'q-9': prompt is \d+ tokens"):
+        encode_prompt(Question("what " * 40, "q-9"), word_tokenizer, True, PromptSpec(max_prompt_tokens=20))
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_self_evaluation_prompts_get_bos_once(chat):
+    from extract.self_eval import P_TRUE_PROMPT, _prompt_ids
+
+    tok = tiny_models.word_tokenizer(add_bos=True, template_bos=True)
+    ids = _prompt_ids(tok, P_TRUE_PROMPT.format(question="what is 2 + 2 ?", answer="4"), "\nAnswer:", chat)
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1

@@ -162,3 +162,84 @@ def test_server_with_the_real_wrapper(loaded, tmp_path):
         feedback = client.post("/v1/feedback", json={"id": reply.json()["id"], "correct": True})
         assert feedback.status_code == 200, feedback.text
         assert "probecal_calibration" in client.get("/metrics").text
+
+
+# -- one encoder: the wrapper feeds the probe exactly the ids it was trained on ---------------------------
+
+TOKENIZER_CASES = {
+    # name: (word_tokenizer kwargs, chat); "bos in template + tokenizer adds bos" is the Llama 3 / Gemma case
+    "chat-template-and-tokenizer-both-bos": ({"add_bos": True, "template_bos": True}, True),
+    "chat-template-bos-only": ({"add_bos": False, "template_bos": True}, True),
+    "chat-no-bos-at-all": ({"add_bos": False, "template_bos": False}, True),
+    "chat-tokenizer-bos-only": ({"add_bos": True, "template_bos": False}, True),
+    "base-few-shot-tokenizer-bos": ({"add_bos": True}, False),
+    "base-few-shot-no-bos": ({"add_bos": False}, False),
+}
+
+
+def fed_ids(model, monkeypatch):
+    """Record the unpadded prompt ids of every row passed to model.generate / model.forward."""
+    seen: list[list[int]] = []
+    real_generate = model.generate
+
+    def recording_generate(*args, input_ids=None, attention_mask=None, **kwargs):
+        for row, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
+            seen.append([t for t, m in zip(row, mask, strict=True) if m])
+        return real_generate(*args, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    monkeypatch.setattr(model, "generate", recording_generate)
+    return seen
+
+
+@pytest.mark.parametrize("case", list(TOKENIZER_CASES))
+def test_ask_feeds_exactly_the_training_ids(case, tiny_llama, monkeypatch, tmp_path):
+    from extract.data import QARow
+    from extract.prompts import Question, build_prompt_ids
+    from tests import tiny_models
+
+    kwargs, chat = TOKENIZER_CASES[case]
+    tok = tiny_models.word_tokenizer(chat=chat, **kwargs)
+    loaded = from_transformers(tiny_llama, tok, name="tiny-llama", chat=chat)
+    make_artifact(loaded.fingerprint, "answer_last", tmp_path)
+    wrapped = ProbedModel.from_transformers(tiny_llama, tok, tmp_path, threshold=None)
+    assert wrapped.loaded.uses_chat_template is chat
+    rows = [QARow(f"q{i}", "geo", q, ("x",)) for i, q in enumerate(QUESTIONS)]
+    trained = build_prompt_ids(rows, tok, chat, wrapped.prompt_spec)
+
+    seen = fed_ids(tiny_llama, monkeypatch)
+    results = wrapped.ask(QUESTIONS, max_new_tokens=2)
+    assert seen == trained
+    assert [r.prompt_tokens for r in results] == [len(ids) for ids in trained]
+    assert [wrapped.count_tokens(Question(q)) for q in QUESTIONS] == [len(ids) for ids in trained]
+
+    bos_expected = kwargs.get("template_bos", False) if chat else kwargs["add_bos"]
+    if case == "chat-tokenizer-bos-only":
+        bos_expected = False  # the chat template decides, as apply_chat_template(tokenize=True) does
+    for ids in trained:
+        assert ids.count(tok.bos_token_id) == int(bos_expected), ids
+        assert (ids[0] == tok.bos_token_id) is bos_expected
+
+    # The rendered training text sent as a raw completion prompt: never a second BOS.
+    seen.clear()
+    wrapped.generate([wrapped.question_prompt(q) for q in QUESTIONS], max_new_tokens=2)
+    for ids, want in zip(seen, trained, strict=True):
+        assert ids.count(tok.bos_token_id) <= 1
+        if bos_expected or not kwargs["add_bos"]:
+            assert ids == want
+
+
+def test_chat_messages_and_raw_text_get_bos_once(tiny_llama, monkeypatch, tmp_path):
+    from tests import tiny_models
+
+    tok = tiny_models.word_tokenizer(add_bos=True, template_bos=True)
+    make_artifact(from_transformers(tiny_llama, tok, name="tiny-llama").fingerprint, "answer_last", tmp_path)
+    wrapped = ProbedModel.from_transformers(tiny_llama, tok, tmp_path, threshold=None)
+    seen = fed_ids(tiny_llama, monkeypatch)
+    messages = [{"role": "user", "content": "what is 12 + 30 ?"}]
+    wrapped.generate([messages, "what is 12 + 30 ?", "<s> what is 12 + 30 ?"], max_new_tokens=2)
+    chat, raw, raw_with_bos = seen
+    assert chat == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"]
+    assert chat.count(1) == 1 and chat[0] == 1
+    assert raw == raw_with_bos == [1, *tok("what is 12 + 30 ?", add_special_tokens=False)["input_ids"]]
+    assert wrapped.count_tokens(messages) == len(chat) and wrapped.count_tokens("what is") == 3
