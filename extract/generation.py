@@ -339,7 +339,8 @@ def generate_and_capture(
     prompt_ids: token ids per prompt (already templated; no padding). Batches of
     `generation.batch_size` are left-padded. `cut_answer(text_before_stop) -> graded answer`.
     progress(n_examples, n_generated_tokens) is called after each batch.
-    streamer: a transformers streamer (TextIteratorStreamer, ...) for a single prompt.
+    streamer: a transformers streamer; it sees one batch, so give at most `generation.batch_size` prompts
+    (`put` gets the prompt ids `[batch, prompt_len]`, then the new tokens `[batch]` per step).
     Returns a `CaptureResult` in input order (activations `[n, layers, positions, hidden]`).
     Sampling (`do_sample=True`) draws from torch's global RNG: seed it for reproducible runs.
     """
@@ -352,8 +353,8 @@ def generate_and_capture(
     _check_prompts(prompt_ids, vocab_size)
     if tokenizer.pad_token_id is None:
         raise CaptureError("the tokenizer has no pad token: wrap it with extract.models.prepare_tokenizer")
-    if streamer is not None and len(prompt_ids) != 1:
-        raise CaptureError(f"a streamer needs exactly one prompt, got {len(prompt_ids)}")
+    if streamer is not None and len(prompt_ids) > generation.batch_size:
+        raise CaptureError(f"a streamer sees one batch: at most {generation.batch_size} prompts, got {len(prompt_ids)}")
     eos = _eos_ids(model, tokenizer)
     device = next(model.parameters()).device
 
