@@ -2,19 +2,19 @@
 
     <dir>/probe.safetensors   tensors: "probe.<name>" (weights, scaler) and "calibrator.<name>"
     <dir>/probe.json          ProbeMetadata (format version, kinds, params, layer, position, model
-                              fingerprint, data hash, split sizes, metrics, thresholds, library version)
-                              + the sha256 of probe.safetensors, so a corrupted file is caught on load.
+                              fingerprint, data hash, split sizes, metrics, thresholds, library version,
+                              optional parent lineage) + "digest": one sha256 over the canonical JSON of
+                              that metadata AND the bytes of probe.safetensors (`artifact_digest`).
 
-Both files are written atomically (temp file + rename), tensors first, so a reader never pairs new JSON
-with old tensors unnoticed (the hash would not match).
+The digest is required on load: an edited layer or threshold, flipped tensor bytes or a deleted digest are
+all refused before anything is used. Both files are written atomically (temp file + rename), tensors
+first, so a reader never pairs new JSON with old tensors unnoticed (the digest would not match).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,12 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from probecal.files import atomic_write_text, json_default, sha256_file
+from probecal.files import atomic_write_bytes, atomic_write_text, json_default
 from probecal.fingerprint import ModelFingerprint
 from probes.calibration import CALIBRATORS, PerCategoryCalibrator, calibrator_kind, rebuild_calibrator
 from probes.estimators import PROBES, probe_kind, rebuild_probe
 
-FORMAT_VERSION = 1
+# 2: one digest over metadata + tensors, required (version 1 hashed the tensors only, optionally).
+FORMAT_VERSION = 2
+DIGEST_KEY = "digest"
 TENSORS_FILE = "probe.safetensors"
 METADATA_FILE = "probe.json"
 
@@ -53,6 +55,8 @@ class ProbeMetadata:
     extract_settings: dict[str, Any] = field(default_factory=dict)
     library_version: str = ""
     created_at: str = ""
+    # lineage of a recalibrated artifact: {"digest": <the parent's digest>, "recalibration": {data_hash, ...}}
+    parent: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     @classmethod
@@ -65,6 +69,12 @@ class ProbeMetadata:
         missing = required - set(data)
         if missing:
             raise ArtifactError(f"{source}: missing field(s) {sorted(missing)}")
+        parent = data.get("parent")
+        if parent is not None and not (
+            isinstance(parent, dict) and isinstance(parent.get("digest"), str) and len(parent["digest"]) == 64
+        ):
+            raise ArtifactError(f"{source}: parent must be null or {{\"digest\": <64 hex characters>, ...}}; "
+                                f"got {parent!r}")
         return cls(**data)
 
 
@@ -85,6 +95,26 @@ def hash_arrays(*arrays) -> str:
 
 
 
+def _canonical_json(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), default=json_default).encode("utf-8")
+
+
+def artifact_digest(document: dict[str, Any], tensor_bytes: bytes) -> str:
+    """sha256 over the canonical JSON of the metadata `document` (without the digest itself) and the
+    bytes of probe.safetensors: any change to either changes it."""
+    digest = hashlib.sha256(b"probecal-artifact\0")
+    digest.update(_canonical_json({k: v for k, v in document.items() if k != DIGEST_KEY}))
+    digest.update(b"\0")
+    digest.update(tensor_bytes)
+    return digest.hexdigest()
+
+
+def _metadata_document(metadata: ProbeMetadata) -> dict[str, Any]:
+    """The metadata as the JSON types it is saved as (tuples -> lists, numpy -> Python), so the digest of a
+    fresh artifact equals the digest recomputed from its saved file."""
+    return json.loads(json.dumps(asdict(metadata), default=json_default))
+
+
 class ProbeArtifact:
     """A fitted probe (+ optional calibrator) and its metadata.
 
@@ -96,6 +126,23 @@ class ProbeArtifact:
         self.probe = probe
         self.calibrator = calibrator
         self.metadata = metadata
+        self._digest: str | None = None  # set by save/load; otherwise computed on demand
+
+    @property
+    def digest(self) -> str:
+        """The artifact's identity: sha256 over its canonical metadata and its tensors (see artifact_digest).
+        A recalibrated artifact records its parent's digest in `metadata.parent`."""
+        if self._digest is None:
+            self._digest = artifact_digest(_metadata_document(self.metadata), self._tensor_bytes())
+        return self._digest
+
+    def _tensor_bytes(self) -> bytes:
+        from safetensors.numpy import save
+
+        tensors = {f"probe.{k}": np.ascontiguousarray(v) for k, v in self.probe.to_tensors().items()}
+        if self.calibrator is not None:
+            tensors.update({f"calibrator.{k}": np.ascontiguousarray(v) for k, v in self.calibrator.to_tensors().items()})
+        return save(tensors)
 
     @classmethod
     def create(
@@ -133,9 +180,11 @@ class ProbeArtifact:
         return self.metadata.thresholds
 
     def abstention_threshold(self) -> float | None:
-        """The threshold `probecal train` stored (None: no reachable target, never abstain)."""
+        """The threshold stored with the probe (None: no threshold, never abstain). An unreachable target
+        has threshold None after `probecal train`; after `probecal recalibrate` it keeps a threshold above
+        every p (probes.recalibration.ABSTAIN_ALL: abstain on everything), which is returned too."""
         for entry in self.metadata.thresholds:
-            if entry.get("reachable") and entry.get("threshold") is not None:
+            if entry.get("threshold") is not None:
                 return float(entry["threshold"])
         return None
 
@@ -151,32 +200,21 @@ class ProbeArtifact:
 
     # -- saving ----------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        from safetensors.numpy import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {f"probe.{k}": np.ascontiguousarray(v) for k, v in self.probe.to_tensors().items()}
-        if self.calibrator is not None:
-            tensors.update({f"calibrator.{k}": np.ascontiguousarray(v) for k, v in self.calibrator.to_tensors().items()})
-        target = directory / TENSORS_FILE
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{TENSORS_FILE}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp)
-            digest = sha256_file(Path(tmp))
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        document = {**asdict(self.metadata), "tensors_sha256": digest}
-        atomic_write_text(directory / METADATA_FILE, json.dumps(document, indent=1, default=json_default))
+        tensor_bytes = self._tensor_bytes()
+        document = _metadata_document(self.metadata)
+        self._digest = artifact_digest(document, tensor_bytes)
+        atomic_write_bytes(directory / TENSORS_FILE, tensor_bytes)
+        document[DIGEST_KEY] = self._digest
+        atomic_write_text(directory / METADATA_FILE, json.dumps(document, indent=1))
         return directory
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
     def load(cls, directory: str | Path, expected_fingerprint: ModelFingerprint | None = None) -> ProbeArtifact:
         from safetensors import SafetensorError
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load
 
         directory = Path(directory)
         meta_path, tensors_path = directory / METADATA_FILE, directory / TENSORS_FILE
@@ -192,11 +230,29 @@ class ProbeArtifact:
         if not isinstance(document, dict):
             raise ArtifactError(f"{meta_path}: expected a JSON object, got {type(document).__name__}")
         version = document.get("format_version")
+        if version == 1:
+            raise ArtifactError(
+                f"{meta_path}: format_version 1 has no digest over metadata and tensors, so edits cannot be detected; "
+                f"retrain with `probecal train`, or, if you trust these files, run `probecal verify {directory} --rehash`"
+            )
         if version != FORMAT_VERSION:
             raise ArtifactError(
                 f"{meta_path}: format_version {version!r} is not supported by probecal (reads version {FORMAT_VERSION})"
             )
-        expected_hash = document.pop("tensors_sha256", None)
+        expected_digest = document.pop(DIGEST_KEY, None)
+        if not isinstance(expected_digest, str):
+            raise ArtifactError(f"{meta_path}: no {DIGEST_KEY!r}: the artifact cannot be checked and is refused; "
+                                "retrain with `probecal train` or restore the saved probe.json")
+        try:
+            tensor_bytes = tensors_path.read_bytes()
+        except OSError as err:
+            raise ArtifactError(f"{tensors_path}: cannot be read: {err}") from None
+        if artifact_digest(document, tensor_bytes) != expected_digest:
+            raise ArtifactError(
+                f"probe artifact {directory}: {METADATA_FILE} or {TENSORS_FILE} changed after it was saved (the digest "
+                "over metadata and tensors does not match: an edited field such as layer or threshold, or damaged "
+                "tensors); retrain with `probecal train` or restore both files from the original run"
+            )
         meta = ProbeMetadata.from_dict(document, source=str(meta_path))
         if meta.kind not in PROBES:
             raise ArtifactError(f"{meta_path}: unknown probe kind {meta.kind!r}; known: {', '.join(PROBES)}")
@@ -214,10 +270,8 @@ class ProbeArtifact:
                 fingerprint.check_matches(expected_fingerprint, what=f"probe artifact {directory}")
             except ValueError as err:
                 raise ArtifactError(str(err)) from None
-        if expected_hash is not None and sha256_file(tensors_path) != expected_hash:
-            raise ArtifactError(f"{tensors_path}: contents do not match the sha256 recorded in {meta_path} (corrupt or replaced)")
         try:
-            tensors = load_file(tensors_path)
+            tensors = load(tensor_bytes)
         except (SafetensorError, OSError, ValueError) as err:
             raise ArtifactError(f"{tensors_path}: cannot be read as safetensors (truncated or corrupt?): {err}") from None
         probe_tensors = {k.removeprefix("probe."): v for k, v in tensors.items() if k.startswith("probe.")}
@@ -231,8 +285,38 @@ class ProbeArtifact:
             )
         except (ValueError, TypeError) as err:
             raise ArtifactError(f"{directory}: probe or calibrator cannot be rebuilt: {err}") from None
-        if probe.n_features_in_ != fingerprint.hidden_size:
+        # a hybrid probe reads the hidden state plus a few logit signals; only the hidden part must match
+        n_hidden = getattr(probe, "n_hidden_features", probe.n_features_in_)
+        if n_hidden != fingerprint.hidden_size:
             raise ArtifactError(
-                f"{tensors_path}: probe reads {probe.n_features_in_} features but the model's hidden size is {fingerprint.hidden_size}"
+                f"{tensors_path}: probe reads {n_hidden} hidden features but the model's hidden size is {fingerprint.hidden_size}"
             )
-        return cls(probe, calibrator, meta)
+        artifact = cls(probe, calibrator, meta)
+        artifact._digest = expected_digest
+        return artifact
+
+
+def rehash_format1(directory: str | Path) -> str:
+    """`probecal verify DIR --rehash`: upgrade a format-1 artifact (tensor hash only, optional) to a
+    digest over metadata and tensors, trusting its metadata as it is now. The old tensor hash, when
+    present, must still match. Returns a line saying what was done; refuses anything but format 1."""
+    directory = Path(directory)
+    meta_path, tensors_path = directory / METADATA_FILE, directory / TENSORS_FILE
+    try:
+        document = json.loads(meta_path.read_text(encoding="utf-8"))
+        tensor_bytes = tensors_path.read_bytes()
+    except (OSError, ValueError) as err:
+        raise ArtifactError(f"{directory}: cannot be read for --rehash: {err}") from None
+    if not isinstance(document, dict) or document.get("format_version") != 1:
+        raise ArtifactError(f"{meta_path}: --rehash only upgrades format_version 1 artifacts; this one has "
+                            f"{document.get('format_version') if isinstance(document, dict) else '?'!r} "
+                            "(a newer artifact that fails its digest must be retrained or restored, not re-signed)")
+    old_hash = document.pop("tensors_sha256", None)
+    if old_hash is not None and hashlib.sha256(tensor_bytes).hexdigest() != old_hash:
+        raise ArtifactError(f"{tensors_path}: does not match the tensors_sha256 recorded in {meta_path}: retrain")
+    document["format_version"] = FORMAT_VERSION
+    document[DIGEST_KEY] = artifact_digest(document, tensor_bytes)
+    atomic_write_text(meta_path, json.dumps(document, indent=1))
+    ProbeArtifact.load(directory)  # everything else (kinds, fingerprint, tensors) must hold too
+    trusted = "tensors matched their recorded sha256" if old_hash else "no tensor hash was recorded: files trusted as they are"
+    return f"probe artifact {directory}: upgraded to format {FORMAT_VERSION} ({trusted}); digest {document[DIGEST_KEY]}"

@@ -28,6 +28,9 @@ class ProbeScorer:
         scorer = ProbeScorer("outputs/runs/.../probe")
         p = scorer.p_correct(vector)            # vector [hidden] -> float, or [n, hidden] -> [n]
         scorer.layer, scorer.position           # where the vector must come from
+        scorer.digest                           # the artifact's identity (metadata + tensors), for logs
+
+    Loading refuses an artifact whose digest does not match (see probes.artifact).
     """
 
     def __init__(self, probe_dir: str | Path):
@@ -35,6 +38,7 @@ class ProbeScorer:
         self.layer = self.artifact.metadata.layer
         self.position = self.artifact.metadata.position
         self.hidden_size = self.artifact.fingerprint.hidden_size
+        self.digest = self.artifact.digest
 
     def p_correct(self, vectors, categories=None):
         """[hidden] -> float, or [n, hidden] -> [n] calibrated P(correct). Accepts numpy or torch (CPU/GPU)."""

@@ -9,11 +9,13 @@ import pytest
 from extract.models import ModelFingerprint
 from probes import __version__
 from probes.artifact import (
+    DIGEST_KEY,
     METADATA_FILE,
     TENSORS_FILE,
     ArtifactError,
     ProbeArtifact,
     ProbeMetadata,
+    artifact_digest,
     hash_arrays,
     json_default,
 )
@@ -81,11 +83,12 @@ def test_files_and_metadata_contents(tmp_path):
     artifact.save(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [METADATA_FILE, TENSORS_FILE]
     meta = json.loads((tmp_path / METADATA_FILE).read_text())
-    assert meta["format_version"] == 1 and meta["kind"] == "logistic" and meta["calibrator_kind"] == "platt"
+    assert meta["format_version"] == 2 and meta["kind"] == "logistic" and meta["calibrator_kind"] == "platt"
     assert meta["model_fingerprint"] == FINGERPRINT.to_dict()
     assert meta["library_version"] == __version__ and meta["created_at"]
     assert meta["thresholds"][0]["target_accuracy"] == 0.6
-    assert len(meta["tensors_sha256"]) == 64
+    assert len(meta["digest"]) == 64 and "tensors_sha256" not in meta and meta["parent"] is None
+    assert meta["digest"] == artifact.digest == ProbeArtifact.load(tmp_path).digest
     from safetensors.numpy import load_file
 
     assert set(load_file(tmp_path / TENSORS_FILE)) == {
@@ -102,8 +105,11 @@ def saved(tmp_path):
 
 
 def edit_json(directory, **changes):
+    """Edit probe.json AND re-sign it (a consistent but invalid artifact), to reach the checks behind the digest."""
     path = directory / METADATA_FILE
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    document = {**json.loads(path.read_text()), **changes}
+    document[DIGEST_KEY] = artifact_digest(document, (directory / TENSORS_FILE).read_bytes())
+    path.write_text(json.dumps(document))
 
 
 def test_refuses_another_model_saying_what_differs(saved):
@@ -116,7 +122,7 @@ def test_refuses_another_model_saying_what_differs(saved):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"format_version": 2}, r"probe.json: format_version 2 is not supported"),
+        ({"format_version": 3}, r"probe.json: format_version 3 is not supported"),
         ({"kind": "svm"}, r"probe.json: unknown probe kind 'svm'; known: logistic, mass_mean, mlp"),
         ({"calibrator_kind": "beta"}, r"unknown calibrator kind 'beta'"),
         ({"layr": 3}, r"probe.json: unknown field\(s\) \['layr'\]"),
@@ -132,6 +138,7 @@ def test_refuses_bad_metadata_naming_the_file(saved, changes, message):
 def test_refuses_missing_field_and_corrupt_json(saved):
     document = json.loads((saved / METADATA_FILE).read_text())
     del document["layer"]
+    document[DIGEST_KEY] = artifact_digest(document, (saved / TENSORS_FILE).read_bytes())
     (saved / METADATA_FILE).write_text(json.dumps(document))
     with pytest.raises(ArtifactError, match=r"missing field\(s\) \['layer'\]"):
         ProbeArtifact.load(saved)
@@ -144,16 +151,16 @@ def test_refuses_truncated_or_corrupted_tensors(saved):
     path = saved / TENSORS_FILE
     content = path.read_bytes()
     path.write_bytes(content[:-7])
-    with pytest.raises(ArtifactError, match=r"probe.safetensors: contents do not match the sha256"):
+    with pytest.raises(ArtifactError, match=r"probe.json or probe.safetensors changed after it was saved"):
         ProbeArtifact.load(saved)
-    edit_json(saved, tensors_sha256=None)  # even without the hash, a truncated file is refused clearly
+    edit_json(saved)  # re-signed over the truncated file: still refused clearly, by the safetensors reader
     with pytest.raises(ArtifactError, match=r"probe.safetensors: cannot be read as safetensors"):
         ProbeArtifact.load(saved)
     make_artifact().save(saved)  # a fresh, valid pair; then one byte of the tensor data flips
     flipped = bytearray(path.read_bytes())
     flipped[-3] ^= 0xFF
     path.write_bytes(bytes(flipped))
-    with pytest.raises(ArtifactError, match="sha256"):
+    with pytest.raises(ArtifactError, match="digest over metadata and tensors does not match"):
         ProbeArtifact.load(saved)
 
 
@@ -161,7 +168,7 @@ def test_refuses_missing_files_and_wrong_width(tmp_path, saved):
     with pytest.raises(ArtifactError, match=r"probe.json does not exist"):
         ProbeArtifact.load(tmp_path / "nowhere")
     edit_json(saved, model_fingerprint={**FINGERPRINT.to_dict(), "hidden_size": 64})
-    with pytest.raises(ArtifactError, match="probe reads 32 features but the model's hidden size is 64"):
+    with pytest.raises(ArtifactError, match="probe reads 32 (hidden )?features but the model.s hidden size is 64"):
         ProbeArtifact.load(saved)
 
 

@@ -186,3 +186,105 @@ def test_row_record_round_trip_and_numpy_values():
     assert RowRecord.from_dict(row.to_dict()) == row
     with pytest.raises(AttributeError):
         row.label = 0
+
+
+# ------------------------------------------------------------------------- cases 4 and 5: probe artifacts
+
+
+@pytest.fixture
+def artifact_dir(tmp_path):
+    from tests.unit.test_artifact import make_artifact
+
+    make_artifact().save(tmp_path / "probe")
+    return tmp_path / "probe"
+
+
+def edit(directory, change):
+    path = directory / "probe.json"
+    document = json.loads(path.read_text())
+    change(document)
+    path.write_text(json.dumps(document, indent=1))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: d.update(layer=d["layer"] + 1),  # the server would read a layer the probe never saw
+        lambda d: d["thresholds"][0].update(threshold=0.01),
+        lambda d: d.update(parent={"digest": "0" * 64, "recalibration": {}}),  # forged lineage
+    ],
+    ids=["layer", "threshold", "parent"],
+)
+def test_case4_edited_metadata_is_refused_by_load_and_the_scorer(artifact_dir, change):
+    from probes.artifact import ArtifactError, ProbeArtifact
+    from probes.scorer import ProbeScorer
+
+    edit(artifact_dir, change)
+    message = rf"probe artifact {artifact_dir}: probe.json or probe.safetensors changed after it was saved .*retrain"
+    with pytest.raises(ArtifactError, match=message):
+        ProbeArtifact.load(artifact_dir)  # what evaluate and serve (wrapper) call
+    with pytest.raises(ArtifactError, match=message):
+        ProbeScorer(artifact_dir)
+
+
+def test_case5_deleted_digest_and_flipped_tensors_are_refused(artifact_dir):
+    from probes.artifact import ArtifactError, ProbeArtifact
+
+    edit(artifact_dir, lambda d: d.pop("digest"))
+    tensors = artifact_dir / "probe.safetensors"
+    content = bytearray(tensors.read_bytes())
+    content[-5] ^= 0xFF
+    tensors.write_bytes(bytes(content))
+    with pytest.raises(ArtifactError, match=r"probe.json: no 'digest': the artifact cannot be checked and is refused"):
+        ProbeArtifact.load(artifact_dir)
+
+
+def as_format1(directory, tensors_sha256=True):
+    """Rewrite a saved artifact the way probecal wrote it before the digest (format 1)."""
+    import hashlib
+
+    def change(document):
+        document.pop("digest")
+        document.pop("parent")
+        document["format_version"] = 1
+        if tensors_sha256:
+            document["tensors_sha256"] = hashlib.sha256((directory / "probe.safetensors").read_bytes()).hexdigest()
+
+    edit(directory, change)
+
+
+def test_format1_artifact_is_refused_until_rehashed(artifact_dir):
+    from probes.artifact import ArtifactError, ProbeArtifact, rehash_format1
+
+    as_format1(artifact_dir)
+    with pytest.raises(ArtifactError, match=rf"format_version 1 has no digest.*`probecal verify {artifact_dir} --rehash`"):
+        ProbeArtifact.load(artifact_dir)
+    assert "upgraded to format 2 (tensors matched their recorded sha256)" in rehash_format1(artifact_dir)
+    loaded = ProbeArtifact.load(artifact_dir)
+    assert loaded.metadata.parent is None and len(loaded.digest) == 64
+    with pytest.raises(ArtifactError, match="--rehash only upgrades format_version 1 artifacts"):
+        rehash_format1(artifact_dir)  # a current artifact that fails its digest is never re-signed
+
+
+def test_rehash_refuses_format1_tensors_that_changed(artifact_dir):
+    from probes.artifact import ArtifactError, rehash_format1
+
+    as_format1(artifact_dir)
+    tensors = artifact_dir / "probe.safetensors"
+    content = bytearray(tensors.read_bytes())
+    content[-5] ^= 0xFF
+    tensors.write_bytes(bytes(content))
+    with pytest.raises(ArtifactError, match="does not match the tensors_sha256 recorded"):
+        rehash_format1(artifact_dir)
+
+
+def test_recalibrated_artifact_has_its_own_digest_and_records_its_parent(artifact_dir, tmp_path):
+    from probes.artifact import ProbeArtifact
+
+    parent = ProbeArtifact.load(artifact_dir)
+    lineage = {"digest": parent.digest, "recalibration": {"data_hash": "ab" * 32, "rows": 120}}
+    child = parent.with_metadata(parent=lineage, thresholds=[])
+    assert child.digest != parent.digest
+    child.save(tmp_path / "child")
+    loaded = ProbeArtifact.load(tmp_path / "child")
+    assert loaded.digest == child.digest and loaded.metadata.parent == lineage
