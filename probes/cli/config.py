@@ -24,6 +24,14 @@ class TrainSpec:
     threshold_method: str = "ltt"  # ltt (Learn-then-Test) | clopper_pearson (simultaneous bounds)
     n_bins: int = 15  # ECE / reliability bins
     n_bootstrap: int = 1000  # bootstrap resamples for the ECE interval
+    # Transfer (probes/evaluation/transfer.py): leave-one-domain-out over the store's domains.
+    select: str = "transfer"  # transfer: site, features and C by the held-out-domain score | cv: in-domain CV sweep
+    transfer: bool = True  # measure the held-out-domain numbers of the probe and every baseline (select=cv too)
+    transfer_layer_step: int = 3  # candidate layers for select=transfer: every Nth stored layer (and the last)
+    transfer_positions: list[str] | None = None  # candidate positions (None = every stored position)
+    transfer_features: list[str] = field(default_factory=lambda: ["hidden", "hidden+logits"])  # hidden | hidden+logits
+    transfer_Cs: list[float] = field(default_factory=lambda: [0.0003, 0.001, 0.003])  # fixed C grid (the probe's C)
+    logit_weight: float = 3.0  # scale of the standardized logit features (divides their L2 penalty by its square)
 
 
 @dataclass
@@ -32,6 +40,23 @@ class EvaluateSpec:
 
     probe_dir: str | None = None  # <run dir>/probe written by `probecal train`
     split: str = "test"  # test (baselines calibrated on this data's calibration split) | all (raw baselines)
+
+
+@dataclass
+class RecalibrateSpec:
+    """`recalibrate`: refit the calibrator + threshold of evaluate.probe_dir on new labelled rows
+    (probes/recalibration.py). Rows come from `rows` (a .jsonl/.csv of id, score or p_correct, correct,
+    domain), from `from_feedback` (the server's feedback database), or else from the `data` group (the
+    model answers and is graded as in extract, at the probe's one capture site)."""
+
+    kind: str = "platt"  # platt | temperature | isotonic | per_domain (platt per domain, global fallback)
+    rows: str | None = None
+    from_feedback: str | None = None
+    heldout_fraction: float = 0.5  # held-out share of the rows: before/after metrics, refusal rule
+    output_dir: str | None = None  # where the new artifact goes (None = <run dir>/probe)
+    target_accuracy: float | None = None  # None = the parent's threshold settings
+    delta: float | None = None
+    threshold_method: str | None = None
 
 
 @dataclass
@@ -53,6 +78,7 @@ class ProbecalConfig:
     train: TrainSpec = field(default_factory=TrainSpec)
     evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
     summarize: SummarizeSpec = field(default_factory=SummarizeSpec)
+    recalibrate: RecalibrateSpec = field(default_factory=RecalibrateSpec)
     seed: int = 0
 
 

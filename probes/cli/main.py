@@ -12,6 +12,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from probes.cli.recalibrate import stage_recalibrate
+
 log = logging.getLogger("probecal")
 
 DEMO_QUESTIONS = (
@@ -187,6 +189,7 @@ STAGES: dict[str, tuple[Callable[[DictConfig], None], str]] = {
     "train": (stage_train, "sweep layers/positions, fit + calibrate the probe, evaluate on test, report"),
     "evaluate": (stage_evaluate, "evaluate a saved probe (evaluate.probe_dir=...) on any data set"),
     "serve": (stage_serve, "OpenAI-compatible HTTP server with confidence, abstention and feedback"),
+    "recalibrate": (stage_recalibrate, "refit a saved probe's calibrator + threshold on new rows (evaluate.probe_dir=...)"),
     "summarize": (stage_summarize, "collect metrics.json of a multirun (summarize.dir=...) into one table"),
     "demo": (stage_demo, "load the model and answer a few built-in questions"),
 }

@@ -1,0 +1,101 @@
+"""`probecal recalibrate`: a saved probe's calibrator and threshold refit on a new domain's labelled rows.
+
+    probecal recalibrate evaluate.probe_dir=<run>/probe data=jsonl data.path=my_domain.jsonl
+    probecal recalibrate evaluate.probe_dir=<run>/probe recalibrate.rows=scored.jsonl recalibrate.kind=isotonic
+    probecal recalibrate evaluate.probe_dir=<run>/probe recalibrate.from_feedback=outputs/feedback.db \\
+        recalibrate.kind=per_domain
+
+Writes <run dir>/recalibration.json (before/after on the held-out rows, threshold, lineage record) and,
+unless the refusal rule of probes/recalibration.py fires, the new artifact (<run dir>/probe by default).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from probecal.files import atomic_write_text, json_default
+from probes.artifact import ProbeArtifact
+from probes.cli.config import RecalibrateSpec, instantiate_group
+from probes.recalibration import (
+    RecalibrationRows,
+    make_rows,
+    read_feedback_rows,
+    read_rows_file,
+    recalibrate,
+)
+
+log = logging.getLogger(__name__)
+
+
+def rows_from_data(cfg: DictConfig, parent: ProbeArtifact) -> RecalibrationRows:
+    """Answer + grade the `data` group's questions with the configured model, capturing only the parent's
+    site (one layer, one position: a small store), and score them with the parent's probe."""
+    from extract.models import load_model
+    from extract.runner import extract_to_store, rows_and_splits
+
+    meta = parent.metadata
+    data_spec = instantiate_group(cfg.data)
+    questions, splits = rows_and_splits(data_spec)
+    loaded = load_model(instantiate_group(cfg.model))
+    parent.fingerprint.check_matches(loaded.fingerprint, f"probe artifact {cfg.evaluate.probe_dir}")
+    extract_spec = replace(instantiate_group(cfg.extract), layers=[meta.layer], positions=[meta.position])
+    store = extract_to_store(loaded, questions, splits, extract_spec, data_spec.name)
+    for key in ("prompt", "generation", "grader"):
+        trained = meta.extract_settings.get(key)
+        if trained is not None and trained != store.settings.get(key):
+            log.warning("extract.%s differs from the settings the probe was trained with (%s vs %s): the "
+                        "recalibrated probe describes answers produced this way", key, store.settings.get(key), trained)
+    X = store.read(meta.layer, meta.position)
+    domains = store.column("domain")
+    p_parent, score = parent.predict(X, categories=domains)
+    return make_rows(score, store.column("label"), domains, store.column("id"), p_parent,
+                     source=f"{data_spec.name} ({store.path})")
+
+
+def stage_recalibrate(cfg: DictConfig) -> None:
+    """Refit the calibrator + abstention threshold of evaluate.probe_dir on new rows; refuse a worse one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    spec: RecalibrateSpec = OmegaConf.to_object(cfg.recalibrate)
+    if not cfg.evaluate.probe_dir:
+        raise ValueError("probecal recalibrate needs evaluate.probe_dir=<run dir>/probe (the parent artifact)")
+    if spec.rows and spec.from_feedback:
+        raise ValueError("give recalibrate.rows or recalibrate.from_feedback, not both")
+    parent = ProbeArtifact.load(cfg.evaluate.probe_dir)
+    if spec.rows:
+        rows = read_rows_file(spec.rows, parent)
+    elif spec.from_feedback:
+        rows = read_feedback_rows(spec.from_feedback, parent.metadata.layer, parent.metadata.position)
+    else:
+        rows = rows_from_data(cfg, parent)
+    result = recalibrate(
+        parent, rows, spec.kind, spec.heldout_fraction, cfg.seed, spec.target_accuracy, spec.delta,
+        spec.threshold_method, n_bins=cfg.train.n_bins, n_bootstrap=cfg.train.n_bootstrap,
+    )
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    output = Path(spec.output_dir) if spec.output_dir else run_dir / "probe"
+    report = {
+        "parent": str(cfg.evaluate.probe_dir),
+        "accepted": result.accepted,
+        "reason": result.reason,
+        "artifact": str(output) if result.accepted else None,
+        "record": result.record,
+        "held_out": result.comparison,
+        "threshold": result.threshold.to_dict(),
+        "notes": result.notes,
+        "spec": asdict(spec),
+        "domain_accuracy": {str(d): float(np.mean(rows.y[rows.domain == d])) for d in np.unique(rows.domain)},
+    }
+    atomic_write_text(run_dir / "recalibration.json", json.dumps(report, indent=2, default=json_default))
+    print(f"\nrecalibration of {cfg.evaluate.probe_dir} on {rows.source} ({spec.kind}):\n{result.summary()}\n")
+    if not result.accepted:
+        raise ValueError(f"no artifact written: {result.reason} (details: {run_dir / 'recalibration.json'})")
+    result.artifact.save(output)
+    print(f"new artifact: {output}\nreport: {run_dir / 'recalibration.json'}")

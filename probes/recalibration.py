@@ -1,0 +1,517 @@
+"""Recalibration: refit only the calibrator and the abstention threshold of a probe on a new domain's rows.
+
+A probe's direction transfers between domains better than its calibration does (ECE 0.147 on new question
+forms against 0.053 in domain), so `recalibrate` keeps the probe and its raw score and refits the map
+score -> P(correct) and the threshold on labelled rows of the new traffic. Higher scores and p = more
+likely correct, as everywhere in probecal.
+
+    rows = RecalibrationRows(score [n], y [n], domain [n], ...)   # from a file, the feedback DB, or a store
+    result = recalibrate(parent_artifact, rows, kind="platt")
+    if result.accepted: result.artifact.save(dir)                  # new artifact, lineage in metadata.parent
+
+Protocol (one seeded split, stratified by domain x label, `heldout_fraction` of the rows held out):
+1. fit the new calibrator on the fit part;
+2. on the held-out part compare the parent's P(correct) with the new one: ECE, Brier, AUROC with bootstrap
+   95% intervals, and paired bootstrap intervals of the differences (new - parent, same resamples);
+3. REFUSAL RULE: the new calibrator is refused when it is worse than the parent beyond noise on the
+   held-out part: the paired 95% interval of ECE(new) - ECE(parent) or of Brier(new) - Brier(parent)
+   lies entirely above 0. (A worse point estimate inside the noise is reported, not refused.)
+4. the calibrator written: Platt and temperature are strictly monotone in the score, so the sets
+   {p >= t} are the raw score's top-k sets whatever the fit; they are refit on all rows and the threshold
+   is chosen on all rows. Isotonic (merges scores into steps) and per-domain (reorders rows across
+   domains) calibrators could adapt the answered sets to the labels they were fit on: the fit-part
+   calibrator is kept and the threshold is chosen on the held-out part only, so its guarantee holds.
+5. the threshold: probes.evaluation.thresholds.choose_threshold (LTT or Clopper-Pearson) at the parent's
+   target accuracy and delta. When the new rows cannot support the target, the artifact abstains on
+   every answer (threshold ABSTAIN_ALL, reachable False, a message saying so) instead of dropping the
+   threshold: answering nothing is the only policy the data guarantees.
+
+Small data: MIN_FIT_ROWS (measured by benchmarks/bench_recalibration_rows.py: Platt 30, isotonic 50) is the
+number of rows a calibrator must be fit on; below it `recalibrate` raises NotEnoughRows, saying how many more
+rows it needs. For ECE <= 0.05 expect ~150 rows for Platt and ~300 for isotonic (ROWS_FOR_ECE_005).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.special import logit
+
+from probes.artifact import ProbeArtifact, hash_arrays
+from probes.calibration import (
+    CALIBRATORS,
+    PerCategoryCalibrator,
+    PlattCalibrator,
+    TemperatureCalibrator,
+)
+from probes.evaluation.metrics import auroc, bootstrap_ci, brier, ece
+from probes.evaluation.thresholds import ThresholdResult, choose_threshold
+
+KINDS = ("platt", "temperature", "isotonic", "per_domain")
+
+# Rows a calibrator must be FIT on, measured by benchmarks/bench_recalibration_rows.py (ECE with 15 uniform
+# bins on 20,000 fresh rows of a synthetic new domain, mean over 100 fits):
+#   rows fit on          30     50     100    150    200    300
+#   platt (logistic)     0.090  0.063  0.053  0.042  0.035  0.027
+#   isotonic (logistic)  0.124  0.092  0.075  0.063  0.056  0.044
+#   isotonic (non-log.)  0.113  0.084  0.065  0.052  0.048  0.040   (platt stays ~0.10 there: wrong shape)
+# MIN_FIT_ROWS (refused below): mean ECE <= 0.10, i.e. a refit is unlikely to be worse than a parent at
+# ~0.15. ROWS_FOR_ECE_005 (advice, not enforced): mean ECE <= 0.05. Isotonic needs about twice Platt's rows.
+# Temperature has no offset: on a domain whose accuracy moved it stays at ~0.12 however many rows it gets.
+MIN_FIT_ROWS = {"platt": 30, "temperature": 30, "isotonic": 50}
+ROWS_FOR_ECE_005 = {"platt": 150, "temperature": None, "isotonic": 300}
+# Per-domain: each domain with at least MIN_FIT_ROWS[base] rows (both classes) gets its own calibrator,
+# the others use the global fallback fit on all domains, which itself needs MIN_FIT_ROWS[base] rows.
+PER_DOMAIN_BASE = "platt"
+
+# Above every probability: a policy "answer when p >= ABSTAIN_ALL" answers nothing.
+ABSTAIN_ALL = math.nextafter(1.0, 2.0)
+# Calibrators whose answered sets {p >= t} are the raw score's top-k sets whatever they were fit on.
+STRICTLY_MONOTONE = ("platt", "temperature")
+
+
+class NotEnoughRows(ValueError):
+    """Too few labelled rows (or one class only) to recalibrate safely; the message says how many more."""
+
+
+@dataclass(frozen=True)
+class RecalibrationRows:
+    """Labelled rows of the new traffic, all [n].
+
+    score: the probe's raw decision_function (higher = more likely correct) at the artifact's site.
+    y: 1 = correct, 0 = wrong. domain: group key for per-domain calibration ("" = one domain).
+    parent_p: the parent's P(correct) for the row when it was recorded (served rows); None = recompute
+    from the parent's calibrator. source: where the rows came from (for messages and the lineage record).
+    """
+
+    ids: np.ndarray
+    score: np.ndarray
+    y: np.ndarray
+    domain: np.ndarray
+    parent_p: np.ndarray | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        n = len(self.score)
+        for name in ("ids", "y", "domain") + (("parent_p",) if self.parent_p is not None else ()):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{self.source or 'rows'}: {name} has {len(getattr(self, name))} entries, score has {n}")
+        if not np.all(np.isfinite(np.asarray(self.score, dtype=np.float64))):
+            raise ValueError(f"{self.source or 'rows'}: score contains nan or inf")
+        if not np.all(np.isin(self.y, (0, 1))):
+            raise ValueError(f"{self.source or 'rows'}: correct must be 0/1")
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+    def subset(self, mask: np.ndarray) -> RecalibrationRows:
+        return RecalibrationRows(
+            self.ids[mask], self.score[mask], self.y[mask], self.domain[mask],
+            None if self.parent_p is None else self.parent_p[mask], self.source,
+        )
+
+    def data_hash(self) -> str:
+        return hash_arrays(self.ids.astype(str), self.score.astype(np.float64), self.y.astype(np.int64),
+                           self.domain.astype(str))
+
+
+def make_rows(score, y, domain=None, ids=None, parent_p=None, source: str = "") -> RecalibrationRows:
+    """RecalibrationRows from plain sequences (domain None = one domain, ids None = row numbers)."""
+    score = np.asarray(score, dtype=np.float64)
+    n = len(score)
+    return RecalibrationRows(
+        ids=np.asarray([str(i) for i in range(n)] if ids is None else ids).astype(str),
+        score=score,
+        y=np.asarray(y).astype(np.int64),
+        domain=np.full(n, "", dtype=object).astype(str) if domain is None else np.asarray(domain).astype(str),
+        parent_p=None if parent_p is None else np.asarray(parent_p, dtype=np.float64),
+        source=source,
+    )
+
+
+# -- small-data rules -------------------------------------------------------------------------------
+def min_total_rows(kind: str, heldout_fraction: float) -> int:
+    """Labelled rows needed so that the fit part holds MIN_FIT_ROWS of the kind (the held-out rest
+    checks it). Platt/temperature are refit on all rows in the end, but the check needs its own part."""
+    base = PER_DOMAIN_BASE if kind == "per_domain" else kind
+    return math.ceil(MIN_FIT_ROWS[base] / (1.0 - heldout_fraction))
+
+
+def check_enough_rows(rows: RecalibrationRows, kind: str, heldout_fraction: float) -> None:
+    need = min_total_rows(kind, heldout_fraction)
+    where = f"{rows.source}: " if rows.source else ""
+    if len(rows) < need:
+        base = PER_DOMAIN_BASE if kind == "per_domain" else kind
+        raise NotEnoughRows(
+            f"{where}{len(rows)} labelled rows; recalibrating with {kind} needs at least {need} "
+            f"({MIN_FIT_ROWS[base]} to fit {base}, the floor measured by benchmarks/bench_recalibration_rows.py, "
+            f"plus a held-out {heldout_fraction:.0%} to check it): label {need - len(rows)} more rows"
+        )
+    n_correct = int(rows.y.sum())
+    if n_correct < 2 or len(rows) - n_correct < 2:
+        raise NotEnoughRows(
+            f"{where}{n_correct} correct and {len(rows) - n_correct} wrong answers among {len(rows)} rows: "
+            "need at least 2 of each (one in the fit part, one held out) to calibrate"
+        )
+
+
+def split_rows(y: np.ndarray, domain: np.ndarray, heldout_fraction: float, seed: int) -> np.ndarray:
+    """held_out [n] bool: a seeded split stratified by domain x label (each stratum sends about
+    heldout_fraction of its rows to the held-out part; a stratum of one row stays in the fit part)."""
+    if not 0.0 < heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction={heldout_fraction!r} must be in (0, 1)")
+    rng = np.random.default_rng(seed)
+    held_out = np.zeros(len(y), dtype=bool)
+    strata = np.char.add(np.asarray(domain).astype(str), np.char.add("\x00", np.asarray(y).astype(str)))
+    for stratum in np.unique(strata):
+        rows = rng.permutation(np.flatnonzero(strata == stratum))
+        held_out[rows[: int(np.floor(heldout_fraction * len(rows) + 0.5)) if len(rows) > 1 else 0]] = True
+    return held_out
+
+
+# -- comparison -------------------------------------------------------------------------------------
+def _paired_difference_ci(metric: Callable, p_new, p_old, y, n_bootstrap: int, seed: int) -> tuple[float, float]:
+    """95% percentile interval of metric(p_new) - metric(p_old) over the same bootstrap resamples."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(int(n_bootstrap)):
+        idx = rng.integers(0, len(y), len(y))
+        values.append(metric(p_new[idx], y[idx]) - metric(p_old[idx], y[idx]))
+    values = np.asarray(values)
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def compare(p_parent, p_new, y, n_bins: int = 15, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """ECE / Brier / AUROC of the parent's and the new P(correct) on the same rows, each with a bootstrap
+    95% interval, and the paired interval of each difference (new - parent)."""
+    p_parent, p_new, y = (np.asarray(a, dtype=np.float64) for a in (p_parent, p_new, y))
+    metrics = {"ece": lambda p, t: ece(p, t, n_bins), "brier": brier, "auroc": auroc}
+    out: dict[str, Any] = {"n": int(len(y))}
+    for name, metric in metrics.items():
+        for label, p in (("before", p_parent), ("after", p_new)):
+            low, high = bootstrap_ci(metric, p, y, n_bootstrap, seed)
+            out[f"{name}_{label}"] = {"value": metric(p, y), "low": low, "high": high}
+        low, high = _paired_difference_ci(metric, p_new, p_parent, y, n_bootstrap, seed)
+        out[f"{name}_change"] = {"value": out[f"{name}_after"]["value"] - out[f"{name}_before"]["value"],
+                                 "low": low, "high": high}
+    return out
+
+
+def refusal_reason(comparison: dict[str, Any]) -> str:
+    """'' when the new calibrator may be written; else why not (the REFUSAL RULE of the module doc)."""
+    worse = [m for m in ("ece", "brier") if comparison[f"{m}_change"]["low"] > 0]
+    if not worse:
+        return ""
+    parts = [
+        f"{m.upper() if m == 'ece' else m} {comparison[f'{m}_before']['value']:.4f} -> {comparison[f'{m}_after']['value']:.4f} "
+        f"(paired 95% interval of the change [{comparison[f'{m}_change']['low']:+.4f}, {comparison[f'{m}_change']['high']:+.4f}])"
+        for m in worse
+    ]
+    return (f"the recalibrated probe is worse than its parent on the {comparison['n']} held-out rows beyond noise: "
+            + "; ".join(parts))
+
+
+# -- calibrators and parent probabilities --------------------------------------------------------------
+def new_calibrator(kind: str):
+    if kind == "per_domain":
+        return PerCategoryCalibrator(base=PER_DOMAIN_BASE, min_count=MIN_FIT_ROWS[PER_DOMAIN_BASE])
+    if kind not in CALIBRATORS or kind not in KINDS:
+        raise ValueError(f"recalibrate.kind={kind!r} is not allowed; allowed values: {', '.join(KINDS)}")
+    return CALIBRATORS[kind]()
+
+
+def parent_probabilities(parent: ProbeArtifact, rows: RecalibrationRows) -> np.ndarray:
+    """The parent's P(correct) [n]: as recorded with the rows when they carry it, else its calibrator applied
+    to the scores (domains passed as its categories: a per-category parent uses those it knows)."""
+    if rows.parent_p is not None:
+        return rows.parent_p
+    if parent.calibrator is None:
+        raise ValueError(
+            f"{rows.source or 'rows'}: the parent artifact has no calibrator, so its P(correct) cannot be computed "
+            "from scores alone: give rows with p_correct, or hidden states (data=...)"
+        )
+    return parent.calibrator.predict(rows.score, categories=rows.domain)
+
+
+def scores_from_parent_p(parent: ProbeArtifact, p: np.ndarray, source: str) -> np.ndarray:
+    """Raw scores [n] behind the parent's P(correct), for rows that carry p only. Platt and temperature are
+    invertible; other calibrators merge scores, so their rows must carry the score."""
+    calibrator = parent.calibrator
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
+    if isinstance(calibrator, PlattCalibrator) and calibrator.a_ != 0:
+        return (logit(p) - calibrator.b_) / calibrator.a_
+    if isinstance(calibrator, TemperatureCalibrator):
+        return logit(p) * calibrator.temperature_
+    kind = "none" if calibrator is None else type(calibrator).__name__
+    raise ValueError(f"{source}: rows carry p_correct but no score, and the parent's calibrator ({kind}) cannot be "
+                     "inverted (only platt and temperature can): record the probe's raw score in a `score` field")
+
+
+# -- the recalibration ---------------------------------------------------------------------------------
+@dataclass
+class RecalibrationResult:
+    accepted: bool
+    reason: str  # why it was refused ('' when accepted)
+    calibrator: Any
+    threshold: ThresholdResult
+    comparison: dict[str, Any]  # held-out part: before/after metrics with intervals
+    record: dict[str, Any]  # the lineage record: data hash, rows, kind, split, seed, ...
+    artifact: ProbeArtifact | None = None  # the new artifact (None when refused)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        c = self.comparison
+        lines = [f"held-out rows: {c['n']} (of {self.record['n_rows']}; fit on {self.record['n_fit']})",
+                 "| metric | parent | recalibrated | change (paired 95% CI) |", "|---|---:|---:|---:|"]
+        for name in ("ece", "brier", "auroc"):
+            before, after, change = c[f"{name}_before"], c[f"{name}_after"], c[f"{name}_change"]
+            lines.append(
+                f"| {name.upper() if name != 'brier' else 'Brier'} | {before['value']:.4f} [{before['low']:.3f}, {before['high']:.3f}] "
+                f"| {after['value']:.4f} [{after['low']:.3f}, {after['high']:.3f}] "
+                f"| {change['value']:+.4f} [{change['low']:+.3f}, {change['high']:+.3f}] |"
+            )
+        t = self.threshold
+        if t.reachable:
+            lines.append(f"threshold: abstain below p={t.threshold:.3f} (target {t.target_accuracy:g} at delta "
+                         f"{t.delta:g}, {t.method}; coverage {t.coverage:.3f} on {t.n_calibration} rows)")
+        else:
+            lines.append(f"threshold: {t.message}")
+        lines += self.notes
+        lines.append("accepted" if self.accepted else f"REFUSED: {self.reason}")
+        return "\n".join(lines)
+
+
+def _parent_threshold_settings(parent: ProbeArtifact) -> dict[str, Any]:
+    for entry in parent.thresholds:
+        if {"target_accuracy", "delta", "method"} <= set(entry):
+            return {k: entry[k] for k in ("target_accuracy", "delta", "method")}
+    return {}
+
+
+def guarded_threshold(p, y, target_accuracy: float, delta: float, method: str) -> ThresholdResult:
+    """choose_threshold, but an unreachable target abstains on everything (threshold ABSTAIN_ALL) instead
+    of dropping the threshold, and the message says so."""
+    result = choose_threshold(p, y, target_accuracy, delta, method)
+    if result.reachable:
+        return result
+    return ThresholdResult(
+        threshold=ABSTAIN_ALL, target_accuracy=target_accuracy, delta=delta, method=method, coverage=0.0,
+        empirical_accuracy=None, risk_upper_bound=None, reachable=False, n_calibration=len(p),
+        message=(f"the {len(p)} new rows cannot support accuracy {target_accuracy:g} at delta {delta:g} ({method}): "
+                 "abstaining on every answer until more labelled rows arrive (or lower the target)"),
+    )
+
+
+def recalibrate(
+    parent: ProbeArtifact,
+    rows: RecalibrationRows,
+    kind: str = "platt",
+    heldout_fraction: float = 0.5,
+    seed: int = 0,
+    target_accuracy: float | None = None,
+    delta: float | None = None,
+    threshold_method: str | None = None,
+    n_bins: int = 15,
+    n_bootstrap: int = 1000,
+) -> RecalibrationResult:
+    """Refit the calibrator (kind in KINDS) and the abstention threshold of `parent` on `rows`.
+
+    target_accuracy / delta / threshold_method: None = the parent's (else 0.9 / 0.1 / ltt).
+    Raises NotEnoughRows below the small-data minimum. See the module doc for the protocol and rules.
+    """
+    new_calibrator(kind)  # validates kind before any work
+    check_enough_rows(rows, kind, heldout_fraction)
+    inherited = _parent_threshold_settings(parent)
+    target_accuracy = target_accuracy if target_accuracy is not None else inherited.get("target_accuracy", 0.9)
+    delta = delta if delta is not None else inherited.get("delta", 0.1)
+    threshold_method = threshold_method or inherited.get("method", "ltt")
+
+    held_out = split_rows(rows.y, rows.domain, heldout_fraction, seed)
+    fit, check = rows.subset(~held_out), rows.subset(held_out)
+    for part, name in ((fit, "fit"), (check, "held-out")):
+        if part.y.min() == part.y.max():
+            raise NotEnoughRows(f"{rows.source or 'rows'}: the {name} part holds one class only; label more rows")
+    calibrator = new_calibrator(kind).fit(fit.score, fit.y, categories=fit.domain)
+    p_parent = parent_probabilities(parent, check)
+    p_new = calibrator.predict(check.score, categories=check.domain)
+    comparison = compare(p_parent, p_new, check.y, n_bins, n_bootstrap, seed)
+    reason = refusal_reason(comparison)
+
+    notes = []
+    if kind in STRICTLY_MONOTONE:
+        calibrator = new_calibrator(kind).fit(rows.score, rows.y, categories=rows.domain)
+        threshold = guarded_threshold(calibrator.predict(rows.score, categories=rows.domain), rows.y,
+                                      target_accuracy, delta, threshold_method)
+        notes.append(f"calibrator refit on all {len(rows)} rows ({kind} is strictly monotone: the held-out numbers "
+                     "above are for the fit-part calibrator, a conservative estimate)")
+    else:
+        threshold = guarded_threshold(p_new, check.y, target_accuracy, delta, threshold_method)
+        notes.append(f"calibrator fit on the {len(fit)} fit rows; threshold chosen on the {len(check)} held-out rows")
+    if kind == "per_domain":
+        domains, counts = np.unique(rows.domain, return_counts=True)
+        own = sorted(calibrator.per_category_)
+        short = {str(d): int(MIN_FIT_ROWS[PER_DOMAIN_BASE] - c_fit)
+                 for d in domains if str(d) not in own
+                 for c_fit in [int((fit.domain == d).sum())]}
+        notes.append(f"per-domain calibrators: {', '.join(own) or 'none'}; global fallback for "
+                     + (", ".join(f"{d} ({n} more fit rows needed)" if n > 0 else f"{d} (one class only)"
+                                  for d, n in short.items()) or "unknown domains only"))
+    record = {
+        "data_hash": rows.data_hash(),
+        "n_rows": len(rows),
+        "n_fit": len(fit),
+        "n_heldout": len(check),
+        "source": rows.source,
+        "kind": kind,
+        "heldout_fraction": heldout_fraction,
+        "seed": seed,
+        "domains": {str(d): int(c) for d, c in zip(*np.unique(rows.domain, return_counts=True), strict=True)},
+    }
+    artifact = None if reason else build_artifact(parent, calibrator, threshold, comparison, record)
+    return RecalibrationResult(not reason, reason, calibrator, threshold, comparison, record, artifact, notes)
+
+
+def build_artifact(parent: ProbeArtifact, calibrator, threshold: ThresholdResult, comparison: dict[str, Any],
+                   record: dict[str, Any]) -> ProbeArtifact:
+    """The parent's probe (same direction, same site) with the new calibrator and threshold; the lineage
+    (`parent`: the parent's digest and the recalibration record) is part of the new artifact's metadata."""
+    meta = parent.metadata
+    return ProbeArtifact.create(
+        parent.probe, calibrator, meta.layer, meta.position, parent.fingerprint,
+        training_data_hash=meta.training_data_hash,
+        split_sizes=dict(meta.split_sizes),
+        metrics={"recalibration": comparison},
+        thresholds=[threshold.to_dict()],
+        extract_settings=dict(meta.extract_settings),
+        parent={"digest": parent.digest, "recalibration": record},
+    )
+
+
+# -- reading rows -------------------------------------------------------------------------------------
+SCORE_FIELDS = ("score",)
+P_FIELDS = ("p_correct", "p")
+LABEL_FIELD = "correct"
+
+
+def _parse_label(value: Any, where: str) -> int:
+    if isinstance(value, bool) or value in (0, 1):
+        return int(value)
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes"}:
+        return 1
+    if text in {"0", "false", "no"}:
+        return 0
+    raise ValueError(f"{where}: field `correct` must be 0/1 or true/false; got {value!r}")
+
+
+def _parse_float(value: Any, where: str, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: field `{name}` must be a number; got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{where}: field `{name}` must be finite; got {value!r}")
+    return number
+
+
+def read_rows_file(path: str | Path, parent: ProbeArtifact) -> RecalibrationRows:
+    """Rows (id, score and/or p_correct, correct, optional domain) from a .jsonl or .csv file.
+
+    A row with p_correct but no score gets its score by inverting the parent's calibrator (platt and
+    temperature only). Errors name the file, the line and the field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: recalibration rows file does not exist")
+    records: list[tuple[str, dict[str, Any]]] = []
+    if path.suffix == ".jsonl":
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            records.append((where, record))
+    elif path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as fh:
+            for number, record in enumerate(csv.DictReader(fh), 2):  # line 1 is the header
+                records.append((f"{path}:{number}", {k: v for k, v in record.items() if v not in (None, "")}))
+    else:
+        raise ValueError(f"{path}: rows file must end in .jsonl or .csv")
+    if not records:
+        raise ValueError(f"{path}: no rows")
+    ids, scores, ps, labels, domains = [], [], [], [], []
+    for index, (where, record) in enumerate(records):
+        if LABEL_FIELD not in record:
+            raise ValueError(f"{where}: missing field `correct`")
+        labels.append(_parse_label(record[LABEL_FIELD], where))
+        score_name = next((f for f in SCORE_FIELDS if f in record), None)
+        p_name = next((f for f in P_FIELDS if f in record), None)
+        if score_name is None and p_name is None:
+            raise ValueError(f"{where}: needs a `score` (the probe's raw score) or a `p_correct` field")
+        scores.append(_parse_float(record[score_name], where, score_name) if score_name else math.nan)
+        p = _parse_float(record[p_name], where, p_name) if p_name else math.nan
+        if p_name and not 0.0 <= p <= 1.0:
+            raise ValueError(f"{where}: field `{p_name}` must be in [0, 1]; got {p}")
+        ps.append(p)
+        ids.append(str(record.get("id", index)))
+        domains.append(str(record.get("domain", "")))
+    score, p_arr = np.asarray(scores), np.asarray(ps)
+    missing = np.isnan(score)
+    if missing.any():
+        score[missing] = scores_from_parent_p(parent, p_arr[missing], str(path))
+    # The recorded p is the parent's only if every row has one; otherwise recompute it from the scores.
+    parent_p = None if np.isnan(p_arr).any() else p_arr
+    return make_rows(score, labels, domains, ids, parent_p, source=str(path))
+
+
+def read_feedback_rows(db_path: str | Path, layer: int | None = None, position: str | None = None) -> RecalibrationRows:
+    """Labelled responses of the server's feedback database (probes/serving/feedback.py), opened read-only:
+    (id, score, p_correct, latest label, domain when the table has that column, else one domain "").
+
+    layer / position: keep only responses scored at this capture site (a score read elsewhere means
+    nothing to this probe).
+    """
+    path = Path(db_path)
+    if not path.is_file():
+        raise ValueError(f"{path}: feedback database does not exist")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as err:
+        raise ValueError(f"{path}: cannot open the feedback database ({err})") from None
+    try:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(responses)")}
+        needed = {"id", "score", "p_correct", "correct", "layer", "position"}
+        if not needed <= columns:
+            raise ValueError(f"{path}: table `responses` lacks column(s) {sorted(needed - columns)} "
+                             "(not a probecal feedback database?)")
+        domain = "domain" if "domain" in columns else "''"
+        query = (f"SELECT id, score, p_correct, correct, COALESCE({domain}, ''), layer, position FROM responses "
+                 "WHERE correct IS NOT NULL ORDER BY label_seq")
+        fetched = conn.execute(query).fetchall()
+    except sqlite3.DatabaseError as err:
+        raise ValueError(f"{path}: not a usable feedback database ({err})") from None
+    finally:
+        conn.close()
+    kept = [r for r in fetched if (layer is None or r[5] == layer) and (position is None or r[6] == position)]
+    if not kept:
+        site = "" if layer is None else f" at layer {layer} / {position}"
+        raise NotEnoughRows(f"{path}: no labelled responses{site} ({len(fetched)} labelled in all)")
+    ids, score, p, y, dom = zip(*[r[:5] for r in kept], strict=True)
+    return make_rows(score, y, dom, ids, p, source=str(path))
