@@ -10,6 +10,7 @@ hidden state at each requested layer (`[batch, hidden]` per layer and call), and
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,6 +46,25 @@ _BLOCK_PATHS = (
 )
 _NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_norm", "norm_f")
 _EMBED_NAMES = ("embed_tokens", "wte", "embed_in", "word_embeddings", "tok_embeddings")
+_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+# Paths added with `register_block_path`, tried before the built-in ones: block path -> final norm path.
+_registered_paths: dict[str, str | None] = {}
+
+
+def register_block_path(blocks: str, final_norm: str | None = None) -> None:
+    """Teach probecal where a model family keeps its decoder blocks (process-wide; call it before
+    extraction or serving). Paths are attribute paths relative to the loaded causal LM.
+
+    blocks: the `nn.ModuleList` of decoder blocks, e.g. "backbone.layers".
+    final_norm: the norm applied after the last block (so that the last layer equals HF
+    `hidden_states[-1]`), e.g. "backbone.norm_f"; default: looked up by the usual names ("norm",
+    "ln_f", ...) next to the block list. Registered paths are tried before the built-in ones.
+    """
+    for name, path in (("blocks", blocks), ("final_norm", final_norm)):
+        if path is not None and (not isinstance(path, str) or not _PATH.fullmatch(path)):
+            raise ValueError(f"register_block_path: {name}={path!r} is not a dotted attribute path like 'model.layers'")
+    _registered_paths[blocks] = final_norm
 
 
 @dataclass
@@ -69,19 +89,38 @@ def _attr_path(obj: Any, path: str) -> Any:
     return obj
 
 
+def _module_lists(model: nn.Module, limit: int = 5) -> str:
+    """The non-empty ModuleLists of a model, for the error message: the block list is usually one."""
+    found = [f"{name!r} ({len(m)} modules)" for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) > 0]
+    return ", ".join(found[:limit]) + (" ..." if len(found) > limit else "") if found else "none"
+
+
 def find_decoder_blocks(model: nn.Module) -> DecoderLayout:
-    """Locate embeddings, decoder blocks and final norm of a causal LM (see `_BLOCK_PATHS`)."""
-    for path in _BLOCK_PATHS:
+    """Locate embeddings, decoder blocks and final norm of a causal LM (registered paths, then `_BLOCK_PATHS`)."""
+    candidates = [*_registered_paths, *(p for p in _BLOCK_PATHS if p not in _registered_paths)]
+    for path in candidates:
         blocks = _attr_path(model, path)
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
-            parent = _attr_path(model, path.rpartition(".")[0])
+            parent = _attr_path(model, path.rpartition(".")[0]) if "." in path else model
             break
     else:
         raise CaptureError(
-            f"cannot find the decoder blocks of {type(model).__name__}: none of {', '.join(_BLOCK_PATHS)} "
-            "is a non-empty nn.ModuleList. Add the path of its block list to extract.hooks._BLOCK_PATHS."
+            f"cannot find the decoder blocks of {type(model).__name__}: none of {', '.join(candidates)} is a "
+            f"non-empty nn.ModuleList. Its ModuleLists: {_module_lists(model)}. Point probecal at the block list "
+            "before extracting or serving: extract.hooks.register_block_path('<path>', final_norm='<path>')."
         )
-    norm = next((m for n in _NORM_NAMES if isinstance(m := getattr(parent, n, None), nn.Module)), None)
+    norm_path = _registered_paths.get(path)
+    if norm_path is not None:
+        norm = _attr_path(model, norm_path)
+        if not isinstance(norm, nn.Module):
+            raise CaptureError(f"register_block_path: final_norm={norm_path!r} is not a module of {type(model).__name__}")
+    else:
+        norm = next((m for n in _NORM_NAMES if isinstance(m := getattr(parent, n, None), nn.Module)), None)
+    if norm is None:
+        log.warning("%s: no final norm next to %s (looked for %s): the last layer is the last block's output, "
+                    "which differs from HF hidden_states[-1] if the model normalizes it; name it with "
+                    "register_block_path(%r, final_norm=...)", type(model).__name__, path, ", ".join(_NORM_NAMES), path)
     embed = next((m for n in _EMBED_NAMES if isinstance(m := getattr(parent, n, None), nn.Module)), None)
     if embed is None and hasattr(model, "get_input_embeddings"):
         embed = model.get_input_embeddings()

@@ -10,6 +10,7 @@ from extract.hooks import CaptureError, capture_hidden_states, find_decoder_bloc
 from extract.self_eval import p_true_confidence, parse_confidence, verbalized_confidence
 from extract.settings import POSITIONS, GenerationSpec
 from tests import tiny_models
+from tests.capture_reference import check_against_plain_forward, greedy, reference, rel_err
 
 QUESTIONS = [
     "what is the capital of france ?",
@@ -44,43 +45,8 @@ def prompts(tok):
     return [tok.encode(q) for q in QUESTIONS]
 
 
-def greedy(model, prompt, n):
-    """Unbatched plain greedy generation (no padding, no hooks): the reference token sequence."""
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt) :].tolist()
-
-
-def reference(model, prompt, answer_tokens):
-    """Plain forward over prompt + answer: hidden_states [layers+1][seq, hidden] and log-softmax [seq, vocab]."""
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([prompt + answer_tokens]), output_hidden_states=True)
-    return [h[0] for h in out.hidden_states], torch.log_softmax(out.logits[0].float(), -1)
-
-
-def rel_err(got, want):
-    got = torch.as_tensor(got)
-    return float((got - want).norm() / want.norm())
-
-
 def first_words(k):
     return lambda text: " ".join(text.split()[:k])
-
-
-def check_against_plain_forward(model, prompts, result, start=0):
-    for i, prompt in enumerate(prompts):
-        n = int(result.n_answer_tokens[i])
-        tokens = greedy(model, prompt, start + n)
-        hidden, _ = reference(model, prompt, tokens)
-        P = len(prompt)
-        want = {
-            "prompt_last": [h[P - 1] for h in hidden],
-            "answer_last": [h[P + start + n - 1] for h in hidden],
-            "answer_mean": [h[P + start : P + start + n].mean(0) for h in hidden],
-        }
-        for p, position in enumerate(result.positions):
-            for li, layer in enumerate(result.layers):
-                err = rel_err(result.activations[i, li, p], want[position][layer])
-                assert err < 1e-4, (i, position, layer, err)
 
 
 @pytest.mark.parametrize("cut", ["first3", "whole"])
