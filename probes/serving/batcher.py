@@ -1,8 +1,13 @@
 """Queue -> batches -> `generate` on one dedicated model thread, so the event loop never runs the model.
 
 One asyncio task collects up to `max_batch_size` requests (waiting at most `batch_wait_ms` after the
-first), groups them by sampling settings and calls `ProbedModel.generate` once per group on a single
-thread, so the model is never called from two threads at once.
+first), groups them (generation by sampling settings, scoring by stop strings) and calls
+`ProbedModel.generate` / `ProbedModel.score` once per group on a single thread, so the model is never
+called from two threads at once.
+
+Streaming: a request's `on_text` gets its text pieces on the event loop as the batch generates.
+Cancellation: a request whose future was cancelled (its client went away) is dropped before its batch
+starts; if every request of a running generation is cancelled, the generation stops at the next step.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+from probes.serving.forward import GenerationCancelled
 from probes.serving.protocol import ProbedModelLike, Prompt, Sampling
 from probes.serving.wrapper import ProbedGeneration
 
@@ -30,8 +37,14 @@ class ModelError(Exception):
 @dataclass
 class _Pending:
     prompt: Prompt
-    sampling: Sampling
+    key: tuple  # ("generate", Sampling) or ("score", stop strings): requests batch together when equal
     future: asyncio.Future
+    on_text: Callable[[str], None] | None = None  # streaming: called on the event loop
+    completion: Any = field(default=None)  # scoring: the completion to score
+
+    @property
+    def gone(self) -> bool:
+        return self.future.cancelled()
 
 
 class Batcher:
@@ -74,14 +87,28 @@ class Batcher:
             self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def submit(self, prompt: Prompt, sampling: Sampling) -> ProbedGeneration:
+        return await self.enqueue(prompt, sampling)
+
+    def enqueue(self, prompt: Prompt, sampling: Sampling,
+                on_text: Callable[[str], None] | None = None) -> asyncio.Future:
+        """Queue a generation; the future resolves to its ProbedGeneration (cancel it to drop the request)."""
+        return self._put(_Pending(prompt, ("generate", sampling), self._future(), on_text))
+
+    async def score(self, prompt: Any, completion: Any, stop: tuple[str, ...] | None) -> Any:
+        """Queue a completion to score (batched with other scoring requests); returns its ProbedScore."""
+        return await self._put(_Pending(prompt, ("score", stop), self._future(), completion=completion))
+
+    def _future(self) -> asyncio.Future:
         if not self.running:
             raise QueueFullError("the model worker is not running")
-        future = asyncio.get_running_loop().create_future()
+        return asyncio.get_running_loop().create_future()
+
+    def _put(self, pending: _Pending) -> asyncio.Future:
         try:
-            self._queue.put_nowait(_Pending(prompt, sampling, future))
+            self._queue.put_nowait(pending)
         except asyncio.QueueFull:
             raise QueueFullError(f"{self.max_queue_size} requests are already queued") from None
-        return await future
+        return pending.future
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -101,29 +128,46 @@ class Batcher:
                         batch.append(await asyncio.wait_for(self._queue.get(), remaining))
                     except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
                         break
-                groups: dict[Sampling, list[_Pending]] = {}
+                groups: dict[tuple, list[_Pending]] = {}
                 for pending in batch:
-                    groups.setdefault(pending.sampling, []).append(pending)
-                for sampling, group in groups.items():
-                    await self._generate(sampling, group)
+                    if not pending.gone:  # its client went away while it waited
+                        groups.setdefault(pending.key, []).append(pending)
+                for key, group in groups.items():
+                    await self._call(key, group)
         except asyncio.CancelledError:  # shutting down mid-batch: answer the requests taken off the queue
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(QueueFullError("the server is shutting down"))
             raise
 
-    async def _generate(self, sampling: Sampling, group: list[_Pending]) -> None:
+    async def _call(self, key: tuple, group: list[_Pending]) -> None:
         self._on_batch(len(group))
-        call = lambda: self.model.generate(  # noqa: E731 - runs on the model thread
-            [p.prompt for p in group], max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-            top_p=sampling.top_p, stop=list(sampling.stop) if sampling.stop else None,
-        )
+        loop = asyncio.get_running_loop()
+        kind, setting = key
+        if kind == "score":
+            call = lambda: self.model.score(  # noqa: E731 - runs on the model thread
+                [p.prompt for p in group], [p.completion for p in group], stop=list(setting) if setting else None)
+        else:
+            extra: dict[str, Any] = {}
+            if any(p.on_text for p in group):
+                def on_text(i: int, piece: str) -> None:  # model thread -> event loop
+                    if group[i].on_text is not None and not group[i].gone:
+                        loop.call_soon_threadsafe(group[i].on_text, piece)
+
+                extra = {"on_text": on_text, "cancelled": lambda: all(p.gone for p in group)}
+            call = lambda: self.model.generate(  # noqa: E731 - runs on the model thread
+                [p.prompt for p in group], max_new_tokens=setting.max_new_tokens, temperature=setting.temperature,
+                top_p=setting.top_p, stop=list(setting.stop) if setting.stop else None, **extra,
+            )
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+            results = await loop.run_in_executor(self._executor, call)
             if len(results) != len(group):
-                raise RuntimeError(f"generate returned {len(results)} results for {len(group)} prompts")
+                raise RuntimeError(f"{kind} returned {len(results)} results for {len(group)} prompts")
+        except GenerationCancelled:
+            log.info("generation stopped: all %d clients of the batch went away", len(group))
+            return
         except Exception as err:  # a model failure fails this batch only; the worker keeps serving
-            log.exception("generate failed on a batch of %d", len(group))
+            log.exception("%s failed on a batch of %d", kind, len(group))
             self._on_error()
             for pending in group:
                 if not pending.future.done():

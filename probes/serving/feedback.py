@@ -22,6 +22,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from probes.evaluation.metrics import ece as expected_calibration_error
+from probes.evaluation.metrics import reliability_curve
+
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -100,36 +103,31 @@ class CalibrationStats:
 def calibration_stats(p_correct: list[float], correct: list[bool], n_bins: int) -> CalibrationStats:
     """Accuracy, ECE and per-bin accuracy of confidences `p_correct` [n] against labels `correct` [n].
 
-    Bins are equal-width over [0, 1]: bin b holds b/n_bins <= p < (b+1)/n_bins, and p = 1.0 falls in
-    the last bin.
+    The binning is the report's (`probes.evaluation.metrics.reliability_curve`, "uniform"): bin b holds
+    edges[b] <= p < edges[b+1] with edges = linspace(0, 1, n_bins + 1), and p = 1.0 falls in the last
+    bin; one function, so the dashboard's ECE and the report's agree.
     """
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     if len(p_correct) != len(correct):
         raise ValueError(f"p_correct has {len(p_correct)} values but correct has {len(correct)}")
     n = len(p_correct)
-    counts = [0] * n_bins
-    hits = [0] * n_bins
-    conf_sums = [0.0] * n_bins
-    for p, ok in zip(p_correct, correct, strict=True):
-        b = min(int(p * n_bins), n_bins - 1)
-        counts[b] += 1
-        hits[b] += int(ok)
-        conf_sums[b] += p
+    if n == 0:
+        edges = [b / n_bins for b in range(n_bins + 1)]
+        empty = tuple(CalibrationBin(edges[b], edges[b + 1], 0, math.nan, math.nan) for b in range(n_bins))
+        return CalibrationStats(0, math.nan, math.nan, math.nan, empty)
+    labels = [int(ok) for ok in correct]
+    curve = reliability_curve(p_correct, labels, n_bins, "uniform")
     bins = tuple(
         CalibrationBin(
-            lower=b / n_bins,
-            upper=(b + 1) / n_bins,
-            count=counts[b],
-            accuracy=hits[b] / counts[b] if counts[b] else math.nan,
-            mean_confidence=conf_sums[b] / counts[b] if counts[b] else math.nan,
+            lower=float(curve.edges[b]), upper=float(curve.edges[b + 1]), count=int(curve.counts[b]),
+            accuracy=float(curve.accuracy[b]) if curve.counts[b] else math.nan,
+            mean_confidence=float(curve.confidence[b]) if curve.counts[b] else math.nan,
         )
         for b in range(n_bins)
     )
-    if n == 0:
-        return CalibrationStats(0, math.nan, math.nan, math.nan, bins)
-    ece = sum(abs(hits[b] - conf_sums[b]) / n for b in range(n_bins))  # = sum n_b/n * |acc_b - conf_b|
-    return CalibrationStats(n, sum(hits) / n, sum(conf_sums) / n, ece, bins)
+    ece = expected_calibration_error(p_correct, labels, n_bins, "uniform")
+    return CalibrationStats(n, sum(labels) / n, sum(p_correct) / n, ece, bins)
 
 
 class FeedbackStore:

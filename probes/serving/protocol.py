@@ -1,8 +1,10 @@
 """OpenAI request bodies, their validation, the error shape, and what the server needs from a model.
 
-Not supported (clear 400): n > 1, streaming, logprobs, echo, best_of, penalties, logit_bias, seed, tools /
-functions, non-text response formats, token-id prompts, several prompts in one request. Sampling defaults
-to greedy (temperature 0), the setting probes are trained on.
+Supported beyond the basics: `stream` (Server-Sent Events, `stream_options.include_usage`), `n` up to
+`serve.max_n` (each choice its own confidence). Not supported (clear 400): logprobs, echo, best_of,
+penalties, logit_bias, seed, tools / functions, non-text response formats, token-id prompts on the
+generation endpoints (use /v1/score), several prompts in one request. Sampling defaults to greedy
+(temperature 0), the setting probes are trained on.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class ProbedModelLike(Protocol):
     ) -> list[ProbedGeneration]: ...
 
     def count_tokens(self, prompt: Prompt) -> int: ...
+
+    def score(self, prompts: list, completions: list, stop: list[str] | None = None) -> list: ...
 
 
 class APIError(Exception):
@@ -122,6 +126,17 @@ class ChatCompletionRequest(_SamplingFields):
 class FeedbackRequest(_Body):
     id: str
     correct: bool
+    index: int = 0  # which choice of an n > 1 response
+
+
+class ScoreRequest(_Body):
+    """POST /v1/score: the confidence of a completion another engine generated for a prompt."""
+
+    model: str | None = None
+    prompt: Any = None  # text, or token ids (exactly one of prompt / messages)
+    messages: list[ChatMessage] | None = None
+    completion: Any  # text, or token ids (ids avoid tokenizer drift)
+    stop: Any = None  # where the answer is cut (default: the probe's training stop strings)
 
 
 def _is_off(value: Any) -> bool:
@@ -130,10 +145,7 @@ def _is_off(value: Any) -> bool:
 
 # option -> why it is refused; each is accepted only absent or at its no-op value (n=1, stream=false, ...)
 _UNSUPPORTED = {
-    "n": "only n=1 is supported (one choice per request)",
     "best_of": "best_of is not supported",
-    "stream": "streaming is not supported; send stream=false",
-    "stream_options": "stream_options is not supported (no streaming)",
     "logprobs": "logprobs are not supported",
     "top_logprobs": "top_logprobs are not supported",
     "echo": "echo is not supported",
@@ -150,10 +162,22 @@ _UNSUPPORTED = {
 }
 
 
-def _reject_unsupported(body: BaseModel) -> None:
+def _reject_unsupported(body: BaseModel, max_n: int = 1) -> None:
+    n = getattr(body, "n", None)
+    if n is not None and not 1 <= n <= max_n:
+        raise APIError(400, f"Invalid value for 'n': {n} is outside [1, {max_n}] (serve.max_n).", param="n",
+                       code="invalid_value")
+    options = getattr(body, "stream_options", None)
+    if options is not None and not (isinstance(options, dict) and set(options) <= {"include_usage"}
+                                    and isinstance(options.get("include_usage", False), bool)):
+        raise APIError(400, "Invalid value for 'stream_options': expected {'include_usage': true|false}.",
+                       param="stream_options", code="invalid_value")
+    if options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed with stream=true.", param="stream_options",
+                       code="invalid_value")
     for name, why in _UNSUPPORTED.items():
         value = getattr(body, name, None)
-        refused = value not in (None, 1) if name in ("n", "best_of") else not _is_off(value)
+        refused = value not in (None, 1) if name == "best_of" else not _is_off(value)
         if refused:
             raise APIError(400, f"Unsupported value for '{name}': {why}.", param=name, code="unsupported_parameter")
 
@@ -166,6 +190,16 @@ class Sampling:
     temperature: float
     top_p: float
     stop: tuple[str, ...] | None
+
+
+def _stop(value: Any, param: str = "stop") -> tuple[str, ...] | None:
+    stop = [value] if isinstance(value, str) else value
+    if stop is not None and (
+        not isinstance(stop, list) or not 1 <= len(stop) <= 4 or not all(isinstance(s, str) and s for s in stop)
+    ):
+        raise APIError(400, f"Invalid value for '{param}': expected a non-empty string or a list of 1 to 4 "
+                       "non-empty strings.", param=param, code="invalid_value")
+    return tuple(stop) if stop else None
 
 
 def _sampling(body: _SamplingFields, max_tokens: int | None, settings: ServeSettings) -> Sampling:
@@ -182,15 +216,7 @@ def _sampling(body: _SamplingFields, max_tokens: int | None, settings: ServeSett
     if not 0.0 < top_p <= 1.0:
         raise APIError(400, f"Invalid value for 'top_p': {top_p} is outside (0, 1].", param="top_p",
                        code="invalid_value")
-    stop = body.stop
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and (
-        not isinstance(stop, list) or not 1 <= len(stop) <= 4 or not all(isinstance(s, str) and s for s in stop)
-    ):
-        raise APIError(400, "Invalid value for 'stop': expected a non-empty string or a list of 1 to 4 "
-                       "non-empty strings.", param="stop", code="invalid_value")
-    return Sampling(max_new, temperature, top_p, tuple(stop) if stop else None)
+    return Sampling(max_new, temperature, top_p, _stop(body.stop))
 
 
 def _completion_prompt(prompt: Any) -> str:
@@ -223,3 +249,36 @@ def _chat_prompt(messages: list[ChatMessage]) -> list[dict[str, str]]:
                            param=f"messages.{i}.content", code="invalid_value")
         out.append({"role": message.role, "content": content})
     return out
+
+
+def _token_ids(value: Any, param: str, vocab_size: int | None, allow_empty: bool) -> list[int] | None:
+    """`value` as token ids, None when it is not a list (text); a clear 400 for bad ids."""
+    if not isinstance(value, list) or (value and isinstance(value[0], dict)):
+        return None
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise APIError(400, f"Invalid value for '{param}': expected a string or a list of token ids (integers).",
+                       param=param, code="invalid_value")
+    if not value and not allow_empty:
+        raise APIError(400, f"Invalid value for '{param}': the token list is empty.", param=param,
+                       code="invalid_value")
+    if vocab_size and any(not 0 <= t < vocab_size for t in value):
+        raise APIError(400, f"Invalid value for '{param}': token ids must lie in [0, {vocab_size - 1}].",
+                       param=param, code="invalid_value")
+    return value
+
+
+def _score_inputs(body: ScoreRequest, vocab_size: int | None) -> tuple[Any, Any, str]:
+    """(prompt: text | chat messages | ids, completion: text | ids, the prompt's param name)."""
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "Exactly one of 'prompt' (text or token ids) and 'messages' is required.",
+                       param="prompt", code="invalid_value")
+    if body.messages is not None:
+        prompt, param = _chat_prompt(body.messages), "messages"
+    else:
+        ids = _token_ids(body.prompt, "prompt", vocab_size, allow_empty=False)
+        prompt, param = (ids, "prompt") if ids is not None else (_completion_prompt(body.prompt), "prompt")
+    ids = _token_ids(body.completion, "completion", vocab_size, allow_empty=True)
+    if ids is None and not isinstance(body.completion, str):
+        raise APIError(400, "Invalid value for 'completion': expected a string or a list of token ids.",
+                       param="completion", code="invalid_value")
+    return prompt, ids if ids is not None else body.completion, param

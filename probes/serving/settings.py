@@ -24,10 +24,14 @@ class ServeSettings:
     calibration_bins: int = 10  # equal-width confidence bins for ECE and per-bin accuracy
     store_text: bool = True  # store prompts and answers in the database (False: only confidences)
     model_name: str | None = None  # name reported in responses (None: the wrapper's model_name)
+    max_n: int = 8  # most choices one request may ask for (n)
+    upstream: str | None = None  # proxy mode: an OpenAI-compatible engine's base URL (http://host:port/v1)
+    upstream_connect_timeout_s: float = 5.0  # unreachable upstream -> 502 after this long
+    upstream_timeout_s: float = 120.0  # no response / no next chunk from the upstream for this long -> 504
 
     def validate(self) -> None:
         positive = ("port", "max_batch_size", "max_queue_size", "default_max_tokens", "max_tokens_limit",
-                    "max_request_bytes", "calibration_window", "calibration_bins")
+                    "max_request_bytes", "calibration_window", "calibration_bins", "max_n")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -39,5 +43,11 @@ class ServeSettings:
                 f"serve.default_max_tokens={self.default_max_tokens} exceeds "
                 f"serve.max_tokens_limit={self.max_tokens_limit}"
             )
+        if self.upstream is not None and not str(self.upstream).startswith(("http://", "https://")):
+            raise ValueError(f"serve.upstream must be an http(s) URL such as http://127.0.0.1:8001/v1, "
+                             f"got {self.upstream!r}")
+        for name in ("upstream_connect_timeout_s", "upstream_timeout_s"):
+            if not 0 < getattr(self, name) <= 3600:
+                raise ValueError(f"serve.{name} must be in (0, 3600] seconds, got {getattr(self, name)!r}")
         if not self.db_path:
             raise ValueError("serve.db_path must name a SQLite file")

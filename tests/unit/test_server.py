@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 
 from probes.serving.app import create_app
 from probes.serving.settings import ServeSettings
-from probes.serving.wrapper import ProbedGeneration
+from probes.serving.wrapper import ProbedGeneration, ProbedScore
 
 
 class FakeProbedModel:
@@ -42,7 +42,8 @@ class FakeProbedModel:
     def count_tokens(self, prompt) -> int:
         return len(self._text(prompt).split()) + (0 if isinstance(prompt, str) else 2 * len(prompt))
 
-    def generate(self, prompts, *, max_new_tokens=64, temperature=0.0, top_p=1.0, stop=None):
+    def generate(self, prompts, *, max_new_tokens=64, temperature=0.0, top_p=1.0, stop=None, on_text=None,
+                 cancelled=None):
         if not self._busy.acquire(blocking=False):
             self.overlapped = True
             self._busy.acquire()
@@ -53,9 +54,29 @@ class FakeProbedModel:
                 self.gate.wait(10)
             if any("boom" in self._text(p) for p in prompts):
                 raise RuntimeError("simulated CUDA out of memory")
-            return [self._one(p) for p in prompts]
+            results = [self._one(p) for p in prompts]
+            if on_text is not None:  # stream each answer word by word
+                for i, r in enumerate(results):
+                    if not r.abstained:
+                        for word in re.findall(r"\S+\s*", r.text):
+                            on_text(i, word)
+            return results
         finally:
             self._busy.release()
+
+    def score(self, prompts, completions, stop=None):
+        self.calls.append((list(prompts), {"completions": list(completions), "stop": stop}))
+        return [self._scored(p, c) for p, c in zip(prompts, completions, strict=True)]
+
+    def _scored(self, prompt, completion) -> ProbedScore:
+        text = completion if isinstance(completion, str) else " ".join(map(str, completion))
+        found = re.search(r"p=([0-9.]+)", text) or re.search(r"p=([0-9.]+)", self._text(prompt))
+        p = float(found.group(1)) if found else 0.75
+        n_prompt = len(prompt) if prompt and isinstance(prompt[0], int) else self.count_tokens(prompt)
+        n = len(completion) if isinstance(completion, list) else len(completion.split())
+        return ProbedScore(p_correct=p, score=math.log(max(p, 1e-9) / max(1 - p, 1e-9)), layer=2,
+                           position="answer_last", abstained=p < 0.5, threshold=0.5, prompt_tokens=n_prompt,
+                           completion_tokens=n, answer_tokens=(0, n), answer_text=text.strip())
 
     def _one(self, prompt) -> ProbedGeneration:
         text = self._text(prompt)
@@ -106,7 +127,7 @@ def test_completion_response(tmp_path):
         assert choice["finish_reason"] == "stop" and choice["logprobs"] is None
         assert choice["confidence"] == {"p_correct": 0.8, "abstained": False, "threshold": 0.5,
                                         "score": pytest.approx(math.log(4)), "layer": 2,
-                                        "position": "prompt_last"}
+                                        "position": "prompt_last", "answer_chars": None}
         assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
         (prompts, kwargs), = client.model.calls
         assert prompts == ["capital of france ? p=0.8"]
@@ -182,9 +203,12 @@ BAD_REQUESTS = [
     ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},
      400, "messages.0.content", "invalid_value"),
     ("chat", {"messages": [{"role": "user", "content": None}]}, 400, "messages.0.content", "invalid_value"),
-    ("completions", {"prompt": "hi", "n": 2}, 400, "n", "unsupported_parameter"),
-    ("completions", {"prompt": "hi", "n": 0}, 400, "n", "unsupported_parameter"),
-    ("completions", {"prompt": "hi", "stream": True}, 400, "stream", "unsupported_parameter"),
+    ("completions", {"prompt": "hi", "n": 9}, 400, "n", "invalid_value"),
+    ("completions", {"prompt": "hi", "n": 0}, 400, "n", "invalid_value"),
+    ("completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options",
+     "invalid_value"),
+    ("completions", {"prompt": "hi", "stream": True, "stream_options": {"x": 1}}, 400, "stream_options",
+     "invalid_value"),
     ("completions", {"prompt": "hi", "logprobs": 3}, 400, "logprobs", "unsupported_parameter"),
     ("completions", {"prompt": "hi", "echo": True}, 400, "echo", "unsupported_parameter"),
     ("completions", {"prompt": "hi", "best_of": 3}, 400, "best_of", "unsupported_parameter"),
@@ -326,7 +350,7 @@ def test_feedback_and_calibration_metrics(tmp_path):
         ids = [complete(client, f"q{i} p={p}").json()["id"] for i, p in enumerate(P)]
         for rid, y in zip(ids, Y, strict=True):
             r = client.post("/v1/feedback", json={"id": rid, "correct": y})
-            assert r.json() == {"object": "feedback", "id": rid, "correct": y, "replaced": None}
+            assert r.json() == {"object": "feedback", "id": rid, "index": 0, "correct": y, "replaced": None}
         m = parse_metrics(client.get("/metrics").text)
         assert m["probecal_calibration_ece"] == pytest.approx(1.45 / 6)  # see test_feedback.py
         assert m["probecal_calibration_accuracy"] == pytest.approx(0.5)

@@ -1,0 +1,264 @@
+"""The work behind the routes: generation (plain and streamed), scoring completions (/v1/score), feedback.
+
+`app.py` only routes; `upstream.py` (proxy mode) reuses the response builders here.
+
+Streaming (`stream: true`): Server-Sent Events in OpenAI's chunk format. The first chunk of a chat choice
+carries the role; text chunks follow as the batch generates; the LAST chunk of each choice carries its
+`finish_reason` and `confidence` (the probe reads the finished answer, so there is no running estimate);
+`stream_options.include_usage` adds a usage chunk; then `data: [DONE]`. A pre-generation abstention
+streams the abstention message and its confidence. A client that disconnects frees its place: queued, it
+is dropped before its batch starts; running, the batch stops once all of its clients have gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+
+from probes.serving.batcher import Batcher, ModelError, QueueFullError
+from probes.serving.exposition import ServerMetrics
+from probes.serving.feedback import FeedbackStore, ResponseRecord, UnknownResponseError
+from probes.serving.protocol import (
+    APIError,
+    FeedbackRequest,
+    ProbedModelLike,
+    Prompt,
+    Sampling,
+    ScoreRequest,
+    _score_inputs,
+    _stop,
+)
+from probes.serving.settings import ServeSettings
+from probes.serving.wrapper import ProbedGeneration
+
+OBJECTS = {"completions": ("cmpl", "text_completion"), "chat.completions": ("chatcmpl", "chat.completion")}
+
+
+def echo(value: str, limit: int = 64) -> str:
+    """A client-supplied value quoted back in an error message, capped (a 900 KB id is not echoed whole)."""
+    return value if len(value) <= limit else value[:limit] + "..."
+
+
+@dataclass
+class Server:
+    """What the handlers share: one per app."""
+
+    model: ProbedModelLike
+    settings: ServeSettings
+    store: FeedbackStore
+    batcher: Batcher
+    metrics: ServerMetrics
+    model_name: str
+
+    def check_model(self, requested: str | None) -> None:
+        if requested is not None and requested != self.model_name:
+            raise APIError(404, f"The model '{echo(requested)}' does not exist; this server serves "
+                           f"'{self.model_name}'.", param="model", code="model_not_found")
+
+    async def check_length(self, prompt: Any, new_tokens: int, param: str) -> int:
+        """Prompt tokens; 400 when the prompt cannot be encoded or prompt + new tokens exceed the context."""
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            prompt_tokens = len(prompt)
+        else:
+            try:
+                prompt_tokens = await asyncio.to_thread(self.model.count_tokens, prompt)
+            except (ValueError, TypeError) as err:  # e.g. a chat template refusing the message order
+                raise APIError(400, f"Invalid value for '{param}': {err}", param=param,
+                               code="invalid_value") from None
+        limit = self.model.max_context_tokens
+        if prompt_tokens + new_tokens > limit:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_tokens + new_tokens} tokens ({prompt_tokens} in the {param}, {new_tokens} in the "
+                f"completion). Please reduce the {param} or max_tokens.",
+                param=param, code="context_length_exceeded",
+            )
+        return prompt_tokens
+
+    async def record(self, endpoint: str, response_id: str, prompt: Any, items: list[tuple[str, Any, str]]) -> None:
+        """Store served choices (text, generation or score, finish reason); choice i > 0 is `<id>:<i>`."""
+        keep = self.settings.store_text
+        records = [
+            ResponseRecord(
+                id=response_id if i == 0 else f"{response_id}:{i}", endpoint=endpoint, model=self.model_name,
+                prompt=json.dumps(prompt) if keep else None, text=text if keep else None, p_correct=g.p_correct,
+                score=g.score, layer=g.layer, position=g.position, abstained=g.abstained, threshold=g.threshold,
+                finish_reason=finish, created=time.time(),
+            )
+            for i, (text, g, finish) in enumerate(items)
+        ]
+        await asyncio.to_thread(self.store.record_responses, records)
+        for _, g, _ in items:
+            self.metrics.observe_generation(g)
+
+    def shown_text(self, gen: ProbedGeneration) -> str:
+        message = self.settings.abstention_message
+        return message if gen.abstained and message is not None else gen.text
+
+
+def confidence(gen: Any) -> dict[str, Any]:
+    out = {"p_correct": gen.p_correct, "abstained": gen.abstained, "threshold": gen.threshold,
+           "score": gen.score, "layer": gen.layer, "position": gen.position}
+    chars = getattr(gen, "answer_chars", None)
+    out["answer_chars"] = list(chars) if chars is not None else None
+    return out
+
+
+def client_finish(gen: ProbedGeneration) -> str:
+    # an abstained answer keeps finish_reason "stop" (clients only know OpenAI's values)
+    return "stop" if gen.finish_reason == "abstained" else gen.finish_reason
+
+
+def _choice_body(endpoint: str, text: str) -> dict:
+    if endpoint == "completions":
+        return {"text": text, "logprobs": None}
+    return {"message": {"role": "assistant", "content": text}, "logprobs": None}
+
+
+def _failure(err: Exception) -> APIError:
+    if isinstance(err, QueueFullError):
+        return APIError(503, f"The server is overloaded: {err}. Retry later.", type_="server_error", code="overloaded")
+    return APIError(500, f"The model failed while generating: {err}", type_="server_error", code="model_error")
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+async def generate(server: Server, endpoint: str, body: Any, prompt: Prompt, sampling: Sampling,
+                   param: str) -> Any:
+    """A completion / chat completion: the JSON body, or a StreamingResponse when `body.stream`."""
+    await server.check_length(prompt, sampling.max_new_tokens, param)
+    n = body.n or 1
+    if body.stream:
+        events: asyncio.Queue = asyncio.Queue()
+        try:
+            futures = [server.batcher.enqueue(prompt, sampling, on_text=lambda piece, i=i: events.put_nowait((i, piece)))
+                       for i in range(n)]
+        except QueueFullError as err:
+            raise _failure(err) from None
+        return stream_response(server, endpoint, prompt, futures, events, body)
+    try:
+        futures = [server.batcher.enqueue(prompt, sampling) for _ in range(n)]
+        gens = await asyncio.gather(*futures)
+    except (QueueFullError, ModelError) as err:
+        raise _failure(err) from None
+    return await respond(server, endpoint, prompt, gens)
+
+
+async def respond(server: Server, endpoint: str, prompt: Any, gens: list[ProbedGeneration]) -> dict:
+    prefix, kind = OBJECTS[endpoint]
+    response_id = f"{prefix}-{uuid.uuid4().hex}"
+    texts = [server.shown_text(g) for g in gens]
+    await server.record(endpoint, response_id, prompt, [(t, g, g.finish_reason) for t, g in zip(texts, gens, strict=True)])
+    choices = [{"index": i, **_choice_body(endpoint, t), "finish_reason": client_finish(g), "confidence": confidence(g)}
+               for i, (t, g) in enumerate(zip(texts, gens, strict=True))]
+    completion_tokens = sum(g.completion_tokens for g in gens)
+    usage = {"prompt_tokens": gens[0].prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": gens[0].prompt_tokens + completion_tokens}
+    return {"id": response_id, "object": kind, "created": int(time.time()), "model": server.model_name,
+            "choices": choices, "usage": usage}
+
+
+def stream_response(server: Server, endpoint: str, prompt: Any, futures: list[asyncio.Future],
+                    events: asyncio.Queue, body: Any) -> StreamingResponse:
+    """SSE for `futures` (one per choice); text pieces arrive on `events` as (choice, piece)."""
+    prefix, kind = OBJECTS[endpoint]
+    response_id, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+    for i, future in enumerate(futures):
+        future.add_done_callback(lambda f, i=i: events.put_nowait((i, None)))
+
+    def chunk(choices: list[dict], **extra: Any) -> str:
+        return _sse({"id": response_id, "object": f"{kind}.chunk" if endpoint != "completions" else kind,
+                     "created": created, "model": server.model_name, "choices": choices, **extra})
+
+    def piece(i: int, text: str, finish: str | None = None, **extra: Any) -> dict:
+        if endpoint == "completions":
+            return {"index": i, "text": text, "logprobs": None, "finish_reason": finish, **extra}
+        return {"index": i, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish,
+                **extra}
+
+    async def events_stream() -> AsyncIterator[str]:
+        sent, done, gens = [""] * len(futures), 0, {}
+        try:
+            if endpoint != "completions":
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None} for i in range(len(futures))])
+            while done < len(futures):
+                i, text = await events.get()
+                if text is not None:
+                    sent[i] += text
+                    yield chunk([piece(i, text)])
+                    continue
+                done += 1
+                future = futures[i]
+                if future.cancelled():
+                    continue
+                if future.exception() is not None:
+                    err = _failure(future.exception())
+                    yield _sse({"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}})
+                    return
+                gen = gens[i] = future.result()
+                final = server.shown_text(gen)
+                rest = final[len(sent[i]):] if final.startswith(sent[i]) else ""
+                if rest:
+                    yield chunk([piece(i, rest)])
+                yield chunk([piece(i, "", client_finish(gen), confidence=confidence(gen))])
+            ordered = [gens[i] for i in range(len(futures))]
+            await server.record(endpoint, response_id, prompt,
+                                [(server.shown_text(g), g, g.finish_reason) for g in ordered])
+            if include_usage:
+                tokens = sum(g.completion_tokens for g in ordered)
+                yield chunk([], usage={"prompt_tokens": ordered[0].prompt_tokens, "completion_tokens": tokens,
+                                       "total_tokens": ordered[0].prompt_tokens + tokens})
+            yield _sse("[DONE]")
+        finally:  # the client went away (or we are done): queued requests are dropped, a batch can stop
+            for future in futures:
+                future.cancel()
+
+    return StreamingResponse(events_stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def score(server: Server, body: ScoreRequest) -> dict:
+    """POST /v1/score: the confidence of a completion another engine generated."""
+    server.check_model(body.model)
+    vocab = getattr(server.model, "vocab_size", None)
+    prompt, completion, param = _score_inputs(body, vocab)
+    stop = _stop(body.stop)
+    if isinstance(completion, list):
+        completion_len = len(completion)
+    else:  # an upper bound: count_tokens may add special tokens
+        completion_len = await asyncio.to_thread(server.model.count_tokens, completion) if completion else 0
+    await server.check_length(prompt, completion_len, param)
+    try:
+        result = await server.batcher.score(prompt, completion, stop)
+    except (QueueFullError, ModelError) as err:
+        raise _failure(err) from None
+    response_id = f"score-{uuid.uuid4().hex}"
+    text = completion if isinstance(completion, str) else None
+    await server.record("score", response_id, prompt, [(text, result, "scored")])
+    return {"id": response_id, "object": "score", "created": int(time.time()), "model": server.model_name,
+            "p_correct": result.p_correct, "abstained": result.abstained, "threshold": result.threshold,
+            "score": result.score, "layer": result.layer, "position": result.position,
+            "answer_tokens": list(result.answer_tokens), "answer_text": result.answer_text,
+            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}}
+
+
+async def feedback(server: Server, body: FeedbackRequest) -> dict:
+    response_id = body.id if body.index == 0 else f"{body.id}:{body.index}"
+    try:
+        previous = await asyncio.to_thread(server.store.record_feedback, response_id, body.correct)
+    except UnknownResponseError:
+        raise APIError(404, f"No response with id '{echo(body.id)}' (choice {body.index}) was served by this "
+                       "server.", param="id", code="response_not_found") from None
+    return {"object": "feedback", "id": body.id, "index": body.index, "correct": body.correct, "replaced": previous}
