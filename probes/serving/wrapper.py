@@ -179,7 +179,10 @@ class ProbedModel:
                 recorder.clear()
                 ids, mask = left_pad(prompt_ids[begin : begin + self.max_batch_size], tok.pad_token_id,
                                       self.loaded.device)
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
+                # Positions as generate() counts them (pads skipped): with absolute position embeddings
+                # (GPT-2) a left-padded row would otherwise be scored at shifted positions.
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
                 vectors.append(recorder.last_token(self.layer)[0].float().cpu().numpy())
         return self._score(np.concatenate(vectors))
 

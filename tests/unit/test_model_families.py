@@ -105,3 +105,29 @@ def test_registered_block_path_is_captured_exactly(monkeypatch):
     hooks.register_block_path("trunk.stages", final_norm="trunk.missing")
     with pytest.raises(hooks.CaptureError, match="final_norm='trunk.missing' is not a module of OddLayout"):
         find_decoder_blocks(model)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
+def test_wrapper_prompt_scores_equal_training_capture(family, prompts, tmp_path):
+    """Pre-generation scoring (left-padded prefill) reads the same prompt_last vector as extraction's
+    generate: absolute position embeddings (GPT-2) must not shift with the padding."""
+    from extract.models import from_transformers
+    from probes.artifact import ProbeArtifact
+    from probes.calibration import PlattCalibrator
+    from probes.estimators import LogisticProbe
+    from probes.serving.wrapper import ProbedModel
+
+    tok, ids = prompts
+    model = tiny_models.tiny_family_model(family)
+    loaded = from_transformers(model, tok, name=family)
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(40, 32)), np.arange(40) % 2
+    probe = LogisticProbe(C=1.0).fit(X, y)
+    ProbeArtifact.create(probe, PlattCalibrator().fit(probe.decision_function(X), y), 2, "prompt_last",
+                         loaded.fingerprint).save(tmp_path)
+    wrapped = ProbedModel.from_transformers(model, tok, tmp_path, name=family, max_batch_size=3)
+    p_batched, _ = wrapped.score_prompts(ids)
+    captured = generate_and_capture(model, tok, ids, [2], ["prompt_last"],
+                                    GenerationSpec(max_new_tokens=1, batch_size=1, stop_strings=[]), str.strip)
+    p_trained, _ = wrapped.artifact.predict(captured.activations[:, 0, 0])
+    np.testing.assert_allclose(p_batched, p_trained, rtol=1e-4, atol=1e-6)
