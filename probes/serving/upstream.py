@@ -121,7 +121,8 @@ async def proxy(server: Server, upstream: Upstream, endpoint: str, body: Any, ra
         results = await _scores(server, prompt, texts, stop)
         for choice, result in zip(choices, results, strict=True):
             choice["confidence"] = confidence(result) | {"answer_chars": None}
-        response_id = data.get("id") or f"{OBJECTS[endpoint][0]}-{uuid.uuid4().hex}"
+        # our own id (the one /v1/feedback knows): upstream ids need not be unique across engines
+        response_id = data["id"] = f"{OBJECTS[endpoint][0]}-{uuid.uuid4().hex}"
         await server.record(endpoint, response_id, prompt, [(t, r, c.get("finish_reason") or "stop")
                                                             for t, r, c in zip(texts, results, choices, strict=True)])
         return JSONResponse(data)
@@ -143,6 +144,7 @@ async def _pass_through(server: Server, upstream: Upstream, endpoint: str, reply
     texts: dict[int, str] = {}
     finishes: dict[int, str] = {}
     last: dict[str, Any] = {}
+    response_id = f"{OBJECTS[endpoint][0]}-{uuid.uuid4().hex}"  # replaces the upstream's (see proxy)
     try:
         try:
             async for line in reply.aiter_lines():
@@ -151,10 +153,15 @@ async def _pass_through(server: Server, upstream: Upstream, endpoint: str, reply
                 payload = line[5:].strip()
                 if payload == "[DONE]":
                     break
-                yield _sse(payload)
                 try:
                     chunk = json.loads(payload)
                 except ValueError:
+                    yield _sse(payload)
+                    continue
+                if isinstance(chunk, dict) and "id" in chunk:
+                    chunk["id"] = response_id
+                yield _sse(chunk)
+                if not isinstance(chunk, dict):
                     continue
                 last = chunk
                 for choice in chunk.get("choices") or []:
@@ -175,7 +182,6 @@ async def _pass_through(server: Server, upstream: Upstream, endpoint: str, reply
             yield _sse({"error": {"message": failure.message, "type": failure.type, "param": None,
                                   "code": failure.code}})
             return
-        response_id = last.get("id") or f"{OBJECTS[endpoint][0]}-{uuid.uuid4().hex}"
         kind = OBJECTS[endpoint][1] + ("" if endpoint == "completions" else ".chunk")
         for i, result in zip(indices, results, strict=True):
             choice = {"index": i, "logprobs": None, "finish_reason": finishes.get(i, "stop"),

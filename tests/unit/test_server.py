@@ -37,7 +37,9 @@ class FakeProbedModel:
 
     @staticmethod
     def _text(prompt) -> str:
-        return prompt if isinstance(prompt, str) else " ".join(m["content"] for m in prompt)
+        if isinstance(prompt, str):
+            return prompt
+        return " ".join(str(m) if isinstance(m, int) else m["content"] for m in prompt)  # ids or messages
 
     def count_tokens(self, prompt) -> int:
         return len(self._text(prompt).split()) + (0 if isinstance(prompt, str) else 2 * len(prompt))
