@@ -137,3 +137,25 @@ def test_self_evaluation_prompts_get_bos_once(chat):
     tok = tiny_models.word_tokenizer(add_bos=True, template_bos=True)
     ids = _prompt_ids(tok, P_TRUE_PROMPT.format(question="what is 2 + 2 ?", answer="4"), "\nAnswer:", chat)
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+
+
+def test_demo_feeds_the_training_ids(tiny_llama, tmp_path, monkeypatch, capsys):
+    """`probecal demo` encodes its questions exactly like extraction (BOS once with a BOS-writing template)."""
+    from extract.models import from_transformers
+    from probes.cli import main as cli
+
+    tok = tiny_models.word_tokenizer(add_bos=True, template_bos=True)
+    monkeypatch.setattr("extract.models.load_model", lambda spec: from_transformers(tiny_llama, tok, name="tiny"))
+    seen = []
+    real_generate = tiny_llama.generate
+
+    def recording_generate(*args, input_ids=None, **kwargs):
+        seen.append(input_ids[0].tolist())
+        return real_generate(*args, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(tiny_llama, "generate", recording_generate)
+    assert cli.main(["demo", "model=hf", "model.path=tiny-in-process", f"hydra.run.dir={tmp_path / 'run'}"]) in (0, None)
+    rows = [QARow(f"d{i}", "demo", q, ("x",)) for i, q in enumerate(cli.DEMO_QUESTIONS)]
+    assert seen == build_prompt_ids(rows, tok, True, PromptSpec())  # conf/extract/default.yaml = PromptSpec()
+    assert all(ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id for ids in seen)
+    assert "Q: What is the capital of France?" in capsys.readouterr().out
