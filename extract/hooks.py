@@ -5,6 +5,10 @@ input of block 1 = embedding output; layer i = output of block i; the last layer
 norm, exactly like `hidden_states[-1]`). Hooks keep, for every forward call, only the LAST position's
 hidden state at each requested layer (`[batch, hidden]` per layer and call), and are always removed
 (`capture_hidden_states` is a context manager).
+
+Blocks are found at the usual attribute paths (`_BLOCK_PATHS`: Llama, Mistral, Qwen, Gemma 2/3, Phi-3,
+GPT-2, NeoX, OPT, MPT, OLMo); a model that keeps them elsewhere is named once with
+`register_block_path("backbone.layers", final_norm="backbone.norm_f")`.
 """
 
 from __future__ import annotations
