@@ -396,8 +396,66 @@ class MLPProbe(_Probe):
     def decision_function(self, X) -> np.ndarray:
         """score [n] (a logit; higher = more likely correct)."""
         X = self._predict_inputs(X)
-        hidden = np.maximum(((X - self.mean_) / self.scale_) @ self.w1_ + self.b1_, 0.0)
-        return hidden @ self.w2_ + self.b2_
+        return mlp_decision(X, self.mean_, self.scale_, self.w1_, self.b1_, self.w2_, self.b2_)
+
+
+class HybridProbe(LogisticProbe):
+    """LogisticProbe over the hidden state AND the model's own logit signals: X [n, hidden + m], whose last
+    m columns are the logit signals named by `logit_features`, in that order, oriented higher = more
+    confident (probes.evaluation.transfer.logit_feature_matrix builds them from a store's baselines).
+
+    Why: logit signals (sequence probability, mean log-probability) keep their ranking across domains while
+    hidden-state directions learned on a few domains do not; the hybrid leans on both. logit_weight scales
+    the standardized logit columns, which divides their L2 penalty by logit_weight**2 (a handful of strong
+    signals next to hundreds of hidden columns). Higher decision_function = more likely correct.
+    Learned: as LogisticProbe (mean_, scale_ and coef_ span hidden + m columns).
+    """
+
+    kind = "hybrid"
+
+    def __init__(
+        self,
+        logit_features=("mean_logprob",),
+        logit_weight: float = 1.0,
+        C: float | None = None,
+        Cs=(1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0),
+        cv: int = 5,
+        class_weight: str | None = "balanced",
+        max_iter: int = 500,
+        tol: float = 1e-4,
+        random_state: int = 0,
+    ):
+        self.logit_features = logit_features
+        self.logit_weight = logit_weight
+        super().__init__(C, Cs, cv, class_weight, max_iter, tol, random_state)
+
+    @property
+    def n_hidden_features(self) -> int:
+        """Width of the hidden-state part of X (what the model's hidden size must equal)."""
+        check_is_fitted(self)
+        return int(self.n_features_in_) - len(self.logit_features)
+
+    def fit(self, X, y):
+        """X [n, hidden + m] (hidden state, then the m logit signals), y [n] (1 = correct). Returns self."""
+        m = len(self.logit_features)
+        if m < 1 or not all(isinstance(name, str) for name in self.logit_features):
+            raise ValueError(f"logit_features={self.logit_features!r} must name at least one logit signal")
+        if not self.logit_weight > 0:
+            raise ValueError(f"logit_weight={self.logit_weight!r} must be > 0")
+        if self.C is not None and not self.C > 0:
+            raise ValueError(f"C={self.C!r} must be > 0 (or None to choose it by cross-validation)")
+        X, y01 = self._fit_inputs(X, y)
+        if X.shape[1] <= m:
+            raise ValueError(f"X has {X.shape[1]} columns; expected the hidden state followed by {m} logit signals")
+        self.mean_, self.scale_ = standardize_stats(X)
+        self.scale_[-m:] /= float(self.logit_weight)  # standardized logit columns come out logit_weight times larger
+        Z = (X - self.mean_) / self.scale_
+        C = float(self.C) if self.C is not None else self._choose_C(Z, y01)
+        coef, intercept, self.n_iter_ = logistic_fold_fit(
+            Z, y01, np.ones((1, len(y01)), dtype=bool), C, self._class_weight(), self.tol, self.max_iter
+        )
+        self.coef_, self.intercept_, self.C_ = coef[0], np.float64(intercept[0]), np.float64(C)
+        return self
 
 
 def register_probe(cls: type[_Probe]) -> type[_Probe]:
@@ -409,7 +467,7 @@ def register_probe(cls: type[_Probe]) -> type[_Probe]:
 
 
 PROBES: dict[str, type[_Probe]] = {}
-for _cls in (LogisticProbe, MassMeanProbe, MLPProbe):
+for _cls in (LogisticProbe, MassMeanProbe, MLPProbe, HybridProbe):
     register_probe(_cls)
 
 

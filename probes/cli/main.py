@@ -105,14 +105,17 @@ def stage_train(cfg: DictConfig) -> None:
         "probe": artifact.metadata.kind, "calibration": artifact.metadata.calibrator_kind,
         "split sizes": json.dumps(data.sizes()),
         "abstention": _threshold_sentence(thresholds),
+        "selection": f"train.select={train_spec.select}: {extra['selection']['candidate']} "
+                     f"(by {extra['selection']['by']})",
     }
     report, headline = write_run_outputs(
         run_dir, f"probecal: {model_name} on {cfg.data.name}", table, methods, data, mask, train_spec,
-        sweep_result, {"notes": notes, "thresholds": thresholds, "selected": notes["selected site"],
+        sweep_result, {**extra, "notes": notes, "thresholds": thresholds, "selected": notes["selected site"],
                        "model": model_name, "data": cfg.data.name, "seconds": time.perf_counter() - start},
     )
-    print(f"\nselected {notes['selected site']}; {notes['abstention']}\n")
-    print(f"Test split, probe vs best baseline:\n{headline}\n\nreport: {report}")
+    print(f"\nselected {notes['selected site']} ({notes['selection']}); {notes['abstention']}\n")
+    where = "Test split" + (" (in domain) and held-out domains (leave-one-domain-out)" if extra.get("transfer") else "")
+    print(f"{where}, probe vs best baseline:\n{headline}\n\nreport: {report}")
 
 
 def _threshold_sentence(info: dict) -> str:

@@ -2,7 +2,12 @@
 
 Splits are the ones recorded in the store (`split` per row, seeded and stratified by category):
 the layer sweep and the probe use `train` only, the calibrator and the abstention threshold use
-`calibration`, and every reported number uses `test`.
+`calibration`, and every in-domain number uses `test`.
+
+Transfer (train.transfer, probes/evaluation/transfer.py): leave-one-domain-out over the store's domains
+measures the probe and every baseline on domains they never saw; with train.select=transfer (the default)
+the probe's site, features (hidden state, or hidden state + logit signals: the `hybrid` kind) and C are the
+ones with the best held-out-domain within-category AUROC, instead of the best in-domain CV AUROC.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from extract.data import SPLITS
-from extract.store import ActivationStore
+from extract.store import ActivationStore, StoreError
 from probecal.files import atomic_write_text
 from probes.artifact import ProbeArtifact, hash_arrays, json_default
 from probes.cli.config import TrainSpec
@@ -26,11 +31,44 @@ from probes.evaluation.report import ReportInputs, write_report
 from probes.evaluation.sweep import SweepResult, sweep
 from probes.evaluation.tables import EvalTable, calibrate_baselines, evaluate
 from probes.evaluation.thresholds import choose_threshold, realised
+from probes.evaluation.transfer import (
+    FEATURE_SETS,
+    CandidateSearch,
+    DomainFolds,
+    TransferTable,
+    design_matrix,
+    domain_folds,
+    fold_logistic_scores,
+    generic_fold_scores,
+    logit_feature_matrix,
+    score_candidates,
+    transfer_table,
+)
 
 log = logging.getLogger(__name__)
 
 PROBE_METHOD = "probe"
 PROBE_RAW_METHOD = "probe (uncalibrated)"
+SELECT_MODES = ("transfer", "cv")
+
+
+def row_domains(store: ActivationStore) -> np.ndarray:
+    """[n] domain of each row: the record's `domain`, else (older stores, empty values) its category."""
+    categories = store.column("category").astype(str)
+    try:
+        domains = store.column("domain").astype(str)
+    except (StoreError, KeyError):
+        return categories
+    return np.where(domains == "", categories, domains)
+
+
+def probe_features(probe, store: ActivationStore, layer: int, position: str) -> np.ndarray:
+    """X [n, hidden (+ m)]: the hidden state at the probe's site, then the logit signals a hybrid probe reads."""
+    X = store.read(layer, position)
+    names = getattr(probe, "logit_features", None)
+    if not names:
+        return X
+    return np.hstack([X, logit_feature_matrix(store.baselines, list(names))]).astype(np.float32)
 
 
 @dataclass
@@ -38,6 +76,7 @@ class SplitData:
     y: np.ndarray  # [n] 1 = correct
     categories: np.ndarray  # [n] str
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # split name -> [n] bool
+    domains: np.ndarray | None = None  # [n] str, groups of related categories (None = the categories)
 
     @classmethod
     def from_store(cls, store: ActivationStore, splits: Sequence[str] | None = None) -> SplitData:
@@ -54,7 +93,7 @@ class SplitData:
         if unknown:
             raise ValueError(f"unknown split name(s) {unknown}; allowed: {', '.join(SPLITS)}")
         masks = {name: split == name for name in SPLITS}
-        return cls(store.column("label").astype(int), store.column("category").astype(str), masks)
+        return cls(store.column("label").astype(int), store.column("category").astype(str), masks, row_domains(store))
 
     def sizes(self) -> dict[str, int]:
         return {k: int(v.sum()) for k, v in self.masks.items()}
@@ -76,16 +115,68 @@ def _calibrator(cfg_calibration):
     return instantiate_group(cfg_calibration)
 
 
+def check_train_spec(spec: TrainSpec) -> None:
+    """Validate the transfer/selection options of `train` with messages that name the allowed values."""
+    if spec.select not in SELECT_MODES:
+        raise ValueError(f"train.select={spec.select!r} is not allowed; allowed values: {', '.join(SELECT_MODES)}")
+    if spec.select == "transfer" and not spec.transfer:
+        raise ValueError("train.select=transfer selects by the held-out-domain score: it needs train.transfer=true")
+    unknown = [f for f in spec.transfer_features if f not in FEATURE_SETS]
+    if unknown or not spec.transfer_features:
+        raise ValueError(f"train.transfer_features={list(spec.transfer_features)!r}; allowed values: "
+                         f"a non-empty list of {', '.join(FEATURE_SETS)}")
+    if int(spec.transfer_layer_step) < 1:
+        raise ValueError(f"train.transfer_layer_step={spec.transfer_layer_step!r} must be >= 1")
+    if not spec.transfer_Cs or min(spec.transfer_Cs) <= 0:
+        raise ValueError(f"train.transfer_Cs={list(spec.transfer_Cs)!r} must be a non-empty list of positive numbers")
+    if not spec.logit_weight > 0:
+        raise ValueError(f"train.logit_weight={spec.logit_weight!r} must be > 0")
+
+
+def candidate_layers(stored: Sequence[int], step: int) -> list[int]:
+    """Every `step`-th stored layer, and always the last one (a coarse grid keeps the LODO search fast)."""
+    stored = sorted(stored)
+    return sorted(set(stored[::step]) | {stored[-1]})
+
+
+def _logistic_base(cfg_probe):
+    """The configured probe, and the LogisticProbe settings a transfer candidate inherits from it."""
+    from probes.cli.config import instantiate_group
+    from probes.estimators import LogisticProbe
+
+    configured = instantiate_group(cfg_probe)
+    if type(configured) is not LogisticProbe:
+        return configured, None
+    params = configured.get_params()
+    return configured, {k: params[k] for k in ("class_weight", "max_iter", "tol", "random_state")}
+
+
+def _candidate_probe(candidate, base: dict, logit_names: list[str], logit_weight: float):
+    from probes.estimators import HybridProbe, LogisticProbe
+
+    if candidate.features == "hidden+logits":
+        return HybridProbe(logit_features=tuple(logit_names), logit_weight=logit_weight, C=candidate.C, **base)
+    return LogisticProbe(C=candidate.C, **base)
+
+
 def train_probe(
     store: ActivationStore, cfg_probe, cfg_calibration, spec: TrainSpec, seed: int = 0,
     splits: Sequence[str] | None = None,
 ) -> tuple[ProbeArtifact, SweepResult, dict[str, Any]]:
-    """Sweep sites on train, fit the probe at the best site, calibrate + pick the threshold on calibration.
+    """Select the probe (site, features, C), fit it on train, calibrate + pick the threshold on calibration,
+    and measure leave-one-domain-out transfer of the probe and every baseline.
 
+    train.select=cv: the site with the best in-domain CV AUROC, the configured probe (its own C choice).
+    train.select=transfer: the (site, feature set, C) with the best held-out-domain within-category AUROC among
+    a coarse grid (probes.evaluation.transfer.score_candidates); a non-logistic probe group keeps its kind and
+    only the site is selected this way.
     splits: [n] split of each store row (None = the ones recorded in the store, see `SplitData.from_store`).
+    extra: {"threshold", "transfer" (TransferTable | None), "candidates" (CandidateSearch | None),
+    "selection" (what was chosen and how), "transfer_seconds"}.
     """
-    from probes.cli.config import instantiate_group
+    import time
 
+    check_train_spec(spec)
     data = SplitData.from_store(store, splits)
     for split in ("train", "calibration"):
         _check_split(split, data)
@@ -97,18 +188,77 @@ def train_probe(
                    n_folds=spec.n_folds, seed=seed, categories=data.categories[train])
     log.info("sweep: best site layer %d / %s (AUROC %.3f)", result.best_layer, result.best_position,
              result.best_row().auroc_mean)
-    X = store.read(result.best_layer, result.best_position)
-    probe = instantiate_group(cfg_probe).fit(X[train], data.y[train])
+
+    started = time.perf_counter()
+    folds = domain_folds(data.domains, train, calib, data.y) if spec.transfer else None
+    configured, base = _logistic_base(cfg_probe)
+    logit_names = sorted(store.baselines)
+    logits = logit_feature_matrix(store.baselines, logit_names) if logit_names else None
+    search: CandidateSearch | None = None
+    if spec.select == "transfer":
+        feature_sets = list(spec.transfer_features) if base is not None else ["hidden"]
+        if logits is None:
+            feature_sets = [f for f in feature_sets if f == "hidden"] or ["hidden"]
+        search = score_candidates(
+            lambda layer, pos: store.read(layer, pos), logits, data.y, data.categories, folds,
+            candidate_layers(layers, spec.transfer_layer_step),
+            spec.transfer_positions if spec.transfer_positions is not None else positions,
+            feature_sets, spec.transfer_Cs, spec.logit_weight,
+        )
+        chosen = search.best()
+        log.info("transfer selection: %s (held-out-domain within-category AUROC %.3f, %.1f s)",
+                 chosen.candidate.describe(), chosen.heldout_auroc, search.seconds)
+        layer, position = chosen.candidate.layer, chosen.candidate.position
+        probe = _candidate_probe(chosen.candidate, base, logit_names, spec.logit_weight) if base else configured
+        selection = {"by": "held-out-domain within-category AUROC (leave-one-domain-out)",
+                     "candidate": chosen.candidate.describe() if base else f"layer {layer} / {position}",
+                     "heldout_auroc": chosen.heldout_auroc}
+    else:
+        layer, position, probe = result.best_layer, result.best_position, configured
+        selection = {"by": "in-domain CV AUROC (layer sweep)", "candidate": f"layer {layer} / {position}",
+                     "cv_auroc": result.best_row().auroc_mean}
+
+    X = probe_features(probe, store, layer, position)
+    probe.fit(X[train], data.y[train])
     calibrator = _calibrator(cfg_calibration).fit(
         probe.decision_function(X[calib]), data.y[calib], categories=data.categories[calib]
     )
     artifact = ProbeArtifact.create(
-        probe, calibrator, result.best_layer, result.best_position, store.fingerprint,
+        probe, calibrator, layer, position, store.fingerprint,
         training_data_hash=hash_arrays(X[train], data.y[train]), split_sizes=data.sizes(),
     )
     p_calib, _ = artifact.predict(X[calib], categories=data.categories[calib])
     threshold = choose_threshold(p_calib, data.y[calib], spec.target_accuracy, spec.delta, spec.threshold_method)
-    return artifact, result, {"threshold": threshold}
+
+    transfer = None
+    if folds is not None:
+        transfer = measure_transfer(probe, X, store.baselines, data, folds, cfg_calibration, cfg_probe, spec)
+    return artifact, result, {"threshold": threshold, "transfer": transfer, "candidates": search,
+                              "selection": selection, "transfer_seconds": time.perf_counter() - started}
+
+
+def measure_transfer(probe, X: np.ndarray, baselines: dict[str, np.ndarray], data: SplitData, folds: DomainFolds,
+                     cfg_calibration, cfg_probe, spec: TrainSpec) -> TransferTable:
+    """Held-out-domain numbers of the probe as trained (same kind, features and C; refit per fold) and of every
+    baseline, each calibrated on the other domains' calibration rows with the configured calibrator."""
+    from probes.calibration import calibrator_kind
+    from probes.cli.config import instantiate_group
+    from probes.estimators import HybridProbe, LogisticProbe
+
+    if type(probe) in (LogisticProbe, HybridProbe) and probe.C is not None:
+        # fixed C: all folds in one batched solve, standardized (and logit-weighted) as the probe does
+        n_logits = len(getattr(probe, "logit_features", ()))
+        hidden = X[:, : X.shape[1] - n_logits]
+        logits = X[:, X.shape[1] - n_logits :] if n_logits else None
+        Z = design_matrix(hidden, logits, "hidden+logits" if n_logits else "hidden",
+                          getattr(probe, "logit_weight", 1.0), folds.fit.any(axis=0))
+        scores, _ = fold_logistic_scores(Z, data.y, folds.fit, float(probe.C), probe._class_weight(),
+                                         tol=1e-4, max_iter=500)
+    else:  # any other probe (or C chosen by CV): one fit per held-out domain
+        scores = generic_fold_scores(X, data.y, folds.fit, lambda: instantiate_group(cfg_probe))
+    label = calibrator_kind(_calibrator(cfg_calibration))
+    return transfer_table({PROBE_METHOD: scores}, baselines, data.y, data.categories, folds,
+                          lambda: _calibrator(cfg_calibration), label, spec.n_bins)
 
 
 def evaluate_on_store(
@@ -129,7 +279,7 @@ def evaluate_on_store(
     mask = data.masks[split] if split else np.ones(len(data.y), bool)
     if mask.sum() == 0:
         raise ValueError(f"the store at {store.path} has no rows in the {split!r} split")
-    X = store.read(artifact.metadata.layer, artifact.metadata.position)
+    X = probe_features(artifact.probe, store, artifact.metadata.layer, artifact.metadata.position)
     p, score = artifact.predict(X[mask], categories=data.categories[mask])
     methods: dict[str, np.ndarray] = {PROBE_METHOD: p}
     if artifact.calibrator is not None:
@@ -167,48 +317,106 @@ def best_baseline(table: EvalTable) -> str | None:
     return max(candidates, key=key) if candidates else None
 
 
-def headline(table: EvalTable, baseline: str | None) -> str:
-    """The lines printed at the end of a run: probe vs the best baseline on the headline metrics."""
+TRANSFER_HEADLINE = ("within_cat_auroc", "ece", "brier")
+
+
+def _cell(value) -> str:
+    return "n/a" if value is None or np.isnan(value) else f"{value:.3f}"
+
+
+def headline(table: EvalTable, baseline: str | None, transfer: TransferTable | None = None) -> str:
+    """The lines printed at the end of a run: probe vs the best baseline on the headline metrics (test split),
+    and with `transfer` the same methods on held-out domains (leave-one-domain-out means), plus the best
+    baseline on held-out domains when that is another one."""
     shown = [PROBE_METHOD] + ([baseline] if baseline else [])
-    lines = ["| method | " + " | ".join(HEADLINE_METRICS) + " |", "|---|" + "---:|" * len(HEADLINE_METRICS)]
+    columns = list(HEADLINE_METRICS)
+    held_columns = [f"held-out {m}" for m in TRANSFER_HEADLINE] if transfer is not None else []
+    if transfer is not None:
+        held_best = transfer.best(PROBE_METHOD)
+        if held_best and held_best not in shown:
+            shown.append(held_best)
+    lines = ["| method | " + " | ".join(columns + held_columns) + " |", "|---|" + "---:|" * (len(columns) + len(held_columns))]
     for method in shown:
-        row = table.rows[method]
-        cells = ["n/a" if row.get(m) is None or np.isnan(row.get(m)) else f"{row[m]:.3f}" for m in HEADLINE_METRICS]
+        row = table.rows.get(method, {})
+        cells = [_cell(row.get(m)) for m in columns]
+        if transfer is not None:
+            held = transfer.rows.get(method, {})
+            cells += [_cell(held.get(m)) for m in TRANSFER_HEADLINE]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def in_domain_by_domain(methods: dict[str, np.ndarray], data: SplitData, mask: np.ndarray) -> dict[str, dict[str, float]]:
+    """{method: {domain: within-category AUROC on the evaluated split's rows of that domain}} (the in-domain
+    side of the report's in-domain vs held-out plot)."""
+    from probes.evaluation.metrics import within_category_auroc
+
+    domains = (data.domains if data.domains is not None else data.categories)[mask]
+    y, categories = data.y[mask], data.categories[mask]
+    return {m: {str(d): within_category_auroc(p[domains == d], y[domains == d], categories[domains == d]).mean
+                for d in np.unique(domains)} for m, p in methods.items()}
+
+
+def transfer_summary(extra: dict[str, Any], baseline: str | None) -> dict[str, Any] | None:
+    """metrics.json["transfer"]: held-out-domain table, the selection and the candidate scores."""
+    transfer: TransferTable | None = extra.get("transfer")
+    if transfer is None:
+        return None
+    search: CandidateSearch | None = extra.get("candidates")
+    return {
+        **transfer.to_dict(),
+        "method": "leave-one-domain-out: fit on the other domains' train rows, calibrate on their calibration "
+                  "rows, score every row of the held-out domain; means over held-out domains",
+        "best_baseline": transfer.best(PROBE_METHOD),
+        "in_domain_best_baseline": baseline,
+        "selection": extra.get("selection"),
+        "candidates": search.to_dict() if search is not None else None,
+        "seconds": extra.get("transfer_seconds"),
+    }
 
 
 def write_run_outputs(
     run_dir: Path, title: str, table: EvalTable, methods: dict[str, np.ndarray], data: SplitData, mask: np.ndarray,
     spec: TrainSpec, sweep_result: SweepResult | None, extra: dict[str, Any],
 ) -> tuple[Path, str]:
-    """metrics.json, sweep.json (when there is a sweep) and the report; returns (report path, headline table)."""
+    """metrics.json, sweep.json (when there is a sweep) and the report; returns (report path, headline table).
+
+    extra: JSON-able values for metrics.json, "notes" for the report, and from `train_probe` "transfer"
+    (TransferTable), "candidates", "selection", "transfer_seconds" (written as metrics.json["transfer"])."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if sweep_result is not None:
         sweep_result.to_json(run_dir / "sweep.json")
     baseline = best_baseline(table)
+    transfer: TransferTable | None = extra.get("transfer")
     shown_baselines = {
         m: p for m, p in methods.items() if not m.startswith(PROBE_METHOD) and (not m.endswith("(raw)") or m == baseline)
     }
     notes = [f"{k}: {v}" for k, v in extra.get("notes", {}).items()]
+    summary = transfer_summary(extra, baseline)
     inputs = ReportInputs(
         title=title, table=table, y=data.y[mask], categories=data.categories[mask],
         probe_raw=methods.get(PROBE_RAW_METHOD, methods[PROBE_METHOD]), probe=methods[PROBE_METHOD],
         baselines=shown_baselines,
         best_baseline=baseline, sweep=sweep_result, n_bins=spec.n_bins, notes=notes,
+        transfer=summary,
+        in_domain_by_domain=in_domain_by_domain(
+            {m: methods[m] for m in {PROBE_METHOD, baseline, summary and summary["best_baseline"]} if m in methods},
+            data, mask) if summary else None,
     )
     report = write_report(run_dir, inputs)
+    skipped = {"notes", "transfer", "candidates", "selection", "transfer_seconds", "threshold"}
     metrics = {
         "title": title,
         "best_baseline": baseline,
         "headline": {m: {k: table.rows[m].get(k) for k in HEADLINE_METRICS} for m in [PROBE_METHOD, baseline] if m},
         "table": table.to_dict(),
         "train_spec": asdict(spec),
-        **{k: v for k, v in extra.items() if k != "notes"},
+        **({"transfer": summary} if summary else {}),
+        **{k: v for k, v in extra.items() if k not in skipped},
     }
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=json_default))
-    return report, headline(table, baseline)
+    return report, headline(table, baseline, transfer)
 
 
 def threshold_report(threshold, p_test: np.ndarray, y_test: np.ndarray) -> dict[str, Any]:

@@ -35,6 +35,9 @@ class ReportInputs:
     sweep: SweepResult | None = None
     n_bins: int = 15
     notes: list[str] = field(default_factory=list)  # extra Markdown paragraphs (settings, threshold, ...)
+    # leave-one-domain-out (metrics.json["transfer"]: rows, per_domain, domains, selection, candidates, ...)
+    transfer: dict | None = None
+    in_domain_by_domain: dict[str, dict[str, float]] | None = None  # {method: {domain: within-cat AUROC}} on `y`
 
 
 def _subplots(*grid: int, figsize: tuple[float, float]):
@@ -164,6 +167,60 @@ def _category_markdown(inputs: ReportInputs) -> str:
     return "\n".join(lines)
 
 
+TRANSFER_COLUMNS = ("within_cat_auroc", "ece", "brier")
+
+
+def transfer_markdown(transfer: dict) -> str:
+    """Held-out-domain table (means over domains) and the candidates the selection compared."""
+    lines = ["| method | " + " | ".join(f"held-out {c}" for c in TRANSFER_COLUMNS) + " |",
+             "|---|" + "---:|" * len(TRANSFER_COLUMNS)]
+    for method, row in transfer["rows"].items():
+        lines.append(f"| {method} | " + " | ".join(_number(row.get(c)) for c in TRANSFER_COLUMNS) + " |")
+    parts = ["\n".join(lines)]
+    domains = transfer.get("domains", [])
+    parts.append(f"Leave-one-domain-out over {len(domains)} domains ({', '.join(domains)}): each domain is scored by a "
+                 "probe fit on the other domains' train rows and calibrated on their calibration rows; numbers are "
+                 "means over the held-out domains.")
+    selection = transfer.get("selection") or {}
+    if selection:
+        parts.append(f"Selected by {selection.get('by')}: {selection.get('candidate')}.")
+    candidates = (transfer.get("candidates") or {}).get("scores") or []
+    if candidates:
+        by_option: dict[tuple, float] = {}
+        for c in candidates:  # best held-out AUROC per (features, C) over sites
+            key = (c["features"], c["C"])
+            by_option[key] = max(by_option.get(key, -1.0), np.nan_to_num(c["heldout_auroc"], nan=-1.0))
+        rows = ["| features | C | best held-out within_cat_auroc over sites |", "|---|---:|---:|"]
+        rows += [f"| {f} | {C:g} | {v:.3f} |" for (f, C), v in sorted(by_option.items())]
+        parts += ["Options compared (held-out-domain within-category AUROC, best site for each):", "\n".join(rows)]
+    return "\n\n".join(parts)
+
+
+def _number(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
+
+
+def plot_transfer(transfer: dict, in_domain: dict[str, dict[str, float]] | None, path: Path) -> Path:
+    """Per domain: in-domain (test split) vs held-out (leave-one-domain-out) within-category AUROC, for the
+    probe and the best held-out baseline."""
+    domains = list(transfer["domains"])
+    methods = [m for m in ("probe", transfer.get("best_baseline")) if m]
+    fig, ax = _subplots(figsize=(max(6.5, 0.9 * len(domains) + 2), 4.2))
+    x = np.arange(len(domains))
+    width = 0.8 / (2 * len(methods))
+    for i, method in enumerate(methods):
+        held = [transfer["per_domain"].get(method, {}).get(d, {}).get("within_cat_auroc", np.nan) for d in domains]
+        inside = [(in_domain or {}).get(method, {}).get(d, np.nan) for d in domains]
+        offset = (2 * i - len(methods) + 0.5) * width
+        ax.bar(x + offset, inside, width, color=f"C{i}", alpha=0.45, label=f"{method}: in-domain (test)")
+        ax.bar(x + offset + width, held, width, color=f"C{i}", label=f"{method}: held-out domain")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xticks(x, domains, rotation=30, ha="right", fontsize=8)
+    ax.set(ylim=(0.3, 1.0), ylabel="within-category AUROC", title="In-domain vs held-out-domain AUROC per domain")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def write_report(run_dir: Path, inputs: ReportInputs) -> Path:
     """Write plots/*.png, report.md and a self-contained report.html; return the path of report.md."""
     run_dir = Path(run_dir)
@@ -178,9 +235,15 @@ def write_report(run_dir: Path, inputs: ReportInputs) -> Path:
         ("Accuracy vs confidence by category", plot_categories(inputs, plots / "categories.png")),
         ("Confidence histogram", plot_histogram(inputs, plots / "confidence_hist.png")),
     ]
+    if inputs.transfer is not None:
+        figures.append(("In-domain vs held-out domains",
+                        plot_transfer(inputs.transfer, inputs.in_domain_by_domain, plots / "transfer.png")))
     parts = [f"# {inputs.title}", *inputs.notes, "## Evaluation", inputs.table.to_markdown(),
              "ECE uses equal-width bins; `ece_low`/`ece_high` are its bootstrap 95% interval.",
              "## Categories", _category_markdown(inputs)]
+    if inputs.transfer is not None:
+        at = parts.index("## Categories")  # right after the in-domain table
+        parts[at:at] = ["## Held-out domains (transfer)", transfer_markdown(inputs.transfer)]
     for caption, path in figures:
         parts += [f"## {caption}", f"![{caption}](plots/{path.name})"]
     markdown = "\n\n".join(parts) + "\n"

@@ -20,7 +20,13 @@ from extract.runner import rows_and_splits
 from extract.store import open_store
 from probes.artifact import ProbeArtifact, hash_arrays
 from probes.cli.config import TrainSpec
-from probes.cli.pipeline import PROBE_METHOD, evaluate_on_store, train_probe, write_run_outputs
+from probes.cli.pipeline import (
+    PROBE_METHOD,
+    evaluate_on_store,
+    probe_features,
+    train_probe,
+    write_run_outputs,
+)
 from probes.evaluation.metrics import auroc
 from probes.evaluation.sweep import SweepResult
 from tests import tiny_models
@@ -29,7 +35,8 @@ from tests.pipeline_fixtures import SIGNAL_SITE, write_synthetic_store
 CONF = Path(__file__).resolve().parents[2] / "conf"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("layers.png", "reliability.png", "risk_coverage.png", "categories.png", "confidence_hist.png")
-SPEC = TrainSpec(n_folds=3, n_bootstrap=50)
+# select=cv: the in-domain selection these tests check; transfer is still measured (two domains = categories)
+SPEC = TrainSpec(n_folds=3, n_bootstrap=50, select="cv")
 
 
 def _group(path: str):
@@ -270,8 +277,9 @@ def test_cli_multirun_and_summarize(cli_setup, cli_run, monkeypatch):
     for job, seed in zip(jobs, (0, 1), strict=True):
         _, splits = rows_and_splits(DataSpec(name="jsonl", path=str(root / "data.jsonl"), seed=seed))
         train_masks.append(np.asarray(splits) == "train")
-        meta = ProbeArtifact.load(job / "probe").metadata
-        X = store.read(meta.layer, meta.position)
+        loaded = ProbeArtifact.load(job / "probe")
+        meta = loaded.metadata
+        X = probe_features(loaded.probe, store, meta.layer, meta.position)  # hidden (+ logits for a hybrid)
         assert meta.training_data_hash == hash_arrays(X[train_masks[-1]], y[train_masks[-1]]), f"seed {seed}"
     assert not np.array_equal(*train_masks)
 
