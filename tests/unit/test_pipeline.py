@@ -34,7 +34,7 @@ from tests.pipeline_fixtures import SIGNAL_SITE, write_synthetic_store
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PLOTS = ("layers.png", "reliability.png", "risk_coverage.png", "categories.png", "confidence_hist.png")
+PLOTS = ("layers.png", "reliability.png", "risk_coverage.png", "categories.png", "confidence_hist.png", "transfer.png")
 # select=cv: the in-domain selection these tests check; transfer is still measured (two domains = categories)
 SPEC = TrainSpec(n_folds=3, n_bootstrap=50, select="cv")
 
@@ -56,7 +56,7 @@ def trained(store, tmp_path_factory):
                                                 SPEC, seed=0)
     table, methods, data, mask = evaluate_on_store(artifact, store, _group("calibration/platt.yaml"), SPEC, "test")
     report, headline = write_run_outputs(run_dir, "synthetic run", table, methods, data, mask, SPEC, sweep_result,
-                                         {"notes": {"store": str(store.path)}, "model": "synthetic-model"})
+                                         {**extra, "notes": {"store": str(store.path)}, "model": "synthetic-model"})
     return {"run_dir": run_dir, "artifact": artifact, "sweep": sweep_result, "extra": extra, "table": table,
             "methods": methods, "data": data, "mask": mask, "report": report, "headline": headline}
 
@@ -135,10 +135,74 @@ def test_metrics_and_headline_show_probe_and_best_baseline(trained):
     assert metrics["model"] == "synthetic-model" and metrics["train_spec"]["n_folds"] == 3
     lines = trained["headline"].splitlines()
     assert lines[0].startswith("| method | auroc | within_cat_auroc | ece")
-    assert [line.split("|")[1].strip() for line in lines[2:]] == [PROBE_METHOD, best]
+    shown = [line.split("|")[1].strip() for line in lines[2:]]
+    assert shown[:2] == [PROBE_METHOD, best]
+    assert shown[2:] in ([], [metrics["transfer"]["best_baseline"]])  # the held-out best, when it is another one
     # the best baseline has the highest within-category AUROC of the non-probe rows
     rows = {m: r for m, r in trained["table"].rows.items() if not m.startswith(PROBE_METHOD)}
     assert rows[best]["within_cat_auroc"] == max(r["within_cat_auroc"] for r in rows.values())
+
+
+# ------------------------------------------------------------------------------- transfer (leave-one-domain-out)
+
+
+def test_transfer_numbers_in_metrics_headline_and_report(trained, store):
+    metrics = json.loads((trained["run_dir"] / "metrics.json").read_text())
+    transfer = metrics["transfer"]
+    # the synthetic store's rows have no domain of their own: each category is a domain
+    assert transfer["domains"] == ["arithmetic", "capitals"]
+    categories = store.column("category")
+    for domain in transfer["domains"]:
+        assert transfer["per_domain"][PROBE_METHOD][domain]["n"] == np.sum(categories == domain)
+    probe = transfer["rows"][PROBE_METHOD]
+    assert probe["within_cat_auroc"] == pytest.approx(
+        np.mean([transfer["per_domain"][PROBE_METHOD][d]["within_cat_auroc"] for d in transfer["domains"]]))
+    assert probe["within_cat_auroc"] > 0.75  # the synthetic signal direction is shared by both categories
+    assert {"sequence_prob (platt)", "sequence_prob (raw)"} <= set(transfer["rows"])
+    assert transfer["selection"]["by"].startswith("in-domain CV")  # SPEC has select=cv
+    assert trained["headline"].splitlines()[0].endswith("| held-out within_cat_auroc | held-out ece | held-out brier |")
+    report = trained["report"].read_text()
+    assert "## Held-out domains (transfer)" in report and "plots/transfer.png" in report
+    assert (trained["run_dir"] / "plots" / "transfer.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_select_transfer_picks_the_signal_site_by_held_out_domains(store):
+    spec = TrainSpec(n_folds=3, n_bootstrap=50, transfer_layer_step=1, transfer_features=["hidden"])
+    artifact, _, extra = train_probe(store, _group("probe/logistic.yaml"), _group("calibration/platt.yaml"), spec)
+    meta = artifact.metadata
+    assert (meta.layer, meta.position) == SIGNAL_SITE and meta.kind == "logistic"
+    assert artifact.probe.C in spec.transfer_Cs  # the C the held-out domains chose, not an in-domain CV choice
+    search = extra["candidates"]
+    assert len(search.scores) == 4 * 2 * len(spec.transfer_Cs)
+    assert extra["selection"]["heldout_auroc"] == max(s.heldout_auroc for s in search.scores)
+
+
+def test_hybrid_probe_reads_logit_signals_and_round_trips(store, tmp_path):
+    spec = TrainSpec(n_folds=3, n_bootstrap=50, transfer_layer_step=1, transfer_features=["hidden+logits"],
+                     transfer_Cs=[0.01])
+    artifact, _, extra = train_probe(store, _group("probe/logistic.yaml"), _group("calibration/platt.yaml"), spec)
+    assert artifact.metadata.kind == "hybrid"
+    assert list(artifact.probe.logit_features) == sorted(BASELINE_NAMES)
+    X = probe_features(artifact.probe, store, artifact.metadata.layer, artifact.metadata.position)
+    assert X.shape == (len(store), 12 + len(BASELINE_NAMES))
+    loaded = ProbeArtifact.load(artifact.save(tmp_path / "probe"))
+    np.testing.assert_allclose(loaded.predict(X)[0], artifact.predict(X)[0])
+    table, *_ = evaluate_on_store(loaded, store, _group("calibration/platt.yaml"), spec, "test")
+    assert table.rows[PROBE_METHOD]["auroc"] > 0.7
+    assert extra["transfer"].rows[PROBE_METHOD]["within_cat_auroc"] > 0.7
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"select": "best"}, "train.select='best' is not allowed; allowed values: transfer, cv"),
+    ({"select": "transfer", "transfer": False}, "needs train.transfer=true"),
+    ({"transfer_features": ["hidden+all"]}, "allowed values: a non-empty list of hidden, hidden\\+logits"),
+    ({"transfer_Cs": [0.0]}, "positive numbers"),
+    ({"transfer_layer_step": 0}, "must be >= 1"),
+])
+def test_train_spec_transfer_options_are_validated(store, changes, message):
+    spec = TrainSpec(n_folds=3, n_bootstrap=50, **changes)
+    with pytest.raises(ValueError, match=message):
+        train_probe(store, _group("probe/logistic.yaml"), _group("calibration/platt.yaml"), spec)
 
 
 # ------------------------------------------------------------------------------- splits and bad input
@@ -240,6 +304,9 @@ def test_cli_run_writes_store_probe_metrics_and_report(cli_setup, cli_run):
     assert metrics["headline"][PROBE_METHOD]["auroc"] == pytest.approx(artifact.metadata.metrics["test"]["auroc"])
     for name in ("report.md", "report.html", "sweep.json", ".hydra/config.yaml", *(f"plots/{p}" for p in PLOTS)):
         assert (cli_run / name).is_file(), name
+    # default train.select=transfer: the two categories (= domains, the data sets none) are held out in turn
+    assert metrics["transfer"]["domains"] == ["geo", "math"]
+    assert metrics["transfer"]["selection"]["by"].startswith("held-out-domain")
 
 
 def test_cli_evaluate_a_saved_probe(cli_setup, cli_run, monkeypatch, capsys):
