@@ -9,12 +9,17 @@
 The digest is required on load: an edited layer or threshold, flipped tensor bytes or a deleted digest are
 all refused before anything is used. Both files are written atomically (temp file + rename), tensors
 first, so a reader never pairs new JSON with old tensors unnoticed (the digest would not match).
+
+Reading and verifying (`read_artifact`: JSON, digest, fingerprint, tensors) needs numpy + safetensors only;
+that is all probes.scorer uses. Rebuilding the scikit-learn estimator objects (`ProbeArtifact.load`,
+`.create`) imports probes.estimators / probes.calibration inside those functions.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,8 +29,6 @@ import numpy as np
 
 from probecal.files import atomic_write_bytes, atomic_write_text, json_default
 from probecal.fingerprint import ModelFingerprint
-from probes.calibration import CALIBRATORS, PerCategoryCalibrator, calibrator_kind, rebuild_calibrator
-from probes.estimators import PROBES, probe_kind, rebuild_probe
 
 # 2: one digest over metadata + tensors, required (version 1 hashed the tensors only, optionally).
 FORMAT_VERSION = 2
@@ -76,6 +79,15 @@ class ProbeMetadata:
             raise ArtifactError(f"{source}: parent must be null or {{\"digest\": <64 hex characters>, ...}}; "
                                 f"got {parent!r}")
         return cls(**data)
+
+    def abstention_threshold(self) -> float | None:
+        """The threshold stored with the probe (None: no threshold, never abstain). An unreachable target
+        has threshold None after `probecal train`; after `probecal recalibrate` it keeps a threshold above
+        every p (probes.recalibration.ABSTAIN_ALL: abstain on everything), which is returned too."""
+        for entry in self.thresholds:
+            if entry.get("threshold") is not None:
+                return float(entry["threshold"])
+        return None
 
 
 def _no_default(f) -> bool:
@@ -156,6 +168,8 @@ class ProbeArtifact:
     ) -> ProbeArtifact:
         """Fill kind, params, versions and the timestamp from the objects; the rest comes from `metadata`."""
         from probes import __version__
+        from probes.calibration import calibrator_kind
+        from probes.estimators import probe_kind
 
         meta = ProbeMetadata(
             kind=probe_kind(probe),
@@ -180,13 +194,8 @@ class ProbeArtifact:
         return self.metadata.thresholds
 
     def abstention_threshold(self) -> float | None:
-        """The threshold stored with the probe (None: no threshold, never abstain). An unreachable target
-        has threshold None after `probecal train`; after `probecal recalibrate` it keeps a threshold above
-        every p (probes.recalibration.ABSTAIN_ALL: abstain on everything), which is returned too."""
-        for entry in self.metadata.thresholds:
-            if entry.get("threshold") is not None:
-                return float(entry["threshold"])
-        return None
+        """See ProbeMetadata.abstention_threshold."""
+        return self.metadata.abstention_threshold()
 
     def with_metadata(self, **changes: Any) -> ProbeArtifact:
         """A copy whose metadata has `changes` (e.g. test metrics and thresholds known after fitting)."""
@@ -213,87 +222,128 @@ class ProbeArtifact:
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
     def load(cls, directory: str | Path, expected_fingerprint: ModelFingerprint | None = None) -> ProbeArtifact:
-        from safetensors import SafetensorError
-        from safetensors.numpy import load
+        """Read and verify (`read_artifact`), then rebuild the scikit-learn probe and calibrator objects."""
+        from probes.calibration import CALIBRATOR_KINDS, rebuild_calibrator
+        from probes.estimators import PROBES, rebuild_probe
 
-        directory = Path(directory)
-        meta_path, tensors_path = directory / METADATA_FILE, directory / TENSORS_FILE
-        for path in (meta_path, tensors_path):
-            if not path.is_file():
-                raise ArtifactError(f"{path} does not exist: not a probe artifact directory")
+        files = read_artifact(directory, expected_fingerprint, probe_kinds=PROBES, calibrator_kinds=CALIBRATOR_KINDS)
+        meta = files.metadata
         try:
-            document = json.loads(meta_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ArtifactError(f"{meta_path}: corrupt JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
-        except UnicodeDecodeError as err:
-            raise ArtifactError(f"{meta_path}: not UTF-8 text ({err.reason})") from None
-        if not isinstance(document, dict):
-            raise ArtifactError(f"{meta_path}: expected a JSON object, got {type(document).__name__}")
-        version = document.get("format_version")
-        if version == 1:
-            raise ArtifactError(
-                f"{meta_path}: format_version 1 has no digest over metadata and tensors, so edits cannot be detected; "
-                f"retrain with `probecal train`, or, if you trust these files, run `probecal verify {directory} --rehash`"
+            probe = rebuild_probe(meta.kind, meta.params, files.probe_tensors)
+            calibrator = (
+                None
+                if meta.calibrator_kind is None
+                else rebuild_calibrator(meta.calibrator_kind, meta.calibrator_params, files.calibrator_tensors)
             )
-        if version != FORMAT_VERSION:
+        except (ValueError, TypeError) as err:
+            raise ArtifactError(f"{files.directory}: probe or calibrator cannot be rebuilt: {err}") from None
+        # a hybrid probe reads the hidden state plus a few logit signals; only the hidden part must match
+        files.check_hidden_size(getattr(probe, "n_hidden_features", probe.n_features_in_))
+        artifact = cls(probe, calibrator, meta)
+        artifact._digest = files.digest
+        return artifact
+
+
+@dataclass(frozen=True)
+class VerifiedArtifact:
+    """What `read_artifact` returns: the artifact's files, read and checked, as plain data (no estimator objects)."""
+
+    directory: Path
+    metadata: ProbeMetadata
+    fingerprint: ModelFingerprint
+    digest: str  # verified against the files
+    probe_tensors: dict[str, np.ndarray]  # the probe's to_tensors()
+    calibrator_tensors: dict[str, np.ndarray]  # the calibrator's to_tensors() ({} without one)
+
+    def check_hidden_size(self, n_hidden: int) -> None:
+        """Refuse a probe whose hidden-state width is not the model's hidden size."""
+        if n_hidden != self.fingerprint.hidden_size:
             raise ArtifactError(
-                f"{meta_path}: format_version {version!r} is not supported by probecal (reads version {FORMAT_VERSION})"
+                f"{self.directory / TENSORS_FILE}: probe reads {n_hidden} hidden features but the model's hidden "
+                f"size is {self.fingerprint.hidden_size}"
             )
-        expected_digest = document.pop(DIGEST_KEY, None)
-        if not isinstance(expected_digest, str):
-            raise ArtifactError(f"{meta_path}: no {DIGEST_KEY!r}: the artifact cannot be checked and is refused; "
-                                "retrain with `probecal train` or restore the saved probe.json")
-        try:
-            tensor_bytes = tensors_path.read_bytes()
-        except OSError as err:
-            raise ArtifactError(f"{tensors_path}: cannot be read: {err}") from None
-        if artifact_digest(document, tensor_bytes) != expected_digest:
-            raise ArtifactError(
-                f"probe artifact {directory}: {METADATA_FILE} or {TENSORS_FILE} changed after it was saved (the digest "
-                "over metadata and tensors does not match: an edited field such as layer or threshold, or damaged "
-                "tensors); retrain with `probecal train` or restore both files from the original run"
-            )
-        meta = ProbeMetadata.from_dict(document, source=str(meta_path))
-        if meta.kind not in PROBES:
-            raise ArtifactError(f"{meta_path}: unknown probe kind {meta.kind!r}; known: {', '.join(PROBES)}")
-        known_calibrators = (*CALIBRATORS, PerCategoryCalibrator.kind, None)
+
+
+def read_artifact(
+    directory: str | Path,
+    expected_fingerprint: ModelFingerprint | None = None,
+    probe_kinds: Collection[str] | None = None,
+    calibrator_kinds: Collection[str] | None = None,
+) -> VerifiedArtifact:
+    """Read an artifact directory and verify it, with numpy + safetensors only: both files present, JSON,
+    format version, the digest over metadata and tensors, the metadata fields, the kinds (when
+    `probe_kinds` / `calibrator_kinds` are given: the caller's registry), the model fingerprint (against
+    `expected_fingerprint` when given) and the safetensors. Raises ArtifactError saying what is wrong."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    directory = Path(directory)
+    meta_path, tensors_path = directory / METADATA_FILE, directory / TENSORS_FILE
+    for path in (meta_path, tensors_path):
+        if not path.is_file():
+            raise ArtifactError(f"{path} does not exist: not a probe artifact directory")
+    try:
+        document = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{meta_path}: corrupt JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    except UnicodeDecodeError as err:
+        raise ArtifactError(f"{meta_path}: not UTF-8 text ({err.reason})") from None
+    if not isinstance(document, dict):
+        raise ArtifactError(f"{meta_path}: expected a JSON object, got {type(document).__name__}")
+    version = document.get("format_version")
+    if version == 1:
+        raise ArtifactError(
+            f"{meta_path}: format_version 1 has no digest over metadata and tensors, so edits cannot be detected; "
+            f"retrain with `probecal train`, or, if you trust these files, run `probecal verify {directory} --rehash`"
+        )
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{meta_path}: format_version {version!r} is not supported by probecal (reads version {FORMAT_VERSION})"
+        )
+    expected_digest = document.pop(DIGEST_KEY, None)
+    if not isinstance(expected_digest, str):
+        raise ArtifactError(f"{meta_path}: no {DIGEST_KEY!r}: the artifact cannot be checked and is refused; "
+                            "retrain with `probecal train` or restore the saved probe.json")
+    try:
+        tensor_bytes = tensors_path.read_bytes()
+    except OSError as err:
+        raise ArtifactError(f"{tensors_path}: cannot be read: {err}") from None
+    if artifact_digest(document, tensor_bytes) != expected_digest:
+        raise ArtifactError(
+            f"probe artifact {directory}: {METADATA_FILE} or {TENSORS_FILE} changed after it was saved (the digest "
+            "over metadata and tensors does not match: an edited field such as layer or threshold, or damaged "
+            "tensors); retrain with `probecal train` or restore both files from the original run"
+        )
+    meta = ProbeMetadata.from_dict(document, source=str(meta_path))
+    if probe_kinds is not None and meta.kind not in probe_kinds:
+        raise ArtifactError(f"{meta_path}: unknown probe kind {meta.kind!r}; known: {', '.join(probe_kinds)}")
+    if calibrator_kinds is not None:
+        known_calibrators = (*calibrator_kinds, None)
         if meta.calibrator_kind not in known_calibrators:
             raise ArtifactError(
                 f"{meta_path}: unknown calibrator kind {meta.calibrator_kind!r}; known: {', '.join(map(str, known_calibrators))}"
             )
+    try:
+        fingerprint = ModelFingerprint.from_dict(meta.model_fingerprint)
+    except (ValueError, TypeError) as err:
+        raise ArtifactError(f"{meta_path}: model_fingerprint: {err}") from None
+    if expected_fingerprint is not None:
         try:
-            fingerprint = ModelFingerprint.from_dict(meta.model_fingerprint)
-        except (ValueError, TypeError) as err:
-            raise ArtifactError(f"{meta_path}: model_fingerprint: {err}") from None
-        if expected_fingerprint is not None:
-            try:
-                fingerprint.check_matches(expected_fingerprint, what=f"probe artifact {directory}")
-            except ValueError as err:
-                raise ArtifactError(str(err)) from None
-        try:
-            tensors = load(tensor_bytes)
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ArtifactError(f"{tensors_path}: cannot be read as safetensors (truncated or corrupt?): {err}") from None
-        probe_tensors = {k.removeprefix("probe."): v for k, v in tensors.items() if k.startswith("probe.")}
-        calibrator_tensors = {k.removeprefix("calibrator."): v for k, v in tensors.items() if k.startswith("calibrator.")}
-        try:
-            probe = rebuild_probe(meta.kind, meta.params, probe_tensors)
-            calibrator = (
-                None
-                if meta.calibrator_kind is None
-                else rebuild_calibrator(meta.calibrator_kind, meta.calibrator_params, calibrator_tensors)
-            )
-        except (ValueError, TypeError) as err:
-            raise ArtifactError(f"{directory}: probe or calibrator cannot be rebuilt: {err}") from None
-        # a hybrid probe reads the hidden state plus a few logit signals; only the hidden part must match
-        n_hidden = getattr(probe, "n_hidden_features", probe.n_features_in_)
-        if n_hidden != fingerprint.hidden_size:
-            raise ArtifactError(
-                f"{tensors_path}: probe reads {n_hidden} hidden features but the model's hidden size is {fingerprint.hidden_size}"
-            )
-        artifact = cls(probe, calibrator, meta)
-        artifact._digest = expected_digest
-        return artifact
+            fingerprint.check_matches(expected_fingerprint, what=f"probe artifact {directory}")
+        except ValueError as err:
+            raise ArtifactError(str(err)) from None
+    try:
+        tensors = load(tensor_bytes)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ArtifactError(f"{tensors_path}: cannot be read as safetensors (truncated or corrupt?): {err}") from None
+    return VerifiedArtifact(
+        directory=directory,
+        metadata=meta,
+        fingerprint=fingerprint,
+        digest=expected_digest,
+        probe_tensors={k.removeprefix("probe."): v for k, v in tensors.items() if k.startswith("probe.")},
+        calibrator_tensors={k.removeprefix("calibrator."): v for k, v in tensors.items() if k.startswith("calibrator.")},
+    )
 
 
 def rehash_format1(directory: str | Path) -> str:

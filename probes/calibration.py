@@ -18,13 +18,18 @@ from scipy.special import expit
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
+from probes.inference import (
+    GLOBAL_KEY,
+    check_scores,
+    isotonic_probability,
+    per_category_probability,
+    platt_probability,
+    temperature_probability,
+)
+
 
 def _scores_labels(scores, y=None) -> tuple[np.ndarray, np.ndarray | None]:
-    s = np.asarray(scores, dtype=np.float64)
-    if s.ndim != 1:
-        raise ValueError(f"scores must be 1-D [n]; got shape {s.shape}")
-    if not np.all(np.isfinite(s)):
-        raise ValueError("scores contain nan or inf")
+    s = check_scores(scores)
     if y is None:
         return s, None
     y = np.asarray(y)
@@ -93,7 +98,7 @@ class PlattCalibrator(_Calibrator):
         """p [n] = P(correct)."""
         check_is_fitted(self)
         s, _ = _scores_labels(scores)
-        return expit(self.a_ * s + self.b_)
+        return platt_probability(s, self.a_, self.b_)
 
 
 class TemperatureCalibrator(_Calibrator):
@@ -125,7 +130,7 @@ class TemperatureCalibrator(_Calibrator):
         """p [n] = P(correct)."""
         check_is_fitted(self)
         s, _ = _scores_labels(scores)
-        return expit(s / self.temperature_)
+        return temperature_probability(s, self.temperature_)
 
 
 class IsotonicCalibrator(_Calibrator):
@@ -150,7 +155,7 @@ class IsotonicCalibrator(_Calibrator):
         """p [n] = P(correct); np.interp clips outside the knots exactly as IsotonicRegression does."""
         check_is_fitted(self)
         s, _ = _scores_labels(scores)
-        return np.interp(s, self.x_, self.y_)
+        return isotonic_probability(s, self.x_, self.y_)
 
 
 CALIBRATORS: dict[str, type[_Calibrator]] = {
@@ -158,8 +163,6 @@ CALIBRATORS: dict[str, type[_Calibrator]] = {
     "temperature": TemperatureCalibrator,
     "isotonic": IsotonicCalibrator,
 }
-
-GLOBAL_KEY = "__global__"
 
 
 class PerCategoryCalibrator(BaseEstimator):
@@ -201,17 +204,8 @@ class PerCategoryCalibrator(BaseEstimator):
         """p [n] = P(correct)."""
         check_is_fitted(self)
         s, _ = _scores_labels(scores)
-        p = self.global_.predict(s)
-        if categories is None:
-            return p
-        cats = np.asarray(categories).astype(str)
-        if cats.shape != s.shape:
-            raise ValueError(f"categories has shape {cats.shape} but scores have shape {s.shape}")
-        for cat, calibrator in self.per_category_.items():
-            rows = cats == cat
-            if rows.any():
-                p[rows] = calibrator.predict(s[rows])
-        return p
+        per_category = {cat: calibrator.predict for cat, calibrator in self.per_category_.items()}
+        return per_category_probability(s, categories, self.global_.predict, per_category)
 
     def to_tensors(self) -> dict[str, np.ndarray]:
         """Keys "<category>/<name>" ("__global__/<name>" for the fallback); category names live in the keys."""

@@ -1,7 +1,8 @@
 """Engine-agnostic scoring: a hidden-state vector in, a calibrated P(correct) out.
 
 For serving engines that expose hidden states themselves (vLLM, SGLang, your own forward hooks).
-Needs numpy (and scikit-learn/scipy through the probe classes), never transformers or a model.
+Needs numpy and safetensors only: no scikit-learn, scipy, torch, transformers or model (it reads the artifact
+with probes.artifact.read_artifact and scores with probes.inference, the math the estimator classes use).
 
 Layer indexing: probecal's layer L is Hugging Face's `hidden_states[L]`: L = 0 is the embedding output,
 L = i the output of decoder block i (1-based), and the LAST layer (L = num_layers) is taken AFTER the final
@@ -19,7 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from probes.artifact import ProbeArtifact
+from probes.artifact import ArtifactError, read_artifact
+from probes.inference import (
+    CALIBRATOR_INFERENCE_KINDS,
+    PROBE_DECISIONS,
+    InferenceError,
+    calibrated_probability,
+    probe_decision,
+    probe_input_width,
+    sigmoid,
+)
 
 
 class ProbeScorer:
@@ -30,32 +40,65 @@ class ProbeScorer:
         scorer.layer, scorer.position           # where the vector must come from
         scorer.digest                           # the artifact's identity (metadata + tensors), for logs
 
-    Loading refuses an artifact whose digest does not match (see probes.artifact).
+    Loading refuses an artifact whose digest does not match (see probes.artifact), and a probe or
+    calibrator kind without numpy inference (probes.inference), naming the kind. A hybrid probe reads
+    the hidden state followed by its logit signals (`scorer.logit_features`): vectors [hidden + m].
     """
 
     def __init__(self, probe_dir: str | Path):
-        self.artifact = ProbeArtifact.load(probe_dir)
-        self.layer = self.artifact.metadata.layer
-        self.position = self.artifact.metadata.position
-        self.hidden_size = self.artifact.fingerprint.hidden_size
-        self.digest = self.artifact.digest
+        files = read_artifact(probe_dir)
+        meta = files.metadata
+        self.metadata = meta
+        self.layer = meta.layer
+        self.position = meta.position
+        self.hidden_size = files.fingerprint.hidden_size
+        self.digest = files.digest
+        self.logit_features = tuple(meta.params.get("logit_features") or ())
+        where = f"probe artifact {files.directory}"
+        if meta.kind not in PROBE_DECISIONS:
+            raise ArtifactError(
+                f"{where}: probe kind {meta.kind!r} has no numpy inference function (probes.inference."
+                f"PROBE_DECISIONS: {', '.join(PROBE_DECISIONS)}), so ProbeScorer cannot score it; "
+                "ProbeArtifact.load(...).predict can"
+            )
+        if meta.calibrator_kind is not None and meta.calibrator_kind not in CALIBRATOR_INFERENCE_KINDS:
+            raise ArtifactError(
+                f"{where}: calibrator kind {meta.calibrator_kind!r} has no numpy inference function "
+                f"(probes.inference: {', '.join(CALIBRATOR_INFERENCE_KINDS)}), so ProbeScorer cannot score it; "
+                "ProbeArtifact.load(...).predict can"
+            )
+        try:
+            self.n_features = probe_input_width(meta.kind, files.probe_tensors)
+            self._decision = probe_decision(meta.kind, meta.params, files.probe_tensors)
+            self._calibrate = (
+                None
+                if meta.calibrator_kind is None
+                else calibrated_probability(meta.calibrator_kind, meta.calibrator_params, files.calibrator_tensors)
+            )
+        except InferenceError as err:
+            raise ArtifactError(f"{where}: {err}") from None
+        files.check_hidden_size(self.n_features - len(self.logit_features))
 
     def p_correct(self, vectors, categories=None):
         """[hidden] -> float, or [n, hidden] -> [n] calibrated P(correct). Accepts numpy or torch (CPU/GPU)."""
         array = _to_numpy(vectors)
         single = array.ndim == 1
         array = np.atleast_2d(array)
-        if array.ndim != 2 or array.shape[1] != self.hidden_size:
+        if array.ndim != 2 or array.shape[1] != self.n_features:
+            signals = f" + logit signals {list(self.logit_features)}" if self.logit_features else ""
             raise ValueError(
-                f"expected vectors of size {self.hidden_size} (layer {self.layer}, {self.position}); got shape "
-                f"{tuple(np.shape(vectors))}"
+                f"expected vectors of size {self.n_features} (layer {self.layer}, {self.position}{signals}); got "
+                f"shape {tuple(np.shape(vectors))}"
             )
-        p, _ = self.artifact.predict(array, categories=categories)
+        if not np.all(np.isfinite(array)):
+            raise ValueError("vectors contain nan or inf")
+        raw = self._decision(array)
+        p = sigmoid(raw) if self._calibrate is None else self._calibrate(raw, categories)
         return float(p[0]) if single else p
 
     def abstains(self, p: float, threshold: float | None = None) -> bool:
         """True when p is below `threshold` (default: the threshold stored with the probe, if any)."""
-        limit = self.artifact.abstention_threshold() if threshold is None else threshold
+        limit = self.metadata.abstention_threshold() if threshold is None else threshold
         return limit is not None and p < limit
 
 

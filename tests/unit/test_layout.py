@@ -42,7 +42,7 @@ def _roots(names: set[str], prefix: str) -> list[str]:
     return sorted(n for n in names if n == prefix or n.startswith(prefix + "."))
 
 
-CORE = ["probes", "probes.estimators", "probes.calibration", "probes.artifact", "probes.scorer"]
+CORE = ["probes", "probes.inference", "probes.estimators", "probes.calibration", "probes.artifact", "probes.scorer"]
 
 
 def test_probe_core_and_evaluation_import_neither_torch_transformers_nor_extract():
@@ -51,6 +51,40 @@ def test_probe_core_and_evaluation_import_neither_torch_transformers_nor_extract
     for forbidden in ("torch", "transformers", "extract", "fastapi", "hydra"):
         assert not _roots(loaded, forbidden), f"probe core/evaluation pulled in {forbidden}"
 
+
+
+def test_scorer_loads_and_scores_with_numpy_and_safetensors_only(tmp_path):
+    """Issue #11: serving teams embed ProbeScorer next to vLLM/SGLang; it must not pull scikit-learn, scipy,
+    torch or transformers. The artifact is written here (that needs scikit-learn), scored in a fresh interpreter."""
+    import numpy as np
+
+    from probecal.fingerprint import ModelFingerprint
+    from probes.artifact import ProbeArtifact
+    from probes.calibration import PerCategoryCalibrator
+    from probes.estimators import LogisticProbe
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 16))
+    y = (X[:, 0] + rng.normal(size=120) > 0).astype(int)
+    cats = np.where(np.arange(120) % 2 == 0, "a", "b")
+    probe = LogisticProbe(C=1.0).fit(X, y)
+    calibrator = PerCategoryCalibrator(base="isotonic", min_count=10).fit(probe.decision_function(X), y, cats)
+    fingerprint = ModelFingerprint("tiny", "f" * 64, "LlamaForCausalLM", 16, 2)
+    artifact = ProbeArtifact.create(probe, calibrator, 1, "answer_last", fingerprint)
+    artifact.save(tmp_path)
+    expected = artifact.predict(X[:4], categories=cats[:4])[0]
+    code = (
+        "import json, sys, numpy as np\n"
+        "from probes.scorer import ProbeScorer\n"
+        f"s = ProbeScorer({str(tmp_path)!r})\n"
+        f"p = s.p_correct(np.array({X[:4].tolist()!r}), categories={cats[:4].tolist()!r})\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy', 'torch', 'transformers')]\n"
+        "print(json.dumps({'p': p.tolist(), 'heavy': sorted(heavy)}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["heavy"] == [], f"ProbeScorer pulled in {result['heavy'][:5]}"
+    np.testing.assert_allclose(result["p"], expected, rtol=0, atol=1e-12)
 
 def test_extract_never_imports_probes():
     extract = [m for m in project_modules() if m.startswith("extract")]

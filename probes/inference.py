@@ -1,0 +1,172 @@
+"""The inference math of every probe and calibrator kind, in numpy alone: the one place it lives.
+
+    decision score [n] = PROBE_DECISIONS[kind].function(X [n, features], *the kind's saved tensors)
+    P(correct) [n]     = CALIBRATOR_PROBABILITIES[kind].function(score [n], *the kind's saved tensors)
+                         (per_category: one base calibrator per category + a global fallback, see below)
+
+Higher score and higher P(correct) = more likely correct. The sklearn estimators (probes.estimators,
+probes.calibration) call these same functions from `decision_function` / `predict`, and
+`probe_decision` / `calibrated_probability` build them straight from an artifact's params + tensors, so
+probes.scorer.ProbeScorer needs numpy and safetensors only (no scikit-learn, no scipy). A newly
+registered probe or calibrator kind needs an entry here before ProbeScorer can serve it
+(tests/unit/test_inference.py checks every registered kind).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+GLOBAL_KEY = "__global__"  # per-category tensors: "<category>/<name>", the fallback under this category name
+PER_CATEGORY = "per_category"
+
+
+class InferenceError(ValueError):
+    """A kind without numpy inference, or saved tensors that do not fit the kind."""
+
+
+def sigmoid(z) -> np.ndarray:
+    """1 / (1 + exp(-z)), without overflow for large negative z."""
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+# -- probes: X [n, features] -> decision score [n] (a logit) ------------------------------------------
+def logistic_decision(X, mean, scale, coef, intercept) -> np.ndarray:
+    """Standardize, then a linear logit: ((X - mean) / scale) @ coef + intercept."""
+    return ((X - mean) / scale) @ coef + intercept
+
+
+def mass_mean_decision(X, direction, scale, offset) -> np.ndarray:
+    """Projection on the mass-mean direction, scaled and shifted into a logit."""
+    return scale * (X @ direction) + offset
+
+
+def mlp_decision(X, mean, scale, w1, b1, w2, b2) -> np.ndarray:
+    """Standardize, one ReLU layer, a linear logit."""
+    hidden = np.maximum(((X - mean) / scale) @ w1 + b1, 0.0)
+    return hidden @ w2 + b2
+
+
+# -- calibrators: score [n] -> P(correct) [n] -------------------------------------------------------
+def platt_probability(scores, a, b) -> np.ndarray:
+    return sigmoid(a * scores + b)
+
+
+def temperature_probability(scores, temperature) -> np.ndarray:
+    return sigmoid(scores / temperature)
+
+
+def isotonic_probability(scores, x, y) -> np.ndarray:
+    """Linear between the knots x -> y, clipped outside them (as scikit-learn's IsotonicRegression)."""
+    return np.interp(scores, x, y)
+
+
+def per_category_probability(
+    scores: np.ndarray,
+    categories,
+    global_probability: Callable[[np.ndarray], np.ndarray],
+    per_category: Mapping[str, Callable[[np.ndarray], np.ndarray]],
+) -> np.ndarray:
+    """Each row through its category's calibrator; unknown categories and categories=None through the global one."""
+    p = global_probability(scores)
+    if categories is None:
+        return p
+    cats = np.asarray(categories).astype(str)
+    if cats.shape != scores.shape:
+        raise ValueError(f"categories has shape {cats.shape} but scores have shape {scores.shape}")
+    for cat, probability in per_category.items():
+        rows = cats == cat
+        if rows.any():
+            p[rows] = probability(scores[rows])
+    return p
+
+
+def check_scores(scores) -> np.ndarray:
+    """scores as float64 [n]; refuses other shapes, nan and inf."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 1:
+        raise ValueError(f"scores must be 1-D [n]; got shape {s.shape}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores contain nan or inf")
+    return s
+
+
+# -- the registry: kind -> function + the saved tensors it takes, in order ------------------------------
+@dataclass(frozen=True)
+class KindMath:
+    function: Callable[..., np.ndarray]
+    tensors: tuple[str, ...]  # names in the kind's to_tensors(), passed after the input in this order
+
+
+PROBE_DECISIONS: dict[str, KindMath] = {
+    "logistic": KindMath(logistic_decision, ("mean", "scale", "coef", "intercept")),
+    "hybrid": KindMath(logistic_decision, ("mean", "scale", "coef", "intercept")),  # logistic over hidden + logit signals
+    "mass_mean": KindMath(mass_mean_decision, ("direction", "scale", "offset")),
+    "mlp": KindMath(mlp_decision, ("mean", "scale", "w1", "b1", "w2", "b2")),
+}
+# the first tensor of each probe kind is [features]: its length is the width of X the probe reads
+
+CALIBRATOR_PROBABILITIES: dict[str, KindMath] = {
+    "platt": KindMath(platt_probability, ("a", "b")),
+    "temperature": KindMath(temperature_probability, ("temperature",)),
+    "isotonic": KindMath(isotonic_probability, ("x", "y")),
+}
+CALIBRATOR_INFERENCE_KINDS = (*CALIBRATOR_PROBABILITIES, PER_CATEGORY)
+
+
+def _arguments(table: dict[str, KindMath], what: str, kind: str, tensors: Mapping[str, np.ndarray], dtype=None):
+    if kind not in table:
+        known = CALIBRATOR_INFERENCE_KINDS if table is CALIBRATOR_PROBABILITIES else tuple(table)
+        raise InferenceError(
+            f"{what} kind {kind!r} has no numpy inference function in probes.inference; kinds with one: "
+            f"{', '.join(known)}"
+        )
+    math = table[kind]
+    missing = set(math.tensors) - set(tensors)
+    if missing:
+        raise InferenceError(f"{what} kind {kind!r}: tensors lack {sorted(missing)}")
+    return math.function, [np.asarray(tensors[name], dtype=dtype) for name in math.tensors]
+
+
+def probe_input_width(kind: str, tensors: Mapping[str, np.ndarray]) -> int:
+    """Columns of X the saved probe reads (hidden state, plus logit signals for a hybrid probe)."""
+    _, args = _arguments(PROBE_DECISIONS, "probe", kind, tensors)
+    return int(args[0].shape[0])
+
+
+def probe_decision(kind: str, params: Mapping, tensors: Mapping[str, np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """X [n, features] (float64, finite) -> decision score [n], from a saved probe's tensors (params unused
+    by the current kinds: they shape fitting, not inference)."""
+    function, args = _arguments(PROBE_DECISIONS, "probe", kind, tensors)
+    return lambda X: function(X, *args)
+
+
+def calibrated_probability(kind: str, params: Mapping, tensors: Mapping[str, np.ndarray]):
+    """(scores [n], categories=None) -> P(correct) [n], from a saved calibrator's params + tensors."""
+    probability = _calibrator_probability(kind, params, tensors)
+    if kind == PER_CATEGORY:
+        return lambda scores, categories=None: probability(check_scores(scores), categories)
+    return lambda scores, categories=None: probability(check_scores(scores))
+
+
+def _calibrator_probability(kind: str, params: Mapping, tensors: Mapping[str, np.ndarray]):
+    if kind != PER_CATEGORY:
+        function, args = _arguments(CALIBRATOR_PROBABILITIES, "calibrator", kind, tensors, dtype=np.float64)
+        args = [a if a.ndim else np.float64(a) for a in args]  # as the calibrator classes hold them
+        return lambda scores: function(scores, *args)
+    base = params.get("base")
+    if base not in CALIBRATOR_PROBABILITIES:
+        raise InferenceError(f"per_category calibrator: base={base!r}; allowed: {', '.join(CALIBRATOR_PROBABILITIES)}")
+    grouped: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        cat, _, name = key.rpartition("/")
+        grouped.setdefault(cat, {})[name] = value
+    if GLOBAL_KEY not in grouped:
+        raise InferenceError("per-category calibrator tensors lack the global fallback")
+    fallback = _calibrator_probability(base, {}, grouped.pop(GLOBAL_KEY))
+    per_category = {cat: _calibrator_probability(base, {}, t) for cat, t in grouped.items()}
+    return lambda scores, categories: per_category_probability(scores, categories, fallback, per_category)
