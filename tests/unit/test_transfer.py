@@ -152,3 +152,23 @@ def test_generic_fold_scores_fit_any_probe_per_fold():
     expected = LogisticProbe(C=0.1).fit(X[folds.fit[1]], y[folds.fit[1]]).decision_function(X)
     np.testing.assert_allclose(scores[1], expected)
     assert Candidate(3, "answer_last", "hidden", 0.01).describe() == "layer 3 / answer_last, hidden, C=0.01"
+
+
+def test_hybrid_probe_weights_its_logit_columns_and_validates_them():
+    from probes.estimators import HybridProbe, LogisticProbe
+
+    X, y, cat, dom, split = _synthetic()
+    logit = (2.0 * y + np.random.default_rng(3).normal(0, 1.0, len(y)))[:, None]
+    XL = np.hstack([X, logit])
+    light = HybridProbe(logit_features=("mean_logprob",), logit_weight=1.0, C=1e-3).fit(XL, y)
+    heavy = HybridProbe(logit_features=("mean_logprob",), logit_weight=10.0, C=1e-3).fit(XL, y)
+    assert heavy.n_hidden_features == X.shape[1] and heavy.n_features_in_ == X.shape[1] + 1
+    # weight 1 equals a plain logistic probe on the same columns; a larger weight leans more on the logit column
+    plain = LogisticProbe(C=1e-3).fit(XL, y)
+    np.testing.assert_allclose(light.decision_function(XL), plain.decision_function(XL), atol=1e-6)
+    share = [abs(p.coef_[-1]) / np.abs(p.coef_).sum() for p in (light, heavy)]
+    assert share[1] > share[0] + 0.15  # 0.54 -> 0.74 of the coefficient mass here
+    with pytest.raises(ValueError, match="must name at least one logit signal"):
+        HybridProbe(logit_features=(), C=1.0).fit(XL, y)
+    with pytest.raises(ValueError, match="logit_weight=0 must be > 0"):
+        HybridProbe(logit_weight=0, C=1.0).fit(XL, y)
