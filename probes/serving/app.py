@@ -10,7 +10,12 @@ Endpoints
   generated (text or token ids), equal to what generation here would give for the same tokens.
 - `POST /v1/feedback` {id, correct, index?}: labels a served response (unknown id: 404; a repeated label
   replaces the previous one, the response says which label it replaced).
-- `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text format).
+- `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text format; ECE per domain, current vs
+  previous artifact).
+- `POST /admin/reload` {probe_dir}: hot reload of the probe artifact (verified off the event loop, swapped
+  between two batches; a bad artifact gets 400 and the old one keeps serving). Protection: with
+  `serve.admin_token` set, the request must carry `Authorization: Bearer <token>` (401 otherwise); without a
+  token only loopback clients may call it, and never through a forwarding proxy (403).
 With `serve.upstream` set, the two completion endpoints forward to that engine (`upstream.py`).
 Routes only route: the work is in `serving.py` / `upstream.py`, the schemas in `protocol.py`.
 """
@@ -18,13 +23,15 @@ Routes only route: the work is in `serving.py` / `upstream.py`, the schemas in `
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -39,6 +46,7 @@ from probes.serving.protocol import (
     CompletionRequest,
     FeedbackRequest,
     ProbedModelLike,
+    ReloadRequest,
     ScoreRequest,
     _chat_prompt,
     _completion_prompt,
@@ -123,7 +131,7 @@ def create_app(probed_model: ProbedModelLike, settings: ServeSettings) -> FastAP
         on_error=metrics.observe_model_error,
     )
     server = serving.Server(probed_model, settings, FeedbackStore(settings.db_path), batcher, metrics,
-                            settings.model_name or probed_model.model_name)
+                            settings.model_name or probed_model.model_name, probe_dir=settings.probe_dir)
     upstream: Upstream | None = None
     started = time.time()
 
@@ -131,6 +139,9 @@ def create_app(probed_model: ProbedModelLike, settings: ServeSettings) -> FastAP
     async def lifespan(app: FastAPI):
         nonlocal upstream
         await batcher.start()
+        digest = getattr(probed_model, "artifact_digest", None)
+        if digest:
+            await asyncio.to_thread(server.store.record_artifact, digest, settings.probe_dir)
         if settings.upstream:
             upstream = Upstream(settings.upstream, settings.upstream_connect_timeout_s, settings.upstream_timeout_s)
         try:
@@ -174,6 +185,13 @@ def create_app(probed_model: ProbedModelLike, settings: ServeSettings) -> FastAP
     async def feedback(body: FeedbackRequest) -> dict:
         return await serving.feedback(server, body)
 
+    def admin_only(request: Request) -> None:  # a dependency: runs before the body is even validated
+        _authorize_admin(request, settings)
+
+    @app.post("/admin/reload", dependencies=[Depends(admin_only)])
+    async def admin_reload(body: ReloadRequest) -> dict:
+        return await serving.reload(server, body.probe_dir)
+
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": int(started),
@@ -190,17 +208,43 @@ def create_app(probed_model: ProbedModelLike, settings: ServeSettings) -> FastAP
     @app.get("/metrics")
     async def prometheus() -> Response:
         def read():
-            store = server.store
-            return store.calibration(settings.calibration_window, settings.calibration_bins), store.counts()
+            store, window, bins = server.store, settings.calibration_window, settings.calibration_bins
+            current, previous = store.artifact_history()
+            domains = {role: store.domain_calibration(digest, window, bins, settings.metrics_max_domains)
+                       for role, digest in (("current", current), ("previous", previous)) if digest}
+            return store.calibration(window, bins), store.counts(), domains
 
-        calib, counts = await asyncio.to_thread(read)
-        text = metrics.render(calib, counts, batcher.depth, settings.calibration_window)
+        calib, counts, domains = await asyncio.to_thread(read)
+        text = metrics.render(calib, counts, batcher.depth, settings.calibration_window, domains)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     known = {route.path for route in app.routes}
     app.add_middleware(_MetricsMiddleware, metrics=metrics, known_paths=known,
                        max_request_bytes=settings.max_request_bytes)
     return app
+
+
+def _is_loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _authorize_admin(request: Request, settings: ServeSettings) -> None:
+    """serve.admin_token set: `Authorization: Bearer <token>` (constant-time compare), else 401. Unset: the
+    client must be on a loopback address and the request must not come through a forwarding proxy, else 403."""
+    if settings.admin_token:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.admin_token.encode()):
+            raise APIError(401, "Admin endpoints need 'Authorization: Bearer <serve.admin_token>'.",
+                           type_="authentication_error", code="invalid_admin_token")
+        return
+    forwarded = any(h in request.headers for h in ("forwarded", "x-forwarded-for", "x-real-ip"))
+    if forwarded or not _is_loopback(request.client.host if request.client else None):
+        raise APIError(403, "Admin endpoints answer loopback clients only when serve.admin_token is not set "
+                       "(set serve.admin_token, or PROBECAL_ADMIN_TOKEN, to call them from elsewhere).",
+                       type_="permission_error", code="admin_loopback_only")
 
 
 def _error_handlers(app: FastAPI) -> None:

@@ -6,6 +6,8 @@ first), groups them (generation by sampling settings, scoring by stop strings) a
 called from two threads at once.
 
 Streaming: a request's `on_text` gets its text pieces on the event loop as the batch generates.
+Domains: requests of different domains share a batch; the model gets `domains=[...]` (one per prompt) when
+any of them has one. Hot reload: `swap_artifact` runs on the model thread, so it lands between two batches.
 Cancellation: a request whose future was cancelled (its client went away) is dropped before its batch
 starts; if every request of a running generation is cancelled, the generation stops at the next step.
 """
@@ -41,6 +43,7 @@ class _Pending:
     future: asyncio.Future
     on_text: Callable[[str], None] | None = None  # streaming: called on the event loop
     completion: Any = field(default=None)  # scoring: the completion to score
+    domain: str | None = None  # the request's domain tag (per-domain calibration)
 
     @property
     def gone(self) -> bool:
@@ -89,14 +92,22 @@ class Batcher:
     async def submit(self, prompt: Prompt, sampling: Sampling) -> ProbedGeneration:
         return await self.enqueue(prompt, sampling)
 
-    def enqueue(self, prompt: Prompt, sampling: Sampling,
-                on_text: Callable[[str], None] | None = None) -> asyncio.Future:
+    def enqueue(self, prompt: Prompt, sampling: Sampling, on_text: Callable[[str], None] | None = None,
+                domain: str | None = None) -> asyncio.Future:
         """Queue a generation; the future resolves to its ProbedGeneration (cancel it to drop the request)."""
-        return self._put(_Pending(prompt, ("generate", sampling), self._future(), on_text))
+        return self._put(_Pending(prompt, ("generate", sampling), self._future(), on_text, domain=domain))
 
-    async def score(self, prompt: Any, completion: Any, stop: tuple[str, ...] | None) -> Any:
+    async def score(self, prompt: Any, completion: Any, stop: tuple[str, ...] | None,
+                    domain: str | None = None) -> Any:
         """Queue a completion to score (batched with other scoring requests); returns its ProbedScore."""
-        return await self._put(_Pending(prompt, ("score", stop), self._future(), completion=completion))
+        return await self._put(_Pending(prompt, ("score", stop), self._future(), completion=completion,
+                                        domain=domain))
+
+    async def run_on_model_thread(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the model thread, between two batches (hot reload: the artifact swap)."""
+        if not self.running:
+            raise QueueFullError("the model worker is not running")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     def _future(self) -> asyncio.Future:
         if not self.running:
@@ -144,17 +155,19 @@ class Batcher:
         self._on_batch(len(group))
         loop = asyncio.get_running_loop()
         kind, setting = key
+        tagged = {"domains": [p.domain for p in group]} if any(p.domain is not None for p in group) else {}
         if kind == "score":
             call = lambda: self.model.score(  # noqa: E731 - runs on the model thread
-                [p.prompt for p in group], [p.completion for p in group], stop=list(setting) if setting else None)
+                [p.prompt for p in group], [p.completion for p in group], stop=list(setting) if setting else None,
+                **tagged)
         else:
-            extra: dict[str, Any] = {}
+            extra: dict[str, Any] = dict(tagged)
             if any(p.on_text for p in group):
                 def on_text(i: int, piece: str) -> None:  # model thread -> event loop
                     if group[i].on_text is not None and not group[i].gone:
                         loop.call_soon_threadsafe(group[i].on_text, piece)
 
-                extra = {"on_text": on_text, "cancelled": lambda: all(p.gone for p in group)}
+                extra |= {"on_text": on_text, "cancelled": lambda: all(p.gone for p in group)}
             call = lambda: self.model.generate(  # noqa: E731 - runs on the model thread
                 [p.prompt for p in group], max_new_tokens=setting.max_new_tokens, temperature=setting.temperature,
                 top_p=setting.top_p, stop=list(setting.stop) if setting.stop else None, **extra,

@@ -1,15 +1,46 @@
 """Prometheus exposition (prometheus_client) of the server's counters and the rolling calibration of
 labelled answers. One CollectorRegistry per app, so several apps in one process (tests) never share or
-clash over metrics."""
+clash over metrics.
+
+Per domain and artifact: `probecal_calibration_ece` carries, beside its unlabelled sample (the rolling window,
+all domains, whatever artifact), one sample per {domain, artifact="current"|"previous"}: the ECE of the
+labelled responses of that domain scored by the artifact now in service vs by the one before the last reload
+(domain "default": requests without a domain tag). `probecal_calibration_domain_labelled` gives their counts."""
 
 from __future__ import annotations
 
 import math
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from probes.serving.feedback import CalibrationStats
 from probes.serving.wrapper import ProbedGeneration
+
+
+class _ECEFamily(Collector):
+    """`probecal_calibration_ece`: the unlabelled window sample plus {domain, artifact} samples in ONE family
+    (prometheus_client's Gauge cannot mix an unlabelled sample with labelled ones)."""
+
+    NAME = "probecal_calibration_ece"
+    HELP = ("Expected calibration error (equal-width bins, probes.evaluation.metrics.ece): unlabelled = over the "
+            "rolling window of labelled responses (serve.calibration_window); {domain, artifact} = over the "
+            "labelled responses of that domain scored by the current / previous artifact (last window of each).")
+
+    def __init__(self) -> None:
+        self.window = math.nan
+        self.per_domain: dict[tuple[str, str], float] = {}
+
+    def describe(self):
+        return [GaugeMetricFamily(self.NAME, self.HELP)]
+
+    def collect(self):
+        family = GaugeMetricFamily(self.NAME, self.HELP)
+        family.add_sample(self.NAME, {}, self.window)
+        for (domain, artifact), value in sorted(self.per_domain.items()):
+            family.add_sample(self.NAME, {"domain": domain, "artifact": artifact}, value)
+        yield family
 
 
 class ServerMetrics:
@@ -46,8 +77,13 @@ class ServerMetrics:
                                      registry=r)
         self.accuracy = Gauge("probecal_calibration_accuracy", f"Fraction correct {about}.", registry=r)
         self.mean_confidence = Gauge("probecal_calibration_mean_confidence", f"Mean p_correct {about}.", registry=r)
-        self.ece = Gauge("probecal_calibration_ece", f"Expected calibration error (equal-width bins, "
-                         f"probes.evaluation.metrics.ece) {about}.", registry=r)
+        self.ece = _ECEFamily()
+        r.register(self.ece)
+        self.domain_labelled = Gauge("probecal_calibration_domain_labelled", "Labelled responses per domain scored "
+                                     "by the current / previous artifact (those probecal_calibration_ece{domain, "
+                                     "artifact} is computed over).", ["domain", "artifact"], registry=r)
+        self.reloads = Counter("probecal_reloads", "POST /admin/reload outcomes since start.", ["outcome"],
+                               registry=r)
         bins = ["lower", "upper"]
         self.bin_accuracy = Gauge("probecal_calibration_bin_accuracy", f"Fraction correct per p_correct bin {about}.",
                                   bins, registry=r)
@@ -74,8 +110,13 @@ class ServerMetrics:
     def observe_model_error(self) -> None:
         self.model_errors.inc()
 
-    def render(self, calib: CalibrationStats, counts: dict[str, int], queue_depth: int, window: int) -> str:
-        """Prometheus text format; the scrape-time gauges are set from `calib` / `counts` first."""
+    def observe_reload(self, ok: bool) -> None:
+        self.reloads.labels("swapped" if ok else "refused").inc()
+
+    def render(self, calib: CalibrationStats, counts: dict[str, int], queue_depth: int, window: int,
+               domains: dict[str, dict[str, CalibrationStats]] | None = None) -> str:
+        """Prometheus text format; the scrape-time gauges are set from `calib` / `counts` / `domains`
+        ({"current" | "previous": {domain: stats}}) first."""
         self.abstention_rate.set(self._abstained / self._served if self._served else math.nan)
         self.queue_depth.set(queue_depth)
         self.stored.set(counts["responses"])
@@ -84,7 +125,13 @@ class ServerMetrics:
         self.window_labelled.set(calib.labelled)
         self.accuracy.set(calib.accuracy)
         self.mean_confidence.set(calib.mean_confidence)
-        self.ece.set(calib.ece)
+        self.ece.window = calib.ece
+        self.ece.per_domain = {}
+        self.domain_labelled.clear()
+        for artifact, per_domain in (domains or {}).items():
+            for domain, stats in per_domain.items():
+                self.ece.per_domain[(domain, artifact)] = stats.ece
+                self.domain_labelled.labels(domain, artifact).set(stats.labelled)
         for b in calib.bins:
             labels = (f"{b.lower:g}", f"{b.upper:g}")
             self.bin_accuracy.labels(*labels).set(b.accuracy)

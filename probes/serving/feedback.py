@@ -9,6 +9,11 @@ Storage: one SQLite file in WAL mode (readers never block the writer; committed 
 Duplicate feedback for the same response: the last label wins for the statistics, and every label is kept
 in the append-only `feedback` table for auditing. "Last N labelled" means the N responses whose most recent
 label arrived last (label order, not response order), so a late label for an old answer counts as fresh.
+
+Domains and artifacts (schema 2): each response stores the request's domain tag (NULL: none given) and the
+digest of the probe artifact that scored it; the `artifacts` table lists every artifact the server put in
+service (start-up and hot reloads), so `/metrics` can show the ECE per domain of the current artifact beside
+the previous one. A schema-1 database is migrated in place on open (columns added; old rows get NULL).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from pathlib import Path
 from probes.evaluation.metrics import ece as expected_calibration_error
 from probes.evaluation.metrics import reliability_curve
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+DEFAULT_DOMAIN = "default"  # the metrics label of responses served without a domain tag
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -43,7 +49,9 @@ CREATE TABLE IF NOT EXISTS responses (
     threshold REAL,
     finish_reason TEXT NOT NULL,
     correct INTEGER,                -- latest label: 1 correct, 0 wrong, NULL unlabelled
-    label_seq INTEGER               -- feedback.seq of the latest label (orders the rolling window)
+    label_seq INTEGER,              -- feedback.seq of the latest label (orders the rolling window)
+    domain TEXT,                    -- the request's domain tag (metadata.domain); NULL when none was given
+    artifact TEXT                   -- digest of the probe artifact that scored the response
 );
 CREATE INDEX IF NOT EXISTS responses_label_seq ON responses(label_seq) WHERE label_seq IS NOT NULL;
 CREATE TABLE IF NOT EXISTS feedback (
@@ -52,7 +60,16 @@ CREATE TABLE IF NOT EXISTS feedback (
     correct INTEGER NOT NULL,
     created REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS artifacts (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    digest TEXT NOT NULL,           -- ProbeArtifact.digest put in service
+    probe_dir TEXT,
+    created REAL NOT NULL           -- unix time it started serving
+);
 """
+_MIGRATIONS = {  # from version -> statements bringing it to version + 1
+    1: ["ALTER TABLE responses ADD COLUMN domain TEXT", "ALTER TABLE responses ADD COLUMN artifact TEXT"],
+}
 
 
 class UnknownResponseError(KeyError):
@@ -76,6 +93,8 @@ class ResponseRecord:
     threshold: float | None
     finish_reason: str
     created: float
+    domain: str | None = None  # the request's domain tag (None: none given)
+    artifact: str | None = None  # digest of the artifact that scored it
 
 
 @dataclass(frozen=True)
@@ -147,6 +166,9 @@ class FeedbackStore:
             has_tables = self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
         except sqlite3.DatabaseError as err:
             raise ValueError(f"{self.db_path}: not a usable SQLite database ({err})") from None
+        if has_tables and version in _MIGRATIONS and version < SCHEMA_VERSION:
+            self._migrate(version)
+            version = SCHEMA_VERSION
         if has_tables and version != SCHEMA_VERSION:
             self._conn.close()
             raise ValueError(
@@ -161,6 +183,15 @@ class FeedbackStore:
         self._conn.executescript(_SCHEMA)
         self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
+    def _migrate(self, version: int) -> None:
+        """Bring an older schema to SCHEMA_VERSION in one transaction (rows are kept; new columns NULL)."""
+        with self._transaction():
+            while version < SCHEMA_VERSION:
+                for statement in _MIGRATIONS[version]:
+                    self._conn.execute(statement)
+                version += 1
+                self._conn.execute(f"PRAGMA user_version={version}")
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
@@ -170,7 +201,7 @@ class FeedbackStore:
         rows = [
             (
                 r.id, r.created, r.endpoint, r.model, r.prompt, r.text, r.p_correct, r.score, r.layer,
-                r.position, int(r.abstained), r.threshold, r.finish_reason,
+                r.position, int(r.abstained), r.threshold, r.finish_reason, r.domain, r.artifact,
             )
             for r in records
         ]
@@ -178,8 +209,8 @@ class FeedbackStore:
             with self._transaction():
                 self._conn.executemany(
                     "INSERT INTO responses (id, created, endpoint, model, prompt, text, p_correct, score, "
-                    "layer, position, abstained, threshold, finish_reason) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "layer, position, abstained, threshold, finish_reason, domain, artifact) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
 
@@ -208,7 +239,7 @@ class FeedbackStore:
         with self._lock:
             row = self._conn.execute(
                 "SELECT id, endpoint, model, prompt, text, p_correct, score, layer, position, abstained, "
-                "threshold, finish_reason, created, correct FROM responses WHERE id = ?",
+                "threshold, finish_reason, created, domain, artifact, correct FROM responses WHERE id = ?",
                 (response_id,),
             ).fetchone()
         if row is None:
@@ -237,6 +268,46 @@ class FeedbackStore:
                 (window,),
             ).fetchall()
         return calibration_stats([r[0] for r in rows], [bool(r[1]) for r in rows], n_bins)
+
+    def record_artifact(self, digest: str, probe_dir: str | None) -> None:
+        """Note that `digest` started serving now (unless it is already the current one)."""
+        with self._lock:
+            with self._transaction():
+                row = self._conn.execute("SELECT digest FROM artifacts ORDER BY seq DESC LIMIT 1").fetchone()
+                if row is None or row[0] != digest:
+                    self._conn.execute("INSERT INTO artifacts (digest, probe_dir, created) VALUES (?, ?, ?)",
+                                       (digest, probe_dir, time.time()))
+
+    def artifact_history(self) -> tuple[str | None, str | None]:
+        """(current, previous): the digest of the last artifact put in service and of the last one before
+        it that differs (None when there is none)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT digest FROM artifacts ORDER BY seq DESC LIMIT 64").fetchall()
+        current = rows[0][0] if rows else None
+        previous = next((r[0] for r in rows if r[0] != current), None)
+        return current, previous
+
+    def domain_calibration(self, digest: str, window: int, n_bins: int,
+                           max_domains: int) -> dict[str, CalibrationStats]:
+        """{domain: calibration} over the `window` most recently labelled responses of each domain scored by
+        the artifact `digest` (responses without a domain under DEFAULT_DOMAIN), for the `max_domains`
+        domains with the most labelled responses (bounded metric cardinality)."""
+        with self._lock:
+            top = self._conn.execute(
+                "SELECT COALESCE(domain, ?) AS d, count(*) AS n FROM responses WHERE artifact = ? AND "
+                "label_seq IS NOT NULL GROUP BY d ORDER BY n DESC, d LIMIT ?",
+                (DEFAULT_DOMAIN, digest, max_domains),
+            ).fetchall()
+            grouped = {
+                domain: self._conn.execute(
+                    "SELECT p_correct, correct FROM responses WHERE artifact = ? AND COALESCE(domain, ?) = ? "
+                    "AND label_seq IS NOT NULL ORDER BY label_seq DESC LIMIT ?",
+                    (digest, DEFAULT_DOMAIN, domain, window),
+                ).fetchall()
+                for domain, _ in top
+            }
+        return {d: calibration_stats([r[0] for r in rows], [bool(r[1]) for r in rows], n_bins)
+                for d, rows in grouped.items()}
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:

@@ -5,11 +5,17 @@ Supported beyond the basics: `stream` (Server-Sent Events, `stream_options.inclu
 penalties, logit_bias, seed, tools / functions, non-text response formats, token-id prompts on the
 generation endpoints (use /v1/score), several prompts in one request. Sampling defaults to greedy
 (temperature 0), the setting probes are trained on.
+
+Domain tag: `metadata: {"domain": "<name>"}` (OpenAI's `metadata`, a dict of strings; the SDK sends it as
+`metadata=` or inside `extra_body=`) or a top-level `"domain"` (`extra_body={"domain": ...}`) picks the
+per-domain calibrator of the artifact (unknown domain: its global fallback); it is stored with the response
+and `metadata` is echoed in the response.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -41,6 +47,11 @@ class ProbedModelLike(Protocol):
     def count_tokens(self, prompt: Prompt) -> int: ...
 
     def score(self, prompts: list, completions: list, stop: list[str] | None = None) -> list: ...
+
+    # Optional (a model without them serves one domain-less artifact and answers 501 to /admin/reload):
+    # generate / score also take `domains=[str | None, ...]` (passed only when a request has a domain);
+    # `artifact_digest: str`, `load_artifact(probe_dir) -> artifact` (verified, any thread) and
+    # `swap_artifact(artifact)` (installs it between two model calls).
 
 
 class APIError(Exception):
@@ -80,7 +91,12 @@ class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
-class _SamplingFields(_Body):
+class _DomainFields(_Body):
+    metadata: Any = None  # OpenAI's metadata: up to 16 string keys -> string values; "domain" is read
+    domain: Any = None  # the domain tag at the top level (extra_body={"domain": ...})
+
+
+class _SamplingFields(_DomainFields):
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
@@ -129,7 +145,7 @@ class FeedbackRequest(_Body):
     index: int = 0  # which choice of an n > 1 response
 
 
-class ScoreRequest(_Body):
+class ScoreRequest(_DomainFields):
     """POST /v1/score: the confidence of a completion another engine generated for a prompt."""
 
     model: str | None = None
@@ -137,6 +153,32 @@ class ScoreRequest(_Body):
     messages: list[ChatMessage] | None = None
     completion: Any  # text, or token ids (ids avoid tokenizer drift)
     stop: Any = None  # where the answer is cut (default: the probe's training stop strings)
+
+
+DOMAIN_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}")  # bounded: it becomes a metrics label
+
+
+def _domain(body: _DomainFields) -> str | None:
+    """The request's domain tag (None: none given); a clear 400 for a malformed metadata / domain."""
+    metadata = body.metadata
+    if metadata is not None and not (
+        isinstance(metadata, dict) and len(metadata) <= 16
+        and all(isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
+                for k, v in metadata.items())
+    ):
+        raise APIError(400, "Invalid value for 'metadata': expected an object of at most 16 string keys "
+                       "(<= 64 characters) to string values (<= 512 characters).", param="metadata",
+                       code="invalid_value")
+    tagged = (metadata or {}).get("domain")
+    if body.domain is not None and tagged is not None and body.domain != tagged:
+        raise APIError(400, "'domain' and 'metadata.domain' differ: give the domain once.", param="domain",
+                       code="invalid_value")
+    domain = body.domain if body.domain is not None else tagged
+    param = "domain" if body.domain is not None else "metadata.domain"
+    if domain is not None and not (isinstance(domain, str) and DOMAIN_PATTERN.fullmatch(domain)):
+        raise APIError(400, f"Invalid value for '{param}': expected 1 to 64 characters of letters, digits and "
+                       "_ . : / - (starting with a letter or digit).", param=param, code="invalid_value")
+    return domain
 
 
 def _is_off(value: Any) -> bool:
@@ -282,3 +324,9 @@ def _score_inputs(body: ScoreRequest, vocab_size: int | None) -> tuple[Any, Any,
         raise APIError(400, "Invalid value for 'completion': expected a string or a list of token ids.",
                        param="completion", code="invalid_value")
     return prompt, ids if ids is not None else body.completion, param
+
+
+class ReloadRequest(_Body):
+    """POST /admin/reload: the folder of the artifact to serve from now on."""
+
+    probe_dir: str

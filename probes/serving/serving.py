@@ -8,6 +8,14 @@ carries the role; text chunks follow as the batch generates; the LAST chunk of e
 `stream_options.include_usage` adds a usage chunk; then `data: [DONE]`. A pre-generation abstention
 streams the abstention message and its confidence. A client that disconnects frees its place: queued, it
 is dropped before its batch starts; running, the batch stops once all of its clients have gone.
+
+Domains: the request's domain tag (`protocol._domain`) goes to the model with the prompt (per-domain
+calibration), into the database with the response and the artifact digest that scored it, and its
+`metadata` is echoed in the response (every stream chunk).
+
+Hot reload (`reload`, POST /admin/reload): the new artifact is read and verified in a worker thread (serving
+goes on), then swapped in on the model thread, i.e. between two batches: every answer is scored by exactly
+one artifact, whole. A bad artifact is refused (4xx) and the old one keeps serving.
 """
 
 from __future__ import annotations
@@ -17,9 +25,10 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from fastapi.responses import StreamingResponse
 
 from probes.serving.batcher import Batcher, ModelError, QueueFullError
@@ -32,6 +41,7 @@ from probes.serving.protocol import (
     Prompt,
     Sampling,
     ScoreRequest,
+    _domain,
     _score_inputs,
     _stop,
 )
@@ -56,6 +66,8 @@ class Server:
     batcher: Batcher
     metrics: ServerMetrics
     model_name: str
+    probe_dir: str | None = None  # the artifact in service (updated by reload)
+    reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def check_model(self, requested: str | None) -> None:
         if requested is not None and requested != self.model_name:
@@ -83,15 +95,18 @@ class Server:
             )
         return prompt_tokens
 
-    async def record(self, endpoint: str, response_id: str, prompt: Any, items: list[tuple[str, Any, str]]) -> None:
-        """Store served choices (text, generation or score, finish reason); choice i > 0 is `<id>:<i>`."""
+    async def record(self, endpoint: str, response_id: str, prompt: Any, items: list[tuple[str, Any, str]],
+                     domain: str | None = None) -> None:
+        """Store served choices (text, generation or score, finish reason) with the request's domain and the
+        digest of the artifact that scored each; choice i > 0 is `<id>:<i>`."""
         keep = self.settings.store_text
         records = [
             ResponseRecord(
                 id=response_id if i == 0 else f"{response_id}:{i}", endpoint=endpoint, model=self.model_name,
                 prompt=json.dumps(prompt) if keep else None, text=text if keep else None, p_correct=g.p_correct,
                 score=g.score, layer=g.layer, position=g.position, abstained=g.abstained, threshold=g.threshold,
-                finish_reason=finish, created=time.time(),
+                finish_reason=finish, created=time.time(), domain=domain,
+                artifact=getattr(g, "artifact", None) or getattr(self.model, "artifact_digest", None),
             )
             for i, (text, g, finish) in enumerate(items)
         ]
@@ -110,6 +125,14 @@ def confidence(gen: Any) -> dict[str, Any]:
     chars = getattr(gen, "answer_chars", None)
     out["answer_chars"] = list(chars) if chars is not None else None
     return out
+
+
+def metadata_echo(body: Any, domain: str | None) -> dict[str, Any]:
+    """{"metadata": ...} to add to a response: the request's metadata (with its domain), or {}."""
+    metadata = dict(body.metadata or {})
+    if domain is not None:
+        metadata["domain"] = domain
+    return {"metadata": metadata} if metadata else {}
 
 
 def client_finish(gen: ProbedGeneration) -> str:
@@ -136,50 +159,55 @@ def _sse(payload: dict | str) -> str:
 async def generate(server: Server, endpoint: str, body: Any, prompt: Prompt, sampling: Sampling,
                    param: str) -> Any:
     """A completion / chat completion: the JSON body, or a StreamingResponse when `body.stream`."""
+    domain = _domain(body)
     await server.check_length(prompt, sampling.max_new_tokens, param)
     n = body.n or 1
     if body.stream:
         events: asyncio.Queue = asyncio.Queue()
         try:
-            futures = [server.batcher.enqueue(prompt, sampling, on_text=lambda piece, i=i: events.put_nowait((i, piece)))
+            futures = [server.batcher.enqueue(prompt, sampling, on_text=lambda piece, i=i: events.put_nowait((i, piece)),
+                                              domain=domain)
                        for i in range(n)]
         except QueueFullError as err:
             raise _failure(err) from None
-        return stream_response(server, endpoint, prompt, futures, events, body)
+        return stream_response(server, endpoint, prompt, futures, events, body, domain)
     try:
-        futures = [server.batcher.enqueue(prompt, sampling) for _ in range(n)]
+        futures = [server.batcher.enqueue(prompt, sampling, domain=domain) for _ in range(n)]
         gens = await asyncio.gather(*futures)
     except (QueueFullError, ModelError) as err:
         raise _failure(err) from None
-    return await respond(server, endpoint, prompt, gens)
+    return await respond(server, endpoint, prompt, gens, domain, metadata_echo(body, domain))
 
 
-async def respond(server: Server, endpoint: str, prompt: Any, gens: list[ProbedGeneration]) -> dict:
+async def respond(server: Server, endpoint: str, prompt: Any, gens: list[ProbedGeneration],
+                  domain: str | None = None, echo_metadata: dict | None = None) -> dict:
     prefix, kind = OBJECTS[endpoint]
     response_id = f"{prefix}-{uuid.uuid4().hex}"
     texts = [server.shown_text(g) for g in gens]
-    await server.record(endpoint, response_id, prompt, [(t, g, g.finish_reason) for t, g in zip(texts, gens, strict=True)])
+    await server.record(endpoint, response_id, prompt, [(t, g, g.finish_reason) for t, g in zip(texts, gens, strict=True)],
+                        domain)
     choices = [{"index": i, **_choice_body(endpoint, t), "finish_reason": client_finish(g), "confidence": confidence(g)}
                for i, (t, g) in enumerate(zip(texts, gens, strict=True))]
     completion_tokens = sum(g.completion_tokens for g in gens)
     usage = {"prompt_tokens": gens[0].prompt_tokens, "completion_tokens": completion_tokens,
              "total_tokens": gens[0].prompt_tokens + completion_tokens}
     return {"id": response_id, "object": kind, "created": int(time.time()), "model": server.model_name,
-            "choices": choices, "usage": usage}
+            "choices": choices, "usage": usage, **(echo_metadata or {})}
 
 
 def stream_response(server: Server, endpoint: str, prompt: Any, futures: list[asyncio.Future],
-                    events: asyncio.Queue, body: Any) -> StreamingResponse:
+                    events: asyncio.Queue, body: Any, domain: str | None = None) -> StreamingResponse:
     """SSE for `futures` (one per choice); text pieces arrive on `events` as (choice, piece)."""
     prefix, kind = OBJECTS[endpoint]
     response_id, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
     include_usage = bool((body.stream_options or {}).get("include_usage"))
+    echoed = metadata_echo(body, domain)
     for i, future in enumerate(futures):
         future.add_done_callback(lambda f, i=i: events.put_nowait((i, None)))
 
     def chunk(choices: list[dict], **extra: Any) -> str:
         return _sse({"id": response_id, "object": f"{kind}.chunk" if endpoint != "completions" else kind,
-                     "created": created, "model": server.model_name, "choices": choices, **extra})
+                     "created": created, "model": server.model_name, "choices": choices, **extra, **echoed})
 
     def piece(i: int, text: str, finish: str | None = None, **extra: Any) -> dict:
         if endpoint == "completions":
@@ -215,7 +243,7 @@ def stream_response(server: Server, endpoint: str, prompt: Any, futures: list[as
                 yield chunk([piece(i, "", client_finish(gen), confidence=confidence(gen))])
             ordered = [gens[i] for i in range(len(futures))]
             await server.record(endpoint, response_id, prompt,
-                                [(server.shown_text(g), g, g.finish_reason) for g in ordered])
+                                [(server.shown_text(g), g, g.finish_reason) for g in ordered], domain)
             if include_usage:
                 tokens = sum(g.completion_tokens for g in ordered)
                 yield chunk([], usage={"prompt_tokens": ordered[0].prompt_tokens, "completion_tokens": tokens,
@@ -232,6 +260,7 @@ def stream_response(server: Server, endpoint: str, prompt: Any, futures: list[as
 async def score(server: Server, body: ScoreRequest) -> dict:
     """POST /v1/score: the confidence of a completion another engine generated."""
     server.check_model(body.model)
+    domain = _domain(body)
     vocab = getattr(server.model, "vocab_size", None)
     prompt, completion, param = _score_inputs(body, vocab)
     stop = _stop(body.stop)
@@ -241,17 +270,18 @@ async def score(server: Server, body: ScoreRequest) -> dict:
         completion_len = await asyncio.to_thread(server.model.count_tokens, completion) if completion else 0
     await server.check_length(prompt, completion_len, param)
     try:
-        result = await server.batcher.score(prompt, completion, stop)
+        result = await server.batcher.score(prompt, completion, stop, domain)
     except (QueueFullError, ModelError) as err:
         raise _failure(err) from None
     response_id = f"score-{uuid.uuid4().hex}"
     text = completion if isinstance(completion, str) else None
-    await server.record("score", response_id, prompt, [(text, result, "scored")])
+    await server.record("score", response_id, prompt, [(text, result, "scored")], domain)
     return {"id": response_id, "object": "score", "created": int(time.time()), "model": server.model_name,
             "p_correct": result.p_correct, "abstained": result.abstained, "threshold": result.threshold,
             "score": result.score, "layer": result.layer, "position": result.position,
             "answer_tokens": list(result.answer_tokens), "answer_text": result.answer_text,
-            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}}
+            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+            **metadata_echo(body, domain)}
 
 
 async def feedback(server: Server, body: FeedbackRequest) -> dict:
@@ -262,3 +292,63 @@ async def feedback(server: Server, body: FeedbackRequest) -> dict:
         raise APIError(404, f"No response with id '{echo(body.id)}' (choice {body.index}) was served by this "
                        "server.", param="id", code="response_not_found") from None
     return {"object": "feedback", "id": body.id, "index": body.index, "correct": body.correct, "replaced": previous}
+
+
+def _artifact_summary(artifact: Any, probe_dir: str | None) -> dict[str, Any]:
+    meta = getattr(artifact, "metadata", None)
+    calibrator = getattr(artifact, "calibrator", None)
+    return {"probe_dir": probe_dir, "digest": getattr(artifact, "digest", None),
+            "layer": getattr(meta, "layer", None), "position": getattr(meta, "position", None),
+            "calibrator": getattr(meta, "calibrator_kind", None),
+            "domains": sorted(getattr(calibrator, "per_category_", {}) or {})}
+
+
+async def reload(server: Server, probe_dir: Any) -> dict:
+    """POST /admin/reload: verify the artifact in `probe_dir` off the event loop, then swap it in between two
+    batches. 400 for a bad artifact (the old one keeps serving), 409 while another reload runs, 501 for a model
+    that cannot reload."""
+    model = server.model
+    if not all(hasattr(model, name) for name in ("load_artifact", "swap_artifact")):
+        raise APIError(501, "This model cannot reload its probe artifact.", type_="server_error",
+                       code="reload_unsupported")
+    if not isinstance(probe_dir, str) or not probe_dir:
+        raise APIError(400, "Missing required parameter: 'probe_dir' (the folder of a saved probe artifact).",
+                       param="probe_dir", code="missing_parameter")
+    if server.reload_lock.locked():
+        raise APIError(409, "Another reload is in progress; retry when it has finished.", code="reload_in_progress")
+    async with server.reload_lock:
+        started = time.perf_counter()
+        try:  # reads, hashes and rebuilds the artifact in a worker thread: requests keep being served
+            artifact = await asyncio.to_thread(model.load_artifact, probe_dir)
+            await asyncio.to_thread(_smoke_test, artifact)
+        except Exception as err:  # ArtifactError, FileNotFoundError, a fingerprint mismatch, a broken calibrator
+            server.metrics.observe_reload(False)
+            raise APIError(400, f"The artifact in '{echo(probe_dir, 200)}' was refused; the previous one keeps "
+                           f"serving: {type(err).__name__}: {err}", param="probe_dir",
+                           code="artifact_refused") from None
+        previous_dir = server.probe_dir
+        try:
+            old = await server.batcher.run_on_model_thread(lambda: model.swap_artifact(artifact))
+        except QueueFullError as err:
+            raise _failure(err) from None
+        server.probe_dir = probe_dir
+        await asyncio.to_thread(server.store.record_artifact, artifact.digest, probe_dir)
+        server.metrics.observe_reload(True)
+    return {"object": "reload", "changed": getattr(old, "digest", None) != artifact.digest,
+            "current": _artifact_summary(artifact, probe_dir), "previous": _artifact_summary(old, previous_dir),
+            "seconds": round(time.perf_counter() - started, 4)}
+
+
+def _smoke_test(artifact: Any) -> None:
+    """The artifact scores a vector of its own width to finite probabilities in [0, 1], with and without a
+    domain (a calibrator that cannot predict is refused before it serves)."""
+    predict = getattr(artifact, "predict", None)
+    width = getattr(getattr(artifact, "probe", None), "n_features_in_", None)
+    if predict is None or width is None:
+        return
+    X = np.zeros((2, int(width)), dtype=np.float32)
+    for categories in (None, np.asarray(["", "__probecal_unknown_domain__"])):
+        p, _ = predict(X, categories=categories)
+        p = np.asarray(p, dtype=float)
+        if p.shape != (2,) or not np.all(np.isfinite(p)) or np.any((p < 0) | (p > 1)):
+            raise ValueError(f"the artifact's probabilities on a test vector are not finite values in [0, 1]: {p}")

@@ -24,9 +24,18 @@ import httpx
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from probes.serving.batcher import ModelError, QueueFullError
-from probes.serving.protocol import APIError, Prompt
+from probes.serving.protocol import APIError, Prompt, _domain
 from probes.serving.protocol import _stop as parse_stop
-from probes.serving.serving import OBJECTS, Server, _failure, _sse, confidence, respond, stream_response
+from probes.serving.serving import (
+    OBJECTS,
+    Server,
+    _failure,
+    _sse,
+    confidence,
+    metadata_echo,
+    respond,
+    stream_response,
+)
 from probes.serving.wrapper import ProbedGeneration
 
 
@@ -64,9 +73,10 @@ def _upstream_error(status: int, content: bytes) -> APIError:
         return APIError(status, f"The upstream engine answered {status}: {text}", type_="upstream_error")
 
 
-async def _scores(server: Server, prompt: Prompt, texts: list[str], stop: tuple[str, ...] | None) -> list[Any]:
+async def _scores(server: Server, prompt: Prompt, texts: list[str], stop: tuple[str, ...] | None,
+                  domain: str | None = None) -> list[Any]:
     try:
-        return list(await asyncio.gather(*(server.batcher.score(prompt, t, stop) for t in texts)))
+        return list(await asyncio.gather(*(server.batcher.score(prompt, t, stop, domain) for t in texts)))
     except (QueueFullError, ModelError) as err:
         raise _failure(err) from None
 
@@ -75,14 +85,15 @@ def _as_generation(result: Any, text: str, finish: str, completion_tokens: int) 
     return ProbedGeneration(text=text, p_correct=result.p_correct, score=result.score, layer=result.layer,
                             position=result.position, abstained=result.abstained, threshold=result.threshold,
                             finish_reason=finish, prompt_tokens=result.prompt_tokens,
-                            completion_tokens=completion_tokens)
+                            completion_tokens=completion_tokens, artifact=getattr(result, "artifact", None))
 
 
-async def _abstains_before_generating(server: Server, prompt: Prompt, n: int) -> list[ProbedGeneration] | None:
+async def _abstains_before_generating(server: Server, prompt: Prompt, n: int,
+                                      domain: str | None) -> list[ProbedGeneration] | None:
     model = server.model
     if not getattr(model, "abstain_before_generating", False) or getattr(model, "threshold", None) is None:
         return None
-    (result,) = await _scores(server, prompt, [""], None)  # a prompt_last probe reads the prompt only
+    (result,) = await _scores(server, prompt, [""], None, domain)  # a prompt_last probe reads the prompt only
     if not result.abstained:
         return None
     message = server.settings.abstention_message or getattr(model, "abstention_message", "I don't know.")
@@ -92,21 +103,24 @@ async def _abstains_before_generating(server: Server, prompt: Prompt, n: int) ->
 async def proxy(server: Server, upstream: Upstream, endpoint: str, body: Any, raw: dict, prompt: Prompt,
                 param: str) -> Any:
     """Forward one completion / chat completion to the upstream and add confidences."""
+    domain = _domain(body)
+    echoed = metadata_echo(body, domain)
     await server.check_length(prompt, 0, param)
     n, stop = body.n or 1, parse_stop(body.stop)
-    abstained = await _abstains_before_generating(server, prompt, n)
+    abstained = await _abstains_before_generating(server, prompt, n, domain)
     if abstained is not None:  # no upstream tokens spent
         if not body.stream:
-            return await respond(server, endpoint, prompt, abstained)
+            return await respond(server, endpoint, prompt, abstained, domain, echoed)
         events: asyncio.Queue = asyncio.Queue()
         futures = []
         for gen in abstained:
             future = asyncio.get_running_loop().create_future()
             future.set_result(gen)
             futures.append(future)
-        return stream_response(server, endpoint, prompt, futures, events, body)
+        return stream_response(server, endpoint, prompt, futures, events, body, domain)
     path = "/completions" if endpoint == "completions" else "/chat/completions"
-    forwarded = {**raw, "model": raw.get("model") or server.model_name}
+    # the top-level "domain" is probecal's own field; metadata (OpenAI's) goes on to the engine
+    forwarded = {**{k: v for k, v in raw.items() if k != "domain"}, "model": raw.get("model") or server.model_name}
     if not body.stream:
         try:
             reply = await upstream.client.post(path, json=forwarded)
@@ -118,14 +132,15 @@ async def proxy(server: Server, upstream: Upstream, endpoint: str, body: Any, ra
         choices = data.get("choices") or []
         texts = [(c.get("text") if endpoint == "completions" else (c.get("message") or {}).get("content")) or ""
                  for c in choices]
-        results = await _scores(server, prompt, texts, stop)
+        results = await _scores(server, prompt, texts, stop, domain)
         for choice, result in zip(choices, results, strict=True):
             choice["confidence"] = confidence(result) | {"answer_chars": None}
         # our own id (the one /v1/feedback knows): upstream ids need not be unique across engines
         response_id = data["id"] = f"{OBJECTS[endpoint][0]}-{uuid.uuid4().hex}"
         await server.record(endpoint, response_id, prompt, [(t, r, c.get("finish_reason") or "stop")
-                                                            for t, r, c in zip(texts, results, choices, strict=True)])
-        return JSONResponse(data)
+                                                            for t, r, c in zip(texts, results, choices, strict=True)],
+                            domain)
+        return JSONResponse(data | echoed)
     try:
         request = upstream.client.build_request("POST", path, json=forwarded)
         reply = await upstream.client.send(request, stream=True)
@@ -135,12 +150,13 @@ async def proxy(server: Server, upstream: Upstream, endpoint: str, body: Any, ra
         content = await reply.aread()
         await reply.aclose()
         raise _upstream_error(reply.status_code, content)
-    return StreamingResponse(_pass_through(server, upstream, endpoint, reply, prompt, stop),
+    return StreamingResponse(_pass_through(server, upstream, endpoint, reply, prompt, stop, domain, echoed),
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 async def _pass_through(server: Server, upstream: Upstream, endpoint: str, reply: httpx.Response, prompt: Prompt,
-                        stop: tuple[str, ...] | None) -> AsyncIterator[str]:
+                        stop: tuple[str, ...] | None, domain: str | None = None,
+                        echoed: dict | None = None) -> AsyncIterator[str]:
     texts: dict[int, str] = {}
     finishes: dict[int, str] = {}
     last: dict[str, Any] = {}
@@ -177,7 +193,7 @@ async def _pass_through(server: Server, upstream: Upstream, endpoint: str, reply
             return
         indices = sorted(texts)
         try:
-            results = await _scores(server, prompt, [texts[i] for i in indices], stop)
+            results = await _scores(server, prompt, [texts[i] for i in indices], stop, domain)
         except APIError as failure:
             yield _sse({"error": {"message": failure.message, "type": failure.type, "param": None,
                                   "code": failure.code}})
@@ -188,9 +204,10 @@ async def _pass_through(server: Server, upstream: Upstream, endpoint: str, reply
                       "confidence": confidence(result) | {"answer_chars": None}}
             choice |= {"text": ""} if endpoint == "completions" else {"delta": {}}
             yield _sse({"id": response_id, "object": kind, "created": last.get("created", int(time.time())),
-                        "model": last.get("model", server.model_name), "choices": [choice]})
+                        "model": last.get("model", server.model_name), "choices": [choice], **(echoed or {})})
         await server.record(endpoint, response_id, prompt,
-                            [(texts[i], r, finishes.get(i, "stop")) for i, r in zip(indices, results, strict=True)])
+                            [(texts[i], r, finishes.get(i, "stop")) for i, r in zip(indices, results, strict=True)],
+                            domain)
         yield _sse("[DONE]")
     finally:
         await reply.aclose()

@@ -60,6 +60,7 @@ class ProbedGeneration:
     completion_tokens: int  # tokens generated, up to and including the one completing the stop string / EOS
     completion_ids: tuple[int, ...] = ()  # those tokens (empty when abstained before generating)
     answer_chars: tuple[int, int] | None = None  # [start, end) of `text` the probe scored (None: prompt_last)
+    artifact: str | None = None  # digest of the probe artifact that scored it (hot reload: which one served it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +84,7 @@ class ProbedScore:
     completion_tokens: int  # tokens of the completion scored (up to EOS)
     answer_tokens: tuple[int, int]  # [start, end) of the completion tokens the probe read (graded answer)
     answer_text: str  # the graded answer: completion cut at the stop string / first line, stripped
+    artifact: str | None = None  # digest of the probe artifact that scored it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,6 +96,10 @@ class ProbedModel:
     threshold: abstain when p_correct < threshold. "artifact" (default) uses the threshold stored in the
     artifact by `probecal train` (None there = never abstain); a float overrides it; None disables.
     abstain_before_generating: for `prompt_last` probes, skip generation of abstained rows.
+    domains: `generate` / `score` take one domain tag per prompt; a per-domain calibrator applies that
+    domain's fit (unknown domains and "" use its global fallback; other calibrators ignore it).
+    Hot reload: `load_artifact` reads + verifies another artifact for this model (any thread),
+    `swap_artifact` installs it between two batches (it waits for the call in progress).
     """
 
     def __init__(
@@ -106,17 +112,38 @@ class ProbedModel:
         max_batch_size: int = 16,
     ):
         self.loaded = loaded
+        self.abstention_message = abstention_message
+        self.max_batch_size = max_batch_size
+        self._threshold_setting = threshold
+        self._abstain_before_generating_setting = abstain_before_generating
+        self._install(artifact)
+        self._lock = threading.Lock()  # one generate / tokenizer call at a time (fast tokenizers are not re-entrant)
+
+    def _install(self, artifact: ProbeArtifact) -> None:
+        """Every attribute derived from the artifact (the hooks are registered per call, so a new layer or
+        position takes effect at the next call)."""
+        threshold = self._threshold_setting
         self.artifact = artifact
         self.layer = artifact.metadata.layer
         self.position = artifact.metadata.position
         self.threshold = artifact.abstention_threshold() if threshold == "artifact" else threshold
-        self.abstention_message = abstention_message
-        self.abstain_before_generating = abstain_before_generating and self.position == "prompt_last"
-        self.max_batch_size = max_batch_size
+        self.abstain_before_generating = self._abstain_before_generating_setting and self.position == "prompt_last"
         settings = artifact.metadata.extract_settings or {}
         self.prompt_spec = _prompt_spec(settings.get("prompt", {}))
         self.default_stop = list(settings.get("generation", {}).get("stop_strings", ["\n"]))
-        self._lock = threading.Lock()  # one generate / tokenizer call at a time (fast tokenizers are not re-entrant)
+        self.artifact_digest = artifact.digest
+
+    # -- hot reload ----------------------------------------------------------------------------------
+    def load_artifact(self, probe_dir: str | Path) -> ProbeArtifact:
+        """Read and verify (digest, kinds, this model's fingerprint) an artifact; does not install it."""
+        return ProbeArtifact.load(probe_dir, expected_fingerprint=self.loaded.fingerprint)
+
+    def swap_artifact(self, artifact: ProbeArtifact) -> ProbeArtifact:
+        """Install `artifact` once the generate / score call in progress has finished; returns the old one."""
+        with self._lock:
+            old = self.artifact
+            self._install(artifact)
+        return old
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -163,14 +190,17 @@ class ProbedModel:
         return render_prompt(question, self.loaded.tokenizer, self.loaded.uses_chat_template, self.prompt_spec)
 
     # -- scoring -----------------------------------------------------------------------------------
-    def _score(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """vectors [n, hidden] -> (p_correct [n], raw score [n])."""
-        return self.artifact.predict(vectors)
+    def _score(self, vectors: np.ndarray, domains: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """vectors [n, hidden], domains [n] or None -> (p_correct [n], raw score [n])."""
+        if domains is None:
+            return self.artifact.predict(vectors)
+        return self.artifact.predict(vectors, categories=np.asarray([d or "" for d in domains], dtype=str))
 
     def _abstains(self, p: float) -> bool:
         return self.threshold is not None and p < self.threshold
 
-    def score_prompts(self, prompt_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    def score_prompts(self, prompt_ids: Sequence[Sequence[int]],
+                      domains: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """prompt_last probe only: one prefill forward per batch, hooks on the probe's layer."""
         model, tok = self.loaded.model, self.loaded.tokenizer
         vectors = []
@@ -184,13 +214,14 @@ class ProbedModel:
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
                 model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
                 vectors.append(recorder.last_token(self.layer)[0].float().cpu().numpy())
-        return self._score(np.concatenate(vectors))
+        return self._score(np.concatenate(vectors), domains)
 
     # -- generation --------------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, stop: list[str] | None = None, streamer: Any = None,
                  on_text: Callable[[int, str], None] | None = None,
-                 cancelled: Callable[[], bool] | None = None) -> list[ProbedGeneration]:
+                 cancelled: Callable[[], bool] | None = None,
+                 domains: Sequence[str | None] | None = None) -> list[ProbedGeneration]:
         # on_text(i, piece): text pieces of prompt i as they are generated (a whole batch at once); the
         # pieces of a prompt concatenate to a prefix of its final `text`. cancelled(): polled every step,
         # True stops the generation (raises probes.serving.forward.GenerationCancelled). The returned text
@@ -201,12 +232,14 @@ class ProbedModel:
         single = isinstance(prompts, (str, Question)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
         batch: list[Prompt] = [prompts] if single else list(prompts)
+        if domains is not None and len(domains) != len(batch):
+            raise ValueError(f"{len(batch)} prompts but {len(domains)} domains")
         with self._lock:
             prompt_ids = [self._encode(p) for p in batch]
             results: list[ProbedGeneration | None] = [None] * len(batch)
             todo = list(range(len(batch)))
             if self.abstain_before_generating and self.threshold is not None:
-                p_pre, s_pre = self.score_prompts(prompt_ids)
+                p_pre, s_pre = self.score_prompts(prompt_ids, domains)
                 for i in range(len(batch)):
                     if self._abstains(p_pre[i]):
                         results[i] = self._result(self.abstention_message, p_pre[i], s_pre[i], True, "abstained",
@@ -228,7 +261,8 @@ class ProbedModel:
                     [self.position], spec, partial(cut_answer, stop_sequences=spec.stop_strings),
                     streamer=_Tee(feed, streamer) if streamer is not None else feed,
                 )
-                p, score = self._score(capture.activations[:, 0, 0, :])
+                p, score = self._score(capture.activations[:, 0, 0, :],
+                                       None if domains is None else [domains[i] for i in todo])
                 for k, i in enumerate(todo):
                     text, n_tokens, finish = finish_text(self.loaded.tokenizer, feed.tokens[k], max_new_tokens, eos,
                                                          spec.stop_strings)
@@ -249,7 +283,7 @@ class ProbedModel:
             return self._encode(prompt)
 
     def score(self, prompts: Sequence[Prompt | Sequence[int]], completions: Sequence[str | Sequence[int]],
-              stop: list[str] | None = None) -> list[ProbedScore]:
+              stop: list[str] | None = None, domains: Sequence[str | None] | None = None) -> list[ProbedScore]:
         """The confidence `generate` would give had the model generated `completions` itself.
 
         One forward per batch over prompt + completion, up to the end of the graded answer and up to the
@@ -259,6 +293,8 @@ class ProbedModel:
         """
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        if domains is not None and len(domains) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(domains)} domains")
         tok = self.loaded.tokenizer
         stops = self.default_stop if stop is None else list(stop)
         eos = eos_ids(self.loaded.model, tok)
@@ -285,13 +321,15 @@ class ProbedModel:
                         vectors.append(hidden[r, base + end - 1])
                     else:
                         vectors.append(hidden[r, base + start : base + end].mean(0))
-                p, score = self._score(torch.stack(vectors).cpu().numpy())
+                p, score = self._score(torch.stack(vectors).cpu().numpy(),
+                                       None if domains is None else [domains[i] for i in chunk])
                 for r, i in enumerate(chunk):
                     start, end, answer = spans[i]
                     out.append(ProbedScore(
                         p_correct=float(p[r]), score=float(score[r]), layer=self.layer, position=self.position,
                         abstained=self._abstains(p[r]), threshold=self.threshold, prompt_tokens=len(ids[i]),
                         completion_tokens=len(comp[i]), answer_tokens=(start, end), answer_text=answer,
+                        artifact=self.artifact_digest,
                     ))
         return out
 
@@ -348,7 +386,7 @@ class ProbedModel:
             text=text, p_correct=float(p), score=float(score), layer=self.layer, position=self.position,
             abstained=bool(abstained), threshold=self.threshold, finish_reason=finish,
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, completion_ids=completion_ids,
-            answer_chars=answer_chars,
+            answer_chars=answer_chars, artifact=self.artifact_digest,
         )
 
 
