@@ -1,10 +1,12 @@
 """Questions with accepted answers: the built-in `facts` set, user JSONL/CSV files, Hugging Face QA sets.
 
-Every source becomes a list of `QARow` (id, category, question, answers = all accepted aliases).
+Every source becomes a list of `QARow` (id, category, domain, question, answers = all accepted aliases).
+A domain groups related categories (geography: capitals, continents, cities; chemistry: ...) so that
+evaluation can hold a whole domain out; a row without one has domain = its category.
 Sources (`DataSpec.name`):
 - facts: extract/data/facts.jsonl shipped with the package (built by scripts/build_facts.py).
-- jsonl: one JSON object per line. `question`, `answers` (a string or a list), optional `id`, `category`
-  and `metadata`; field names are mappable (`question_field`, ...). Other fields go into metadata.
+- jsonl: one JSON object per line. `question`, `answers` (a string or a list), optional `id`, `category`,
+  `domain` and `metadata`; field names are mappable (`question_field`, ...). Other fields go into metadata.
 - csv: a header row; `answers` holds aliases joined by `answers_separator` ("|"). Other columns go into metadata.
 - triviaqa (rc.nocontext), sciq, nq_open: read with the `datasets` extra from the hub (internet), or
   offline from `path`: a .jsonl/.json export of the data set's rows in its own format (TriviaQA's original
@@ -51,15 +53,22 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class QARow:
-    """One question. `answers`: every accepted alias (non-empty). Equality and hash ignore `metadata`."""
+    """One question. `answers`: every accepted alias (non-empty). Equality and hash ignore `metadata`.
+
+    `domain` (keyword-only, so positional construction stays `QARow(id, category, question, answers)`):
+    the group of related categories the row belongs to; empty or absent = the row's category.
+    """
 
     id: str
     category: str
+    domain: str = field(default="", kw_only=True)
     question: str
     answers: tuple[str, ...]
     metadata: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
+        if not self.domain:
+            object.__setattr__(self, "domain", self.category)
         if isinstance(self.answers, str):
             object.__setattr__(self, "answers", (self.answers,))
         elif not isinstance(self.answers, tuple):
@@ -69,6 +78,7 @@ class QARow:
         return {
             "id": self.id,
             "category": self.category,
+            "domain": self.domain,
             "question": self.question,
             "answers": list(self.answers),
             "metadata": self.metadata,
@@ -92,6 +102,7 @@ class DataSpec:
     answers_field: str = "answers"
     id_field: str = "id"
     category_field: str = "category"
+    domain_field: str = "domain"  # a row without one gets domain = its category
     answers_separator: str = "|"  # csv only: how aliases are joined in one cell
     hf_split: str | None = None  # HF sets: which split to read (default per set, see HF_SOURCES)
     limit: int | None = None
@@ -175,12 +186,17 @@ def _make_row(record: dict, where: str, spec: DataSpec, default_id: str, separat
     category = record.get(spec.category_field) or DEFAULT_CATEGORY
     if not isinstance(category, str):
         raise DataError(f"{where}: field {spec.category_field!r} must be a string")
+    domain = record.get(spec.domain_field) or category
+    if not isinstance(domain, str):
+        raise DataError(f"{where}: field {spec.domain_field!r} must be a string")
     metadata = record.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise DataError(f"{where}: field 'metadata' must be a JSON object")
-    used = {spec.question_field, spec.answers_field, spec.id_field, spec.category_field, "metadata"}
+    used = {spec.question_field, spec.answers_field, spec.id_field, spec.category_field, spec.domain_field, "metadata"}
     extra = {k: v for k, v in record.items() if k not in used}
-    return QARow(str(row_id), category.strip(), question.strip(), answers, {**extra, **metadata})
+    return QARow(
+        str(row_id), category.strip(), question.strip(), answers, {**extra, **metadata}, domain=domain.strip()
+    )
 
 
 # ---------------------------------------------------------------------------------------------- readers
@@ -440,9 +456,16 @@ def assign_splits(rows: Sequence[QARow], spec: DataSpec) -> list[str]:
 
 
 def dataset_hash(rows: Sequence[QARow]) -> str:
-    """sha256 over the rows' canonical JSON (id, category, question, answers, metadata), in order."""
+    """sha256 over the rows' canonical JSON (id, category, domain, question, answers, metadata), in order.
+
+    A domain equal to the category (the default) is left out of the hash, so a file written before
+    domains existed keeps its hash (and its stores stay resumable); any other domain changes it.
+    """
     digest = hashlib.sha256()
     for row in rows:
-        digest.update(json.dumps(row.to_dict(), sort_keys=True, ensure_ascii=False, default=str).encode())
+        record = row.to_dict()
+        if record["domain"] == record["category"]:
+            del record["domain"]
+        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False, default=str).encode())
         digest.update(b"\n")
     return digest.hexdigest()

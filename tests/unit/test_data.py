@@ -1,3 +1,4 @@
+import hashlib
 import importlib.util
 import json
 import logging
@@ -44,14 +45,34 @@ def facts():
 
 def test_facts_size_categories_and_aliases(facts):
     counts = Counter(r.category for r in facts)
-    assert len(facts) >= 3000 and len(counts) >= 6, counts
-    assert min(counts.values()) >= 40
+    # small enough for a default run in minutes, broad enough for leave-one-domain-out
+    assert 2000 <= len(facts) <= 2600, len(facts)
+    assert len(counts) >= 24 and len({r.domain for r in facts}) >= 8, counts
+    assert 35 <= min(counts.values()) and max(counts.values()) <= 200, counts
     assert FACTS_PATH.stat().st_size < 600_000
     by_question = {r.question: r for r in facts}
     assert {"Kyiv", "Kiev"} <= set(by_question["What is the capital of Ukraine?"].answers)
     assert "USA" in by_question["Washington, D.C. is the capital of which country?"].answers
     # a city name two countries share accepts either country
-    assert set(by_question["In which country is the city of Hyderabad?"].answers) == {"India", "Pakistan"}
+    assert set(by_question["In which country is the city of Valencia?"].answers) == {"Spain", "Venezuela"}
+    # real variants are accepted
+    assert set(by_question["What is the past tense of dream?"].answers) == {"dreamed", "dreamt"}
+    assert set(by_question["What is the currency of Bulgaria?"].answers) == {"Lev", "BGN", "Euro", "EUR"}  # euro since 2026
+    assert by_question["What is the atomic mass of Carbon?"].answers == ("12", "12.01", "12.011")
+
+
+def test_facts_domains_group_categories(facts):
+    domains: dict[str, set[str]] = {}
+    for row in facts:
+        domains.setdefault(row.domain, set()).add(row.category)
+    # every category lies in exactly one domain
+    assert sum(len(c) for c in domains.values()) == len({r.category for r in facts})
+    assert domains["geography"] == {"country_capital", "capital_country", "country_continent", "city_country"}
+    assert domains["chemistry"] >= {"element_symbol", "symbol_element", "element_number"}
+    assert sum(len(c) >= 2 for c in domains.values()) >= 8
+    # the file states every domain explicitly (no row relies on the category fallback)
+    records = [json.loads(line) for line in FACTS_PATH.read_text(encoding="utf-8").splitlines()]
+    assert all(rec["domain"] == row.domain for rec, row in zip(records, facts, strict=True))
 
 
 def test_facts_rows_are_clean(facts):
@@ -68,11 +89,11 @@ def test_facts_rows_are_clean(facts):
 
 def test_facts_categories_and_arithmetic_answers_are_right(facts):
     counts = Counter(r.category for r in facts)
-    assert set(counts) == {
+    assert {
         "country_capital", "capital_country", "country_currency", "country_continent", "city_country",
         "element_symbol", "symbol_element", "element_number",
         "addition_1digit", "multiplication_table", "subtraction_small", "addition_2digit",
-    }  # fmt: skip
+    } <= set(counts)  # fmt: skip
     # one-digit addition and the times tables are complete (no operand pair is missing or repeated)
     assert counts["addition_1digit"] == 81 and counts["multiplication_table"] == 121
     operators = {
@@ -88,6 +109,48 @@ def test_facts_categories_and_arithmetic_answers_are_right(facts):
             assert row.answers == (str(op(int(a), int(b))),), row.id
     # element questions stop at xenon (Z = 54)
     assert max(int(r.answers[0]) for r in facts if r.category == "element_number") == 54
+
+
+def test_facts_generated_answers_are_right(facts):
+    """Recompute the answers of the generated categories from their questions, independently of the script."""
+    import re
+
+    days = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+    roman = {"L": 50, "X": 10, "V": 5, "I": 1}
+
+    def from_roman(numeral):
+        values = [roman[c] for c in numeral]
+        return sum(-v if i + 1 < len(values) and v < values[i + 1] else v for i, v in enumerate(values))
+
+    seen = Counter()
+    for row in facts:
+        numbers = [int(n) for n in re.findall(r"\d+", row.question)]
+        answer = row.answers[0]
+        if row.category == "square":
+            assert int(answer) == numbers[0] ** 2, row
+        elif row.category == "square_root":
+            assert int(answer) ** 2 == numbers[0], row
+        elif row.category == "from_roman":
+            assert from_roman(row.question.removesuffix("?").split()[-1]) == int(answer), row
+        elif row.category == "calendar_order" and row.question.startswith("Which day"):
+            day = row.question.removesuffix("?").split()[-1]
+            shift = 1 if " after " in row.question else -1
+            assert row.answers == (days[(days.index(day) + shift) % 7],), row
+        else:
+            continue
+        seen[row.category] += 1
+    assert len(seen) == 4, seen
+    by_question = {r.question: r.answers for r in facts}
+    assert by_question["How many centimetres are in a metre?"] == ("100",)
+    assert by_question["How many minutes are in 3 hours?"] == ("180",)
+    assert by_question["How many feet are in a mile?"] == ("5280",)
+    assert by_question["How many is a gross?"] == ("144",)
+    assert by_question["Which month comes after December?"] == ("January",)
+    assert by_question["What number month of the year is October?"] == ("10",)
+    assert by_question["How many days are in February?"] == ("28", "29")
+    assert by_question["What is the plural of mouse?"] == ("mice",)
+    assert by_question["What is the comparative form of good?"] == ("better",)
+    assert by_question["What is the three-letter currency code of Japan?"] == ("JPY",)
 
 
 @pytest.mark.skipif(
@@ -123,6 +186,55 @@ def test_csv_with_alias_separator(tmp_path):
     assert rows[0] == QARow("a", "geo", "Capital of Ukraine?", ("Kyiv", "Kiev"))
     assert rows[0].metadata == {"note": "hi"}
     assert (rows[1].category, rows[1].answers) == ("default", ("4",))
+
+
+def test_domain_read_from_jsonl_defaults_to_category_and_maps(tmp_path):
+    path = write(
+        tmp_path,
+        "qa.jsonl",
+        '{"question": "Capital of France?", "answers": "Paris", "category": "capitals", "domain": "geography"}\n'
+        '{"question": "2 + 2?", "answers": "4", "category": "sums"}\n'
+        '{"question": "Symbol of iron?", "answers": "Fe"}\n',
+    )
+    rows = load_rows(DataSpec(name="jsonl", path=path))
+    assert [(r.category, r.domain) for r in rows] == [("capitals", "geography"), ("sums", "sums"), ("default", "default")]
+    assert all("domain" not in r.metadata for r in rows)  # the domain field is not copied into metadata
+    # a differently named field, and "domain" then is just metadata
+    path = write(
+        tmp_path,
+        "mapped.jsonl",
+        '{"question": "Capital of France?", "answers": "Paris", "category": "capitals", "area": "geo", "domain": "x"}\n',
+    )
+    (row,) = load_rows(DataSpec(name="jsonl", path=path, domain_field="area"))
+    assert (row.category, row.domain, row.metadata) == ("capitals", "geo", {"domain": "x"})
+    with pytest.raises(DataError, match=r"mapped.jsonl:1: field 'domain' must be a string"):
+        bad = write(tmp_path, "mapped.jsonl", '{"question": "q?", "answers": "a", "domain": 3}\n')
+        load_rows(DataSpec(name="jsonl", path=bad))
+
+
+def test_domain_from_csv_column_or_category(tmp_path):
+    path = write(tmp_path, "qa.csv", "question,answers,category,domain\nCapital of Peru?,Lima,capitals,geography\n2+2?,4,sums,\n")
+    rows = load_rows(DataSpec(name="csv", path=path))
+    assert [(r.category, r.domain) for r in rows] == [("capitals", "geography"), ("sums", "sums")]
+    path = write(tmp_path, "topic.csv", "question,answers,topic\nCapital of Peru?,Lima,geo\n")
+    (row,) = load_rows(DataSpec(name="csv", path=path, domain_field="topic"))
+    assert (row.category, row.domain, row.metadata) == ("default", "geo", {})
+
+
+def test_domain_in_qarow_to_dict_and_hash():
+    row = QARow("1", "capitals", "Capital of Peru?", ("Lima",))
+    assert row.domain == "capitals" and row == QARow("1", "capitals", "Capital of Peru?", ("Lima",), domain="capitals")
+    assert row.to_dict() == {
+        "id": "1", "category": "capitals", "domain": "capitals", "question": "Capital of Peru?", "answers": ["Lima"],
+        "metadata": {},
+    }  # fmt: skip
+    grouped = QARow("1", "capitals", "Capital of Peru?", ("Lima",), domain="geography")
+    assert grouped != row
+    # a domain that only repeats the category leaves the hash of a pre-domain file unchanged ...
+    legacy = '{"answers": ["Lima"], "category": "capitals", "id": "1", "metadata": {}, "question": "Capital of Peru?"}\n'
+    assert dataset_hash([row]) == hashlib.sha256(legacy.encode()).hexdigest()
+    # ... and a real domain changes it
+    assert dataset_hash([grouped]) != dataset_hash([row])
 
 
 @pytest.mark.parametrize(
@@ -190,7 +302,7 @@ def test_missing_path_and_unknown_source_are_clear():
 def test_triviaqa_mapping(fixture):
     rows = load_rows(DataSpec(name="triviaqa", path=str(FIXTURES / fixture)))
     first = rows[0]
-    assert first.id == "tc_33" and first.category == "default"
+    assert first.id == "tc_33" and first.category == "default" and first.domain == "default"
     assert first.question.startswith("Which Lloyd Webber musical")
     assert first.answers[0] == "Sunset Boulevard" and "Sunset Blvd" in first.answers
     assert len(first.answers) == len(set(first.answers))
