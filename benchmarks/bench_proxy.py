@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from fastapi import FastAPI, Request  # module level: the stub's annotations are resolved in these globals
 
 MAX_CLIENTS, MAX_DURATION_S = 64, 300
 
@@ -36,7 +37,6 @@ def _socket() -> socket.socket:
 
 def _stub_upstream(latency_s: float, port_pipe) -> None:
     import uvicorn
-    from fastapi import FastAPI, Request
 
     app = FastAPI()
 
