@@ -30,7 +30,7 @@ class TrainSpec:
     transfer_layer_step: int = 3  # candidate layers for select=transfer: every Nth stored layer (and the last)
     transfer_positions: list[str] | None = None  # candidate positions (None = every stored position)
     transfer_features: list[str] = field(default_factory=lambda: ["hidden", "hidden+logits"])  # hidden | hidden+logits
-    transfer_Cs: list[float] = field(default_factory=lambda: [0.0003, 0.001, 0.003])  # fixed C grid (the probe's C)
+    transfer_Cs: list[float] = field(default_factory=lambda: [0.0001, 0.001, 0.01])  # fixed C grid (the probe's C)
     logit_weight: float = 3.0  # scale of the standardized logit features (divides their L2 penalty by its square)
 
 
