@@ -11,12 +11,14 @@ Three kinds of prompt, told apart by type:
   never trailing ones (an EOS at the end of a prompt would tell the model the text is over).
 Every kind gets its leading special tokens exactly once: never a doubled BOS, never a missing one.
 
-Question format. Chat models: the user turn is `chat_template_format` filled with `instruction` and the
-question, wrapped by the chat template (a chat-message prompt, above). Base models: `num_few_shot`
-examples from `few_shot_examples` rendered with `few_shot_format`, then the question with
-`few_shot_question_format` (a raw-text prompt, above).
+Question format. Chat models: `num_chat_shots` user/assistant turn pairs from `few_shot_examples` (the
+user turn as below, the assistant turn the example's short answer; 0 by default: 3 pairs did not make
+SmolLM2-135M answer with one phrase, see benchmarks/bench_prompt_length.py), then the user turn of the question: `chat_template_format` filled with
+`instruction` and the question, all wrapped by the chat template (a chat-message prompt, above).
+Base models: `num_few_shot` examples from `few_shot_examples` rendered with `few_shot_format`, then the
+question with `few_shot_question_format` (a raw-text prompt, above).
 
-Few-shot examples are never the question being asked: an example whose normalized question equals the
+Few-shot examples (text or chat turns) are never the question being asked: an example whose normalized question equals the
 row's question is skipped and the next example of the pool takes its place. This is decided per
 question (not per data set), so a question always gets the same prompt, in training and at serving time.
 
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from extract.data import normalize_question
@@ -45,6 +47,7 @@ DEFAULT_FEW_SHOT_EXAMPLES: tuple[dict[str, str], ...] = (
     {"question": "Which animal is known as the king of the jungle?", "answer": "the lion"},
     {"question": "What do bees make?", "answer": "honey"},
 )
+NUM_CHAT_SHOTS = 0  # measured (benchmarks/bench_prompt_length.py): 3 turn pairs did not shorten SmolLM2-135M's answers
 
 
 @dataclass
@@ -56,19 +59,31 @@ class PromptSpec:
     few_shot_format: str = "Question: {question}\nAnswer: {answer}\n\n"
     few_shot_question_format: str = "Question: {question}\nAnswer:"
     few_shot_examples: list[dict[str, str]] = field(default_factory=lambda: [dict(e) for e in DEFAULT_FEW_SHOT_EXAMPLES])
-    num_few_shot: int = 4
+    num_few_shot: int = 4  # base models: examples as "Question: ...\nAnswer: ..." text
+    # Chat models: examples as user/assistant turn pairs. Probe artifacts saved before this field existed were
+    # trained without chat shots: `saved_prompt_spec` reads a missing value as 0, not as this default.
+    num_chat_shots: int = NUM_CHAT_SHOTS
     max_prompt_tokens: int = 256
     truncate: bool = False
 
 
-def few_shot_for(question: str, spec: PromptSpec) -> list[dict[str, str]]:
-    """The few-shot examples shown before `question`: the first `num_few_shot` of the pool that are not it."""
+def few_shot_for(question: str, spec: PromptSpec, count: int | None = None) -> list[dict[str, str]]:
+    """The few-shot examples shown before `question`: the first `count` (default `num_few_shot`) of the
+    pool that are not it."""
     key = normalize_question(question)
     for i, example in enumerate(spec.few_shot_examples):
         if not isinstance(example, dict) or not {"question", "answer"} <= set(example):
             raise ValueError(f"extract.prompt.few_shot_examples[{i}] needs keys 'question' and 'answer', got {example!r}")
     usable = [e for e in spec.few_shot_examples if normalize_question(e["question"]) != key]
-    return usable[: spec.num_few_shot]
+    return usable[: spec.num_few_shot if count is None else count]
+
+
+def saved_prompt_spec(saved: Mapping[str, Any]) -> PromptSpec:
+    """A PromptSpec from settings saved with a probe or store (known fields only). A field missing there
+    means the setting did not exist yet: `num_chat_shots` then is 0 (the chat prompt of that time), not
+    today's default, so an old probe keeps reading the prompt it was trained on."""
+    known = {f.name for f in fields(PromptSpec)}
+    return PromptSpec(**{"num_chat_shots": 0, **{k: v for k, v in saved.items() if k in known}})
 
 
 def _format(template: str, name: str, **values: str) -> str:
@@ -81,14 +96,29 @@ def _format(template: str, name: str, **values: str) -> str:
         ) from None
 
 
+def chat_messages(question: str, spec: PromptSpec) -> list[dict[str, str]]:
+    """The chat turns of one question: `num_chat_shots` (user, assistant) pairs from the few-shot pool
+    (never the question itself), then the user turn of the question. Every user turn is
+    `chat_template_format`, so the question's turn looks exactly like the examples' turns."""
+    if spec.num_chat_shots < 0:
+        raise ValueError(f"extract.prompt.num_chat_shots={spec.num_chat_shots}; must be >= 0")
+
+    def user(text: str) -> dict[str, str]:
+        content = _format(spec.chat_template_format, "chat_template_format", instruction=spec.instruction, question=text)
+        return {"role": "user", "content": content}
+
+    messages: list[dict[str, str]] = []
+    for example in few_shot_for(question, spec, spec.num_chat_shots):
+        messages += [user(example["question"]), {"role": "assistant", "content": example["answer"]}]
+    return messages + [user(question)]
+
+
 def render_prompt(question: str, tokenizer: Any, uses_chat_template: bool, spec: PromptSpec) -> str:
     """The prompt text for one question, for display and logs. To get ids, use
     `encode_prompt(Question(question), ...)`: re-encoding this text as raw text can add a BOS that the
     chat template left out on purpose."""
     if uses_chat_template:
-        content = _format(spec.chat_template_format, "chat_template_format", instruction=spec.instruction, question=question)
-        messages = [{"role": "user", "content": content}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(chat_messages(question, spec), add_generation_prompt=True, tokenize=False)
     shots = "".join(
         _format(spec.few_shot_format, "few_shot_format", question=e["question"], answer=e["answer"])
         for e in few_shot_for(question, spec)
@@ -142,8 +172,7 @@ def _encode_messages(messages: ChatMessages, tokenizer: Any, uses_chat_template:
 
 def _question_ids(question: str, tokenizer: Any, uses_chat_template: bool, spec: PromptSpec) -> list[int]:
     if uses_chat_template:
-        content = _format(spec.chat_template_format, "chat_template_format", instruction=spec.instruction, question=question)
-        return _encode_messages([{"role": "user", "content": content}], tokenizer, uses_chat_template)
+        return _encode_messages(chat_messages(question, spec), tokenizer, uses_chat_template)
     return _encode_text(render_prompt(question, tokenizer, uses_chat_template, spec), tokenizer)
 
 

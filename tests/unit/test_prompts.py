@@ -5,9 +5,13 @@ from extract.data import QARow
 from extract.prompts import (
     DEFAULT_FEW_SHOT_EXAMPLES,
     PromptSpec,
+    Question,
     build_prompt_ids,
+    chat_messages,
+    encode_prompt,
     few_shot_for,
     render_prompt,
+    saved_prompt_spec,
 )
 from tests import tiny_models
 
@@ -26,7 +30,7 @@ def bos_tokenizer():
 
 
 def test_chat_prompt_has_instruction_question_and_no_extra_bos(word_tokenizer):
-    spec = PromptSpec(instruction="answer briefly .")
+    spec = PromptSpec(instruction="answer briefly .", num_chat_shots=0)
     text = render_prompt(CAPITAL.question, word_tokenizer, True, spec)
     assert text == (
         "<|im_start|> user answer briefly .\n\nQuestion: what is the capital of france ? <|im_end|> <|im_start|> assistant "
@@ -35,6 +39,67 @@ def test_chat_prompt_has_instruction_question_and_no_extra_bos(word_tokenizer):
     assert ids == word_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert ids[0] == word_tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert word_tokenizer.bos_token_id not in ids
+
+
+def test_chat_shots_are_user_assistant_turn_pairs_before_the_question(word_tokenizer):
+    spec = PromptSpec(
+        instruction="answer briefly .",
+        few_shot_examples=[{"question": "q one", "answer": "a one"}, {"question": "q two", "answer": "a two"},
+                           {"question": "q three", "answer": "a three"}],
+        num_chat_shots=2,
+    )
+    messages = chat_messages(CAPITAL.question, spec)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant", "user"]
+    assert [m["content"] for m in messages] == [
+        "answer briefly .\n\nQuestion: q one", "a one",
+        "answer briefly .\n\nQuestion: q two", "a two",
+        "answer briefly .\n\nQuestion: " + CAPITAL.question,
+    ]
+    text = render_prompt(CAPITAL.question, word_tokenizer, True, spec)
+    assert text == (
+        "<|im_start|> user answer briefly .\n\nQuestion: q one <|im_end|> <|im_start|> assistant a one <|im_end|> "
+        "<|im_start|> user answer briefly .\n\nQuestion: q two <|im_end|> <|im_start|> assistant a two <|im_end|> "
+        "<|im_start|> user answer briefly .\n\nQuestion: what is the capital of france ? <|im_end|> <|im_start|> assistant "
+    )
+    # The ids are the one encoder's: encode_prompt(Question) = build_prompt_ids = the template's own ids.
+    [ids] = build_prompt_ids([CAPITAL], word_tokenizer, True, spec)
+    assert ids == encode_prompt(Question(CAPITAL.question, CAPITAL.id), word_tokenizer, True, spec)
+    assert ids == encode_prompt(messages, word_tokenizer, True)
+    assert ids == word_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)["input_ids"]
+    # num_few_shot is the base models' count: it does not change the chat prompt.
+    assert build_prompt_ids([CAPITAL], word_tokenizer, True, PromptSpec(**{**vars(spec), "num_few_shot": 0})) == [ids]
+
+
+def test_chat_shots_never_contain_the_question_asked():
+    spec = PromptSpec(num_chat_shots=3)
+    for example in DEFAULT_FEW_SHOT_EXAMPLES:
+        asked = example["question"].upper().rstrip("?")  # the same question, differently written
+        messages = chat_messages(asked, spec)
+        assert len(messages) == 2 * spec.num_chat_shots + 1
+        shown = [m["content"] for m in messages[:-1]]
+        assert not any(example["question"] in c or c == example["answer"] for c in shown)
+        assert messages[-1]["content"].endswith(asked)
+    # The default facts never meet the pool: every facts question gets the same default turns.
+    from extract.data import DataSpec, load_rows
+
+    first = chat_messages("x", spec)[:-1]
+    assert len(first) == 6
+    assert all(chat_messages(row.question, spec)[:-1] == first for row in load_rows(DataSpec(name="facts")))
+
+
+def test_default_chat_shots_are_short_phrases_and_a_bad_count_is_clear(word_tokenizer):
+    assert PromptSpec().num_chat_shots == 0  # by measurement: see benchmarks/bench_prompt_length.py
+    assert all(len(e["answer"].split()) <= 3 for e in DEFAULT_FEW_SHOT_EXAMPLES)
+    with pytest.raises(ValueError, match=r"extract.prompt.num_chat_shots=-1; must be >= 0"):
+        render_prompt("q", word_tokenizer, True, PromptSpec(num_chat_shots=-1))
+
+
+def test_saved_settings_without_chat_shots_keep_the_single_turn_prompt():
+    """A probe saved before `num_chat_shots` existed was trained on the single user turn."""
+    saved = {k: v for k, v in vars(PromptSpec()).items() if k != "num_chat_shots"}
+    assert saved_prompt_spec(saved).num_chat_shots == 0
+    assert saved_prompt_spec({**saved, "num_chat_shots": 2, "gone_field": 1}).num_chat_shots == 2
 
 
 def test_few_shot_prompt_layout(word_tokenizer):
@@ -64,14 +129,14 @@ def test_few_shot_examples_never_include_the_question():
 
 def test_overlong_prompt_is_an_error_naming_the_row(word_tokenizer):
     row = QARow("long-7", "geo", "what is the capital of " * 30 + "france ?", ("paris",))
-    spec = PromptSpec(max_prompt_tokens=40)
+    spec = PromptSpec(max_prompt_tokens=40, num_chat_shots=0)  # the limit is about the question here
     with pytest.raises(ValueError, match=r"row 'long-7': prompt is \d+ tokens, more than extract.prompt.max_prompt_tokens=40"):
         build_prompt_ids([CAPITAL, row], word_tokenizer, True, spec)
 
 
 def test_truncate_shortens_only_the_question(word_tokenizer):
     row = QARow("long-7", "geo", "what is the capital of " * 30 + "france ?", ("paris",))
-    spec = PromptSpec(max_prompt_tokens=40, truncate=True)
+    spec = PromptSpec(max_prompt_tokens=40, truncate=True, num_chat_shots=0)
     short, long_ = build_prompt_ids([CAPITAL, row], word_tokenizer, True, spec)
     assert len(long_) == 40  # one word at a time: the longest question that fits
     assert short == build_prompt_ids([CAPITAL], word_tokenizer, True, spec)[0]
@@ -127,7 +192,7 @@ def test_encode_prompt_rejects_what_it_cannot_encode(word_tokenizer):
     with pytest.raises(TypeError, match="got int"):
         encode_prompt(42, word_tokenizer, True)
     with pytest.raises(ValueError, match=r"row 'q-9': prompt is \d+ tokens"):
-        encode_prompt(Question("what " * 40, "q-9"), word_tokenizer, True, PromptSpec(max_prompt_tokens=20))
+        encode_prompt(Question("what " * 40, "q-9"), word_tokenizer, True, PromptSpec(max_prompt_tokens=20, num_chat_shots=0))
 
 
 @pytest.mark.parametrize("chat", [True, False])
