@@ -26,7 +26,7 @@ from extract.generation import answer_token_span, find_stop, generate_and_captur
 from extract.grading import cut_answer
 from extract.hooks import capture_hidden_states
 from extract.models import LoadedModel, from_transformers, load_model
-from extract.prompts import PromptSpec, Question, encode_prompt, render_prompt
+from extract.prompts import PromptSpec, Question, encode_prompt, render_prompt, saved_prompt_spec
 from extract.settings import GenerationSpec
 from probes.artifact import ProbeArtifact
 from probes.serving.forward import BatchFeed, decode, eos_ids, finish_text, states_up_to_layer
@@ -41,7 +41,7 @@ def _prompt_spec(saved: dict[str, Any]) -> PromptSpec:
     unknown = sorted(set(saved) - known)
     if unknown:
         log.warning("probe artifact prompt settings %s are unknown to this probecal version: ignored", unknown)
-    return PromptSpec(**{k: v for k, v in saved.items() if k in known})
+    return saved_prompt_spec(saved)  # a field missing there keeps its meaning of then (num_chat_shots=0)
 
 
 @dataclass(frozen=True)
