@@ -21,6 +21,8 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from probes.inference import logistic_decision, mass_mean_decision, mlp_decision, sigmoid
+
 CLASS_WEIGHTS = ("balanced", None)
 SHRINKAGE_WORDS = ("auto",)
 
@@ -151,7 +153,7 @@ class _Probe(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X) -> np.ndarray:
         """[n, 2]: column 1 = P(classes_[1]) = P(correct) for 0/1 labels (uncalibrated)."""
-        p = expit(self.decision_function(X))
+        p = sigmoid(self.decision_function(X))
         return np.column_stack([1.0 - p, p])
 
     def predict(self, X) -> np.ndarray:
@@ -264,7 +266,7 @@ class LogisticProbe(_Probe):
     def decision_function(self, X) -> np.ndarray:
         """score [n] (a logit; higher = more likely correct)."""
         X = self._predict_inputs(X)
-        return ((X - self.mean_) / self.scale_) @ self.coef_ + self.intercept_
+        return logistic_decision(X, self.mean_, self.scale_, self.coef_, self.intercept_)
 
 
 class MassMeanProbe(_Probe):
@@ -330,7 +332,7 @@ class MassMeanProbe(_Probe):
     def decision_function(self, X) -> np.ndarray:
         """score [n] (a logit; higher = more likely correct)."""
         X = self._predict_inputs(X)
-        return self.scale_ * (X @ self.direction_) + self.offset_
+        return mass_mean_decision(X, self.direction_, self.scale_, self.offset_)
 
 
 class MLPProbe(_Probe):
