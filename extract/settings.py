@@ -37,11 +37,11 @@ class GenerationSpec:
     """
 
     _target_: str = "extract.settings.GenerationSpec"
-    max_new_tokens: int = 24
+    max_new_tokens: int = 16
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
-    batch_size: int = 16
+    batch_size: int = 64
     stop_strings: list[str] = field(default_factory=lambda: ["\n"])
 
 
