@@ -59,6 +59,15 @@ BASELINE_NAMES: tuple[str, ...] = (
 
 
 
+def next_token_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw next-token logits `[..., vocab]` -> (log-probabilities `[..., vocab]`, entropy in nats `[...]`,
+    max probability `[...]`), in float32: the per-step statistics the baselines are built from (generation's
+    hook and the scoring forward of probes.serving both call this)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    return logp, -torch.where(p > 0, p * logp, 0.0).sum(-1), p.max(-1).values
+
+
 class _TokenStats:
     """Model-output hook: per forward call, entropy and max probability of the next-token
     distribution, and (one call later, once the chosen token is fed back) its log-probability.
@@ -75,10 +84,9 @@ class _TokenStats:
         if self._prev_logp is not None:
             self._take_chosen(input_ids[:, -1])
         logits = output["logits"] if isinstance(output, dict) else output[0]
-        logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
-        p = logp.exp()
-        self.entropy.append(-torch.where(p > 0, p * logp, 0.0).sum(-1))
-        self.max_prob.append(p.max(-1).values)
+        logp, entropy, max_prob = next_token_stats(logits[:, -1])
+        self.entropy.append(entropy)
+        self.max_prob.append(max_prob)
         self._prev_logp = logp
 
     def finish(self, last_tokens: torch.Tensor) -> None:
@@ -310,7 +318,10 @@ def _check_generation(spec: GenerationSpec) -> None:
         raise CaptureError(f"generation.temperature={spec.temperature} must be > 0 and top_p={spec.top_p} in (0, 1]")
 
 
-def _row_baselines(logprob: np.ndarray, entropy: np.ndarray, max_prob: np.ndarray, start: int, end: int) -> dict:
+def answer_baselines(logprob: np.ndarray, entropy: np.ndarray, max_prob: np.ndarray, start: int, end: int) -> dict:
+    """`BASELINE_NAMES` -> value for one answer: per generated token t, logprob[t] of the chosen token, entropy[t]
+    and max_prob[t] of the distribution it was drawn from (`[steps]` float64); the answer is tokens [start, end)
+    (an empty answer is scored on (0, 1), its first generated token)."""
     lp = logprob[start:end]
     mean_lp = float(lp.mean())
     return {
@@ -423,7 +434,7 @@ def _generate_batch(model, tokenizer, prompts, recorder, positions, spec, cut_an
         for p, position in enumerate(positions):
             vectors[r, :, p] = by_position[position]
         span = (0, 1) if empty else (row.start, row.end)
-        for name, value in _row_baselines(logprob[:, r], entropy[:, r], max_prob[:, r], *span).items():
+        for name, value in answer_baselines(logprob[:, r], entropy[:, r], max_prob[:, r], *span).items():
             baselines[name][r] = value
     return CaptureResult(
         answers=[row.answer for row in rows],

@@ -404,7 +404,8 @@ class MLPProbe(_Probe):
 class HybridProbe(LogisticProbe):
     """LogisticProbe over the hidden state AND the model's own logit signals: X [n, hidden + m], whose last
     m columns are the logit signals named by `logit_features`, in that order, oriented higher = more
-    confident (probes.evaluation.transfer.logit_feature_matrix builds them from a store's baselines).
+    confident (probes.inference.logit_feature_matrix builds them from a store's baselines, and
+    probes.inference.probe_input builds X the same way when serving).
 
     Why: logit signals (sequence probability, mean log-probability) keep their ranking across domains while
     hidden-state directions learned on a few domains do not; the hybrid leans on both. logit_weight scales

@@ -10,14 +10,21 @@ probes.calibration) call these same functions from `decision_function` / `predic
 probes.scorer.ProbeScorer needs numpy and safetensors only (no scikit-learn, no scipy). A newly
 registered probe or calibrator kind needs an entry here before ProbeScorer can serve it
 (tests/unit/test_inference.py checks every registered kind).
+
+A hybrid probe reads X = [hidden state, logit features]: `logit_feature_matrix` turns the model's raw logit
+signals (extract.generation.BASELINE_NAMES, as generation records them per answer) into its feature columns,
+and `probe_input` joins them to the hidden state. Training (probes.cli.pipeline, probes.evaluation.transfer)
+and serving (probes.serving.wrapper, ProbeScorer) all build a hybrid's input through these two functions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from probes.evaluation.tables import PROBABILITY_SCORES, oriented
 
 GLOBAL_KEY = "__global__"  # per-category tensors: "<category>/<name>", the fallback under this category name
 PER_CATEGORY = "per_category"
@@ -49,6 +56,64 @@ def mlp_decision(X, mean, scale, w1, b1, w2, b2) -> np.ndarray:
     """Standardize, one ReLU layer, a linear logit."""
     hidden = np.maximum(((X - mean) / scale) @ w1 + b1, 0.0)
     return hidden @ w2 + b2
+
+
+# -- a hybrid probe's input: hidden state + logit signals ---------------------------------------------
+PROBABILITY_FLOOR = 1e-6  # log of a probability signal is clipped here (a 0 would be -inf)
+
+
+def logit_feature_matrix(baselines: Mapping[str, np.ndarray], names: Sequence[str] | None = None) -> np.ndarray:
+    """[n, m] logit signals as probe features, oriented (higher = more confident) and unbounded:
+    log-probabilities as they are, probabilities as their log (floored at 1e-6), perplexity as its log
+    (= -mean log-probability), entropies negated. names: which baselines, in order (None = sorted names)."""
+    names = sorted(baselines) if names is None else list(names)
+    missing = [n for n in names if n not in baselines]
+    if missing:
+        raise ValueError(f"logit features {missing} are not among the baselines {sorted(baselines)}")
+    columns = []
+    for name in names:
+        values = np.asarray(baselines[name], dtype=np.float64)
+        if name in PROBABILITY_SCORES:
+            columns.append(np.log(np.clip(values, PROBABILITY_FLOOR, 1.0)))
+        elif name == "perplexity":
+            columns.append(-np.log(np.maximum(values, 1e-12)))
+        else:
+            columns.append(oriented(name, values))
+    return np.column_stack(columns) if columns else np.zeros((len(next(iter(baselines.values()))), 0))
+
+
+def probe_input(vectors: np.ndarray, logit_features: Sequence[str], logit_signals=None) -> np.ndarray:
+    """X [n, hidden (+ m)] a probe reads: the hidden states `vectors` [n, hidden], then for a hybrid probe
+    (`logit_features`: the m signal names its artifact lists, in order) their feature columns.
+
+    logit_signals: the raw signals of each row's answer, as extract.generation records them (sequence_prob a
+    probability, perplexity exp(-mean_logprob), ...): a dict name -> [n] (extra names are ignored), or an
+    [n, m] array whose columns follow `logit_features`. Ignored (may be None) for a hidden-only probe.
+    """
+    vectors = np.asarray(vectors, dtype=np.float64)
+    names = list(logit_features)
+    if not names:
+        return vectors
+    if logit_signals is None:
+        raise ValueError(f"this hybrid probe reads the model's logit signals {names} besides the hidden state; "
+                         "pass logit_signals (a dict name -> [n] values, or an [n, m] array in that order)")
+    if isinstance(logit_signals, Mapping):
+        missing = [name for name in names if name not in logit_signals]
+        if missing:
+            raise ValueError(f"logit_signals lack {missing}; this hybrid probe reads {names}")
+        signals = {name: np.atleast_1d(np.asarray(logit_signals[name], dtype=np.float64)) for name in names}
+    else:
+        array = np.asarray(logit_signals, dtype=np.float64)
+        array = array[None] if array.ndim == 1 else array
+        if array.ndim != 2 or array.shape[1] != len(names):
+            raise ValueError(f"logit_signals as an array must be [n, {len(names)}] with columns {names}; got shape "
+                             f"{tuple(np.shape(logit_signals))}")
+        signals = {name: array[:, k] for k, name in enumerate(names)}
+    for name, values in signals.items():
+        if values.shape != (len(vectors),):
+            raise ValueError(f"logit_signals[{name!r}] has shape {values.shape}; expected [{len(vectors)}] "
+                             "(one value per vector)")
+    return np.hstack([vectors, logit_feature_matrix(signals, names)])
 
 
 # -- calibrators: score [n] -> P(correct) [n] -------------------------------------------------------

@@ -27,6 +27,7 @@ from probes.inference import (
     InferenceError,
     calibrated_probability,
     probe_decision,
+    probe_input,
     probe_input_width,
     sigmoid,
 )
@@ -41,8 +42,14 @@ class ProbeScorer:
         scorer.digest                           # the artifact's identity (metadata + tensors), for logs
 
     Loading refuses an artifact whose digest does not match (see probes.artifact), and a probe or
-    calibrator kind without numpy inference (probes.inference), naming the kind. A hybrid probe reads
-    the hidden state followed by its logit signals (`scorer.logit_features`): vectors [hidden + m].
+    calibrator kind without numpy inference (probes.inference), naming the kind.
+
+    A hybrid probe (kind "hybrid") reads the hidden state AND the answer's logit signals, named in
+    `scorer.logit_features` (the default run: all six of extract.generation.BASELINE_NAMES, sorted by name):
+        p = scorer.p_correct(vectors, logit_signals={"mean_logprob": [...], "sequence_prob": [...], ...})
+    with the raw values an engine can compute from the answer tokens' logits (sequence_prob a probability,
+    perplexity = exp(-mean_logprob), entropies in nats; see extract.generation.answer_baselines), or an [n, m]
+    array with columns in `scorer.logit_features` order. `scorer.needs_logit_signals` says whether it is one.
     """
 
     def __init__(self, probe_dir: str | Path):
@@ -77,21 +84,37 @@ class ProbeScorer:
             )
         except InferenceError as err:
             raise ArtifactError(f"{where}: {err}") from None
-        files.check_hidden_size(self.n_features - len(self.logit_features))
+        self.n_hidden = self.n_features - len(self.logit_features)
+        files.check_hidden_size(self.n_hidden)
 
-    def p_correct(self, vectors, categories=None):
-        """[hidden] -> float, or [n, hidden] -> [n] calibrated P(correct). Accepts numpy or torch (CPU/GPU)."""
+    @property
+    def needs_logit_signals(self) -> bool:
+        """True for a hybrid probe: p_correct needs the answer's logit signals (`logit_features`)."""
+        return bool(self.logit_features)
+
+    def p_correct(self, vectors, categories=None, logit_signals=None):
+        """[hidden] -> float, or [n, hidden] -> [n] calibrated P(correct). Accepts numpy or torch (CPU/GPU).
+
+        logit_signals: required by a hybrid probe (see the class docstring), ignored otherwise."""
         array = _to_numpy(vectors)
         single = array.ndim == 1
         array = np.atleast_2d(array)
-        if array.ndim != 2 or array.shape[1] != self.n_features:
-            signals = f" + logit signals {list(self.logit_features)}" if self.logit_features else ""
+        if array.ndim != 2 or array.shape[1] != self.n_hidden:
+            hint = ""
+            if self.logit_features and array.ndim == 2 and array.shape[1] == self.n_features:
+                hint = "; pass the hidden state alone and the raw signals as logit_signals"
             raise ValueError(
-                f"expected vectors of size {self.n_features} (layer {self.layer}, {self.position}{signals}); got "
-                f"shape {tuple(np.shape(vectors))}"
+                f"expected vectors of size {self.n_hidden} (the hidden state at layer {self.layer}, {self.position})"
+                f"; got shape {tuple(np.shape(vectors))}{hint}"
             )
         if not np.all(np.isfinite(array)):
             raise ValueError("vectors contain nan or inf")
+        if self.logit_features:
+            if logit_signals is not None and not isinstance(logit_signals, dict):
+                logit_signals = _to_numpy(logit_signals)
+            array = probe_input(array, self.logit_features, logit_signals)
+            if not np.all(np.isfinite(array)):
+                raise ValueError("logit_signals contain nan or inf")
         raw = self._decision(array)
         p = sigmoid(raw) if self._calibrate is None else self._calibrate(raw, categories)
         return float(p[0]) if single else p

@@ -15,8 +15,9 @@ probe for all domains at once (one Gram matrix and one Cholesky factor per site 
 the column statistics of all fit rows of the store (no labels; as in the layer sweep): a held-out domain adds
 only its share of the per-feature scale, never its labels.
 
-Logit features: `logit_feature_matrix` turns the store's logit signals into unbounded, oriented columns
-(higher = more confident) that a hybrid probe reads next to the hidden state.
+Logit features: `logit_feature_matrix` (defined in probes.inference, which serving shares) turns the store's
+logit signals into unbounded, oriented columns (higher = more confident) that a hybrid probe reads next to the
+hidden state.
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ from threadpoolctl import threadpool_limits
 
 from probes.estimators import logistic_fold_fit, standardize_stats
 from probes.evaluation.metrics import brier, ece, within_category_auroc
-from probes.evaluation.tables import PROBABILITY_SCORES, oriented, raw_probability
+from probes.evaluation.tables import oriented, raw_probability
+from probes.inference import PROBABILITY_FLOOR, logit_feature_matrix  # noqa: F401 (re-exported; defined once)
 
 FEATURE_SETS = ("hidden", "hidden+logits")  # what a transfer candidate reads
 CENTERINGS = ("none", "domain")  # subtract each domain's mean activation (label-free) before the probe
 TRANSFER_METRICS = ("within_cat_auroc", "ece", "brier")
-PROBABILITY_FLOOR = 1e-6  # log of a probability baseline is clipped here (a 0 would be -inf)
 
 
 def _check_choice(name: str, value, allowed) -> None:
@@ -95,26 +96,6 @@ def domain_folds(domains, fit_rows, calibration_rows, y=None) -> DomainFolds:
 # ----------------------------------------------------------------------------------------------
 # Features
 # ----------------------------------------------------------------------------------------------
-
-
-def logit_feature_matrix(baselines: dict[str, np.ndarray], names: Sequence[str] | None = None) -> np.ndarray:
-    """[n, m] logit signals as probe features, oriented (higher = more confident) and unbounded:
-    log-probabilities as they are, probabilities as their log (floored at 1e-6), perplexity as its log
-    (= -mean log-probability), entropies negated. names: which baselines, in order (None = sorted names)."""
-    names = sorted(baselines) if names is None else list(names)
-    missing = [n for n in names if n not in baselines]
-    if missing:
-        raise ValueError(f"logit features {missing} are not among the baselines {sorted(baselines)}")
-    columns = []
-    for name in names:
-        values = np.asarray(baselines[name], dtype=np.float64)
-        if name in PROBABILITY_SCORES:
-            columns.append(np.log(np.clip(values, PROBABILITY_FLOOR, 1.0)))
-        elif name == "perplexity":
-            columns.append(-np.log(np.maximum(values, 1e-12)))
-        else:
-            columns.append(oriented(name, values))
-    return np.column_stack(columns) if columns else np.zeros((len(next(iter(baselines.values()))), 0))
 
 
 def center_by_group(X: np.ndarray, groups) -> np.ndarray:

@@ -8,7 +8,9 @@ each row's text as it grows, never past a stop string.
 
 `states_up_to_layer` runs one forward over left-padded sequences and raises out of the model as soon
 as the probe's layer has produced its output: blocks above that layer, the final norm and the LM head
-never run (the expensive vocabulary projection included).
+never run (the expensive vocabulary projection included). A hybrid probe also reads the answer's logit
+signals, which need the LM head: `states_and_logits` runs the whole forward (same hook, no early stop) and
+`answer_signals` turns its logits into the signals generation records (extract.generation.answer_baselines).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 import torch
 
-from extract.generation import find_stop, left_pad
+from extract.generation import answer_baselines, find_stop, left_pad, next_token_stats
 from extract.hooks import find_decoder_blocks
 
 
@@ -128,6 +130,43 @@ def states_up_to_layer(model: Any, sequences: Sequence[Sequence[int]], layer: in
     Returns (`[batch, width, hidden]` float32, width); row r's token j sits at `width - len(seq_r) + j`.
     Position ids follow the attention mask (as `generate` does), so left padding does not shift them.
     """
+    hidden, _, width = _forward(model, sequences, layer, pad_id, stop_at_layer=True)
+    return hidden, width
+
+
+def states_and_logits(model: Any, sequences: Sequence[Sequence[int]], layer: int,
+                      pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """As `states_up_to_layer`, from a whole forward: (hidden `[batch, width, hidden]` float32, logits
+    `[batch, width, vocab]` as the model returns them, width)."""
+    return _forward(model, sequences, layer, pad_id, stop_at_layer=False)
+
+
+def answer_signals(logits: torch.Tensor, completion: Sequence[int], base: int, start: int, end: int,
+                   empty_token: int | None) -> dict[str, float]:
+    """The logit signals of one answer (extract.generation.BASELINE_NAMES), as generation records them.
+
+    logits `[width, vocab]`: one row of `states_and_logits`, whose sequence holds the completion's first
+    token at index `base`; the answer is completion tokens [start, end). Token t is scored by the
+    distribution at index base + t - 1 (raw logits, as generation's hook reads them). An empty answer is
+    scored on the first completion token (generation's rule); with no completion token at all (the engine
+    stopped at once: EOS), on `empty_token` (the EOS id).
+    """
+    if end > start:
+        tokens = list(completion[start:end])
+        span = slice(base + start - 1, base + end - 1)
+    else:
+        first = completion[0] if len(completion) else empty_token
+        if first is None:
+            raise ValueError("an empty completion needs the EOS token id to score the logit signals")
+        tokens, span = [first], slice(base - 1, base)
+    logp, entropy, max_prob = next_token_stats(logits[span])
+    chosen = logp.gather(-1, torch.as_tensor(tokens, device=logp.device)[:, None])[:, 0]
+    as_np = [x.double().cpu().numpy() for x in (chosen, entropy, max_prob)]
+    return answer_baselines(*as_np, 0, len(tokens))
+
+
+def _forward(model: Any, sequences: Sequence[Sequence[int]], layer: int, pad_id: int,
+             stop_at_layer: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     layout = find_decoder_blocks(model)
     device = next(model.parameters()).device
     ids, mask = left_pad(sequences, pad_id, device)
@@ -136,7 +175,8 @@ def states_up_to_layer(model: Any, sequences: Sequence[Sequence[int]], layer: in
 
     def keep(hidden: torch.Tensor) -> None:
         captured.append(hidden.detach().float())
-        raise _ReachedLayer
+        if stop_at_layer:
+            raise _ReachedLayer
 
     if layer == 0:
         handle = layout.blocks[0].register_forward_pre_hook(
@@ -146,13 +186,15 @@ def states_up_to_layer(model: Any, sequences: Sequence[Sequence[int]], layer: in
         module = layout.final_norm if last_with_norm else layout.blocks[layer - 1]
         handle = module.register_forward_hook(
             lambda m, args, output: keep(output[0] if isinstance(output, (tuple, list)) else output))
+    logits = None
     try:
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+            output = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        logits = output["logits"] if isinstance(output, dict) else output[0]
     except _ReachedLayer:
         pass
     finally:
         handle.remove()
     if not captured:
         raise RuntimeError(f"the forward never reached layer {layer}: the hooked module was not called")
-    return captured[0], ids.shape[1]
+    return captured[0], logits, ids.shape[1]

@@ -7,6 +7,11 @@ probe reads and captures the probe's position during the normal `generate` call 
 Pre-generation mode: a probe trained at `prompt_last` scores the question from the prompt alone; with an
 abstention threshold, rows below it get the abstention message and are never generated (one prefill
 forward per prompt is spent on scoring; the rows that are answered run their normal generation).
+
+Hybrid probes (kind `hybrid`) read the hidden state AND the answer's logit signals (mean log-probability,
+sequence probability, ...): `generate` takes them from the same generation pass (extract.generation's
+baselines) and `score` runs the whole forward to the LM head to compute them the same way. They need the
+answer, so a `prompt_last` hybrid scores after generation only: pre-generation abstention is off for it.
 """
 
 from __future__ import annotations
@@ -29,7 +34,16 @@ from extract.models import LoadedModel, from_transformers, load_model
 from extract.prompts import PromptSpec, Question, encode_prompt, render_prompt, saved_prompt_spec
 from extract.settings import GenerationSpec
 from probes.artifact import ProbeArtifact
-from probes.serving.forward import BatchFeed, decode, eos_ids, finish_text, states_up_to_layer
+from probes.inference import probe_input
+from probes.serving.forward import (
+    BatchFeed,
+    answer_signals,
+    decode,
+    eos_ids,
+    finish_text,
+    states_and_logits,
+    states_up_to_layer,
+)
 
 DEFAULT_ABSTENTION_MESSAGE = "I don't know."
 log = logging.getLogger(__name__)
@@ -127,7 +141,13 @@ class ProbedModel:
         self.layer = artifact.metadata.layer
         self.position = artifact.metadata.position
         self.threshold = artifact.abstention_threshold() if threshold == "artifact" else threshold
-        self.abstain_before_generating = self._abstain_before_generating_setting and self.position == "prompt_last"
+        # a hybrid probe's logit signals come from the answer: empty for hidden-only probes
+        self.logit_features = tuple(artifact.metadata.params.get("logit_features") or ())
+        self.abstain_before_generating = (self._abstain_before_generating_setting and self.position == "prompt_last"
+                                          and not self.logit_features)
+        if self._abstain_before_generating_setting and self.position == "prompt_last" and self.logit_features:
+            log.info("hybrid prompt_last probe: it reads the answer's logit signals, so it scores after generation "
+                     "(no pre-generation abstention)")
         settings = artifact.metadata.extract_settings or {}
         self.prompt_spec = _prompt_spec(settings.get("prompt", {}))
         self.default_stop = list(settings.get("generation", {}).get("stop_strings", ["\n"]))
@@ -190,11 +210,14 @@ class ProbedModel:
         return render_prompt(question, self.loaded.tokenizer, self.loaded.uses_chat_template, self.prompt_spec)
 
     # -- scoring -----------------------------------------------------------------------------------
-    def _score(self, vectors: np.ndarray, domains: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """vectors [n, hidden], domains [n] or None -> (p_correct [n], raw score [n])."""
+    def _score(self, vectors: np.ndarray, domains: Sequence[str] | None = None,
+               signals: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """vectors [n, hidden], domains [n] or None, signals: the answers' logit signals (name -> [n], as
+        extract.generation records them; a hybrid probe needs them) -> (p_correct [n], raw score [n])."""
+        X = probe_input(vectors, self.logit_features, signals)
         if domains is None:
-            return self.artifact.predict(vectors)
-        return self.artifact.predict(vectors, categories=np.asarray([d or "" for d in domains], dtype=str))
+            return self.artifact.predict(X)
+        return self.artifact.predict(X, categories=np.asarray([d or "" for d in domains], dtype=str))
 
     def _abstains(self, p: float) -> bool:
         return self.threshold is not None and p < self.threshold
@@ -202,6 +225,9 @@ class ProbedModel:
     def score_prompts(self, prompt_ids: Sequence[Sequence[int]],
                       domains: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """prompt_last probe only: one prefill forward per batch, hooks on the probe's layer."""
+        if self.logit_features:
+            raise ValueError(f"this hybrid probe reads the answer's logit signals {list(self.logit_features)}: it "
+                             "cannot score a prompt before generation; use generate or score")
         model, tok = self.loaded.model, self.loaded.tokenizer
         vectors = []
         with capture_hidden_states(model, [self.layer]) as recorder, torch.no_grad():
@@ -262,7 +288,7 @@ class ProbedModel:
                     streamer=_Tee(feed, streamer) if streamer is not None else feed,
                 )
                 p, score = self._score(capture.activations[:, 0, 0, :],
-                                       None if domains is None else [domains[i] for i in todo])
+                                       None if domains is None else [domains[i] for i in todo], capture.baselines)
                 for k, i in enumerate(todo):
                     text, n_tokens, finish = finish_text(self.loaded.tokenizer, feed.tokens[k], max_new_tokens, eos,
                                                          spec.stop_strings)
@@ -287,7 +313,8 @@ class ProbedModel:
         """The confidence `generate` would give had the model generated `completions` itself.
 
         One forward per batch over prompt + completion, up to the end of the graded answer and up to the
-        probe's layer only. The completion is cut as `generate` cuts it: at EOS, at the first stop string
+        probe's layer only; for a hybrid probe the whole forward, to the LM head (its logit signals are the
+        answer tokens' log-probabilities and entropies, computed as generation computes them). The completion is cut as `generate` cuts it: at EOS, at the first stop string
         (`stop`, default: the probe's training stop strings), then to its first line. Token ids in and out
         avoid tokenizer drift; a text completion is encoded without special tokens.
         """
@@ -303,14 +330,25 @@ class ProbedModel:
             ids = [list(p) if _is_ids(p) and p else self._encode(p) for p in prompts]
             comp = [list(c) if _is_ids(c) else tok(c, add_special_tokens=False)["input_ids"] for c in completions]
             spans = [self._answer_span(c, stops, eos) for c in comp]
+            hybrid = bool(self.logit_features)
             for begin in range(0, len(ids), self.max_batch_size):
                 chunk = range(begin, min(begin + self.max_batch_size, len(ids)))
                 sequences = []
                 for i in chunk:
                     start, end, _ = spans[i]
-                    use_answer = self.position != "prompt_last" and end > start
+                    use_answer = (hybrid or self.position != "prompt_last") and end > start
                     sequences.append(ids[i] + comp[i][:end] if use_answer else ids[i])
-                hidden, width = states_up_to_layer(self.loaded.model, sequences, self.layer, tok.pad_token_id)
+                signals = None
+                if hybrid:  # the whole forward: the logit signals need the LM head
+                    hidden, logits, width = states_and_logits(self.loaded.model, sequences, self.layer,
+                                                              tok.pad_token_id)
+                    rows = [answer_signals(logits[r], comp[i], width - len(sequences[r]) + len(ids[i]),
+                                           spans[i][0], spans[i][1], tok.eos_token_id if tok.eos_token_id is not None
+                                           else min(eos, default=None))
+                            for r, i in enumerate(chunk)]
+                    signals = {name: np.array([row[name] for row in rows]) for name in rows[0]}
+                else:  # stops at the probe's layer
+                    hidden, width = states_up_to_layer(self.loaded.model, sequences, self.layer, tok.pad_token_id)
                 vectors = []
                 for r, i in enumerate(chunk):
                     start, end, _ = spans[i]
@@ -322,7 +360,7 @@ class ProbedModel:
                     else:
                         vectors.append(hidden[r, base + start : base + end].mean(0))
                 p, score = self._score(torch.stack(vectors).cpu().numpy(),
-                                       None if domains is None else [domains[i] for i in chunk])
+                                       None if domains is None else [domains[i] for i in chunk], signals)
                 for r, i in enumerate(chunk):
                     start, end, answer = spans[i]
                     out.append(ProbedScore(

@@ -8,7 +8,7 @@ from probecal.fingerprint import ModelFingerprint
 from probes.artifact import ArtifactError, ProbeArtifact
 from probes.calibration import CALIBRATOR_KINDS, PerCategoryCalibrator
 from probes.estimators import PROBES, LogisticProbe
-from probes.inference import sigmoid
+from probes.inference import probe_input, sigmoid
 from probes.scorer import ProbeScorer
 
 HIDDEN = 32
@@ -48,10 +48,15 @@ def test_scorer_equals_the_rebuilt_estimators_for_every_kind(tmp_path, kind, cal
     X, _, _ = data(width, n=60, seed=1)
     X[:5] *= 40.0  # far-out scores: saturated sigmoids, isotonic clipping
     cats = CATEGORIES[np.arange(60) % 3]
+    # a hybrid reads the hidden state + raw logit signals (its last columns here), turned into its features
+    hidden, signals = X[:, :HIDDEN], (X[:, HIDDEN:] if width > HIDDEN else None)
+    full = probe_input(hidden, scorer.logit_features, signals)
     for categories in (None, cats):
-        expected = artifact.predict(X, categories=categories)[0]
-        np.testing.assert_allclose(scorer.p_correct(X, categories=categories), expected, rtol=0, atol=1e-12)
-    assert scorer.p_correct(X[0]) == pytest.approx(artifact.predict(X[:1])[0][0], abs=1e-12)
+        expected = artifact.predict(full, categories=categories)[0]
+        got = scorer.p_correct(hidden, categories=categories, logit_signals=signals)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    one = scorer.p_correct(hidden[0], logit_signals=None if signals is None else signals[0])
+    assert one == pytest.approx(artifact.predict(full[:1])[0][0], abs=1e-12)
     assert scorer.digest == artifact.digest and scorer.n_features == width
 
 
