@@ -32,6 +32,13 @@ class TrainSpec:
     transfer_features: list[str] = field(default_factory=lambda: ["hidden", "hidden+logits"])  # hidden | hidden+logits
     transfer_Cs: list[float] = field(default_factory=lambda: [0.0001, 0.001, 0.01])  # fixed C grid (the probe's C)
     logit_weight: float = 3.0  # scale of the standardized logit features (divides their L2 penalty by its square)
+    # heldout: best held-out-domain within-cat AUROC | heldout_then_cv: among candidates within select_tolerance of
+    # that best, the best in-domain CV within-cat AUROC (train-split folds, solved in the same batched call)
+    select_rule: str = "heldout_then_cv"
+    select_tolerance: float = 0.01
+    # what the final calibrator is fit on: calibration (the probe's scores on the calibration split) |
+    # cross_domain (each domain's calibration rows scored by the leave-one-domain-out probe fit without it) | both
+    calibrate_on: str = "calibration"
 
 
 @dataclass

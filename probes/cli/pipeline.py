@@ -7,7 +7,10 @@ the layer sweep and the probe use `train` only, the calibrator and the abstentio
 Transfer (train.transfer, probes/evaluation/transfer.py): leave-one-domain-out over the store's domains
 measures the probe and every baseline on domains they never saw; with train.select=transfer (the default)
 the probe's site, features (hidden state, or hidden state + logit signals: the `hybrid` kind) and C are the
-ones with the best held-out-domain within-category AUROC, instead of the best in-domain CV AUROC.
+ones with the best held-out-domain within-category AUROC, instead of the best in-domain CV AUROC
+(train.select_rule=heldout_then_cv, the default: among candidates within train.select_tolerance of that best,
+the best in-domain CV within-category AUROC). train.calibrate_on: the final calibrator is fit on the
+calibration split (default), on out-of-domain LODO scores (cross_domain) or both; held-out numbers are nested.
 """
 
 from __future__ import annotations
@@ -28,19 +31,25 @@ from probes.artifact import ProbeArtifact, hash_arrays, json_default
 from probes.cli.config import TrainSpec
 from probes.evaluation.metrics import HEADLINE_METRICS
 from probes.evaluation.report import ReportInputs, write_report
-from probes.evaluation.sweep import SweepResult, sweep
+from probes.evaluation.sweep import SweepResult, cv_masks, sweep
 from probes.evaluation.tables import EvalTable, calibrate_baselines, evaluate
 from probes.evaluation.thresholds import choose_threshold, realised
 from probes.evaluation.transfer import (
+    CALIBRATE_ON,
     FEATURE_SETS,
+    SELECT_RULES,
     CandidateSearch,
     DomainFolds,
     TransferTable,
+    add_cv_scores,
+    cross_domain_set,
     design_matrix,
     domain_folds,
     fold_logistic_scores,
     generic_fold_scores,
     logit_feature_matrix,
+    nested_cross_domain_sets,
+    nested_fit_masks,
     score_candidates,
     transfer_table,
 )
@@ -50,6 +59,8 @@ log = logging.getLogger(__name__)
 PROBE_METHOD = "probe"
 PROBE_RAW_METHOD = "probe (uncalibrated)"
 SELECT_MODES = ("transfer", "cv")
+OPTIMISM_NOTE = ("the held-out AUROC of the selected candidate is optimistic: the candidate was chosen on that same "
+                 "score (the other candidates' scores show the spread)")
 
 
 def row_domains(store: ActivationStore) -> np.ndarray:
@@ -131,6 +142,17 @@ def check_train_spec(spec: TrainSpec) -> None:
         raise ValueError(f"train.transfer_Cs={list(spec.transfer_Cs)!r} must be a non-empty list of positive numbers")
     if not spec.logit_weight > 0:
         raise ValueError(f"train.logit_weight={spec.logit_weight!r} must be > 0")
+    if spec.select_rule not in SELECT_RULES:
+        raise ValueError(f"train.select_rule={spec.select_rule!r} is not allowed; allowed values: "
+                         f"{', '.join(SELECT_RULES)}")
+    if not spec.select_tolerance >= 0:
+        raise ValueError(f"train.select_tolerance={spec.select_tolerance!r} must be >= 0")
+    if spec.calibrate_on not in CALIBRATE_ON:
+        raise ValueError(f"train.calibrate_on={spec.calibrate_on!r} is not allowed; allowed values: "
+                         f"{', '.join(CALIBRATE_ON)}")
+    if spec.calibrate_on != "calibration" and not spec.transfer:
+        raise ValueError(f"train.calibrate_on={spec.calibrate_on} calibrates on leave-one-domain-out scores: it "
+                         "needs train.transfer=true")
 
 
 def candidate_layers(stored: Sequence[int], step: int) -> list[int]:
@@ -205,14 +227,25 @@ def train_probe(
             spec.transfer_positions if spec.transfer_positions is not None else positions,
             feature_sets, spec.transfer_Cs, spec.logit_weight,
         )
-        chosen = search.best()
-        log.info("transfer selection: %s (held-out-domain within-category AUROC %.3f, %.1f s)",
-                 chosen.candidate.describe(), chosen.heldout_auroc, search.seconds)
+        if spec.select_rule == "heldout_then_cv":  # in-domain CV (train split folds) of the near-best candidates
+            cv_fit = np.zeros((spec.n_folds, len(data.y)), bool)
+            cv_fit[:, train] = cv_masks(data.y[train], spec.n_folds, seed, data.categories[train])
+            search = add_cv_scores(search, lambda layer, pos: store.read(layer, pos), logits, data.y, data.categories,
+                                   cv_fit, spec.select_tolerance, folds.fit.any(axis=0), spec.logit_weight)
+        chosen = search.best(spec.select_rule, spec.select_tolerance)
+        rule = ("best held-out-domain within-category AUROC (leave-one-domain-out)" if spec.select_rule == "heldout"
+                else f"held-out-domain within-category AUROC (leave-one-domain-out) within {spec.select_tolerance:g} "
+                     "of the best, then the best in-domain CV within-category AUROC")
+        log.info("transfer selection (train.select_rule=%s: %s): %s (held-out %.3f, in-domain CV %.3f, %.1f s)",
+                 spec.select_rule, rule, chosen.candidate.describe(), chosen.heldout_auroc, chosen.cv_auroc,
+                 search.seconds)
         layer, position = chosen.candidate.layer, chosen.candidate.position
         probe = _candidate_probe(chosen.candidate, base, logit_names, spec.logit_weight) if base else configured
-        selection = {"by": "held-out-domain within-category AUROC (leave-one-domain-out)",
+        selection = {"by": f"train.select_rule={spec.select_rule}: {rule}", "rule": spec.select_rule,
                      "candidate": chosen.candidate.describe() if base else f"layer {layer} / {position}",
-                     "heldout_auroc": chosen.heldout_auroc}
+                     "heldout_auroc": chosen.heldout_auroc, "cv_auroc": chosen.cv_auroc,
+                     "best_heldout_auroc": search.best("heldout").heldout_auroc,
+                     "heldout_auroc_note": OPTIMISM_NOTE}
     else:
         layer, position, probe = result.best_layer, result.best_position, configured
         selection = {"by": "in-domain CV AUROC (layer sweep)", "candidate": f"layer {layer} / {position}",
@@ -220,27 +253,37 @@ def train_probe(
 
     X = probe_features(probe, store, layer, position)
     probe.fit(X[train], data.y[train])
-    calibrator = _calibrator(cfg_calibration).fit(
-        probe.decision_function(X[calib]), data.y[calib], categories=data.categories[calib]
-    )
+    transfer, outer = None, None
+    if folds is not None:
+        transfer, outer = measure_transfer(probe, X, store.baselines, data, folds, cfg_calibration, cfg_probe, spec)
+    scores, rows = probe.decision_function(X[calib]), np.flatnonzero(calib)
+    if spec.calibrate_on != "calibration":
+        cross = cross_domain_set(outer, folds, calib)  # out-of-domain scores of every domain's calibration rows
+        if spec.calibrate_on == "cross_domain":
+            scores, rows = cross[1], cross[0].astype(int)
+        else:
+            scores, rows = np.concatenate([scores, cross[1]]), np.concatenate([rows, cross[0].astype(int)])
+    selection["calibrate_on"] = spec.calibrate_on
+    calibrator = _calibrator(cfg_calibration).fit(scores, data.y[rows], categories=data.categories[rows])
     artifact = ProbeArtifact.create(
         probe, calibrator, layer, position, store.fingerprint,
         training_data_hash=hash_arrays(X[train], data.y[train]), split_sizes=data.sizes(),
     )
     p_calib, _ = artifact.predict(X[calib], categories=data.categories[calib])
     threshold = choose_threshold(p_calib, data.y[calib], spec.target_accuracy, spec.delta, spec.threshold_method)
-
-    transfer = None
-    if folds is not None:
-        transfer = measure_transfer(probe, X, store.baselines, data, folds, cfg_calibration, cfg_probe, spec)
     return artifact, result, {"threshold": threshold, "transfer": transfer, "candidates": search,
                               "selection": selection, "transfer_seconds": time.perf_counter() - started}
 
 
 def measure_transfer(probe, X: np.ndarray, baselines: dict[str, np.ndarray], data: SplitData, folds: DomainFolds,
-                     cfg_calibration, cfg_probe, spec: TrainSpec) -> TransferTable:
+                     cfg_calibration, cfg_probe, spec: TrainSpec) -> tuple[TransferTable, np.ndarray]:
     """Held-out-domain numbers of the probe as trained (same kind, features and C; refit per fold) and of every
-    baseline, each calibrated on the other domains' calibration rows with the configured calibrator."""
+    baseline, each calibrated on the other domains' calibration rows with the configured calibrator.
+
+    The probe's calibrator follows train.calibrate_on, NESTED: for held-out domain D, a cross-domain calibrator
+    is fit on the other domains' calibration rows scored by inner probes fit without D and without that domain
+    (k (k - 1) fits, one batched solve for a fixed-C logistic / hybrid probe); D's rows never calibrate D.
+    Returns (table, the outer fold scores [k, n]: row f = the probe fit without domain f)."""
     from probes.calibration import calibrator_kind
     from probes.cli.config import instantiate_group
     from probes.estimators import HybridProbe, LogisticProbe
@@ -252,13 +295,29 @@ def measure_transfer(probe, X: np.ndarray, baselines: dict[str, np.ndarray], dat
         logits = X[:, X.shape[1] - n_logits :] if n_logits else None
         Z = design_matrix(hidden, logits, "hidden+logits" if n_logits else "hidden",
                           getattr(probe, "logit_weight", 1.0), folds.fit.any(axis=0))
-        scores, _ = fold_logistic_scores(Z, data.y, folds.fit, float(probe.C), probe._class_weight(),
-                                         tol=1e-4, max_iter=500)
-    else:  # any other probe (or C chosen by CV): one fit per held-out domain
-        scores = generic_fold_scores(X, data.y, folds.fit, lambda: instantiate_group(cfg_probe))
+        def fit_scores(masks):
+            return fold_logistic_scores(Z, data.y, masks, float(probe.C), probe._class_weight(), tol=1e-4,
+                                        max_iter=500)[0]
+    else:  # any other probe (or C chosen by CV): one fit per mask
+        def fit_scores(masks):
+            return generic_fold_scores(X, data.y, masks, lambda: instantiate_group(cfg_probe))
+    scores = fit_scores(folds.fit)
+    sets = None
+    if spec.calibrate_on != "calibration":
+        if len(folds.domains) < 3:
+            raise ValueError(f"train.calibrate_on={spec.calibrate_on} needs at least three usable domains (its "
+                             f"held-out estimate holds out two at once); the data has {len(folds.domains)}: "
+                             f"{', '.join(folds.domains)}")
+        masks, pairs = nested_fit_masks(folds)
+        sets = nested_cross_domain_sets(fit_scores(masks), pairs, folds, data.masks["calibration"])
+        if spec.calibrate_on == "both":  # + the fold's own (in-domain for its probe) calibration rows
+            sets = [np.hstack([np.vstack([np.flatnonzero(folds.calibrate[f]), scores[f][folds.calibrate[f]]]), s])
+                    for f, s in enumerate(sets)]
     label = calibrator_kind(_calibrator(cfg_calibration))
-    return transfer_table({PROBE_METHOD: scores}, baselines, data.y, data.categories, folds,
-                          lambda: _calibrator(cfg_calibration), label, spec.n_bins)
+    table = transfer_table({PROBE_METHOD: scores}, baselines, data.y, data.categories, folds,
+                           lambda: _calibrator(cfg_calibration), label, spec.n_bins,
+                           {PROBE_METHOD: sets} if sets is not None else None)
+    return table, scores
 
 
 def evaluate_on_store(
@@ -366,8 +425,11 @@ def transfer_summary(extra: dict[str, Any], baseline: str | None) -> dict[str, A
     return {
         **transfer.to_dict(),
         "method": "leave-one-domain-out: fit on the other domains' train rows, calibrate on their calibration "
-                  "rows, score every row of the held-out domain; means over held-out domains",
+                  "rows (the probe: as train.calibrate_on says, nested), score every row of the held-out domain; "
+                  "means over held-out domains",
         "best_baseline": transfer.best(PROBE_METHOD),
+        "calibrate_on": (extra.get("selection") or {}).get("calibrate_on"),
+        "note": OPTIMISM_NOTE if (extra.get("candidates") is not None) else None,
         "in_domain_best_baseline": baseline,
         "selection": extra.get("selection"),
         "candidates": search.to_dict() if search is not None else None,

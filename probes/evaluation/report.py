@@ -167,7 +167,7 @@ def _category_markdown(inputs: ReportInputs) -> str:
     return "\n".join(lines)
 
 
-TRANSFER_COLUMNS = ("within_cat_auroc", "ece", "brier")
+TRANSFER_COLUMNS = ("within_cat_auroc", "ece", "brier", "pooled_ece", "ece_floor")
 
 
 def transfer_markdown(transfer: dict) -> str:
@@ -180,18 +180,28 @@ def transfer_markdown(transfer: dict) -> str:
     domains = transfer.get("domains", [])
     parts.append(f"Leave-one-domain-out over {len(domains)} domains ({', '.join(domains)}): each domain is scored by a "
                  "probe fit on the other domains' train rows and calibrated on their calibration rows; numbers are "
-                 "means over the held-out domains.")
+                 "means over the held-out domains. pooled_ece: one ECE over every held-out row; ece_floor: the "
+                 "mean ECE a perfectly calibrated probability reads on the same rows (binning noise of small domains).")
+    calibrate_on = transfer.get("calibrate_on")
+    if calibrate_on and calibrate_on != "calibration":
+        parts.append(f"The probe's calibrator (train.calibrate_on={calibrate_on}) is fit on out-of-domain scores; its "
+                     "held-out numbers are nested: for each held-out domain, the calibrator only saw the other "
+                     "domains, each scored by a probe fit without it and without the held-out domain.")
     selection = transfer.get("selection") or {}
     if selection:
         parts.append(f"Selected by {selection.get('by')}: {selection.get('candidate')}.")
+    if transfer.get("note"):
+        parts.append(f"Note: {transfer['note']}.")
     candidates = (transfer.get("candidates") or {}).get("scores") or []
     if candidates:
-        by_option: dict[tuple, float] = {}
-        for c in candidates:  # best held-out AUROC per (features, C) over sites
+        by_option: dict[tuple, tuple[float, float]] = {}
+        for c in candidates:  # best held-out AUROC per (features, C) over sites, with that site's in-domain CV
             key = (c["features"], c["C"])
-            by_option[key] = max(by_option.get(key, -1.0), np.nan_to_num(c["heldout_auroc"], nan=-1.0))
-        rows = ["| features | C | best held-out within_cat_auroc over sites |", "|---|---:|---:|"]
-        rows += [f"| {f} | {C:g} | {v:.3f} |" for (f, C), v in sorted(by_option.items())]
+            value = (np.nan_to_num(c["heldout_auroc"], nan=-1.0), c.get("cv_auroc", np.nan))
+            by_option[key] = max(by_option.get(key, (-1.0, np.nan)), value, key=lambda v: v[0])
+        rows = ["| features | C | best held-out within_cat_auroc over sites | in-domain CV within_cat_auroc there |",
+                "|---|---:|---:|---:|"]
+        rows += [f"| {f} | {C:g} | {v:.3f} | {_number(cv)} |" for (f, C), (v, cv) in sorted(by_option.items())]
         parts += ["Options compared (held-out-domain within-category AUROC, best site for each):", "\n".join(rows)]
     return "\n\n".join(parts)
 

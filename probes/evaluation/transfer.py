@@ -15,6 +15,17 @@ probe for all domains at once (one Gram matrix and one Cholesky factor per site 
 the column statistics of all fit rows of the store (no labels; as in the layer sweep): a held-out domain adds
 only its share of the per-feature scale, never its labels.
 
+Selection (`CandidateSearch.best`): rule "heldout" takes the best held-out score; "heldout_then_cv" takes, among
+candidates within a tolerance of it, the best in-domain CV within-category AUROC (`add_cv_scores`: CV folds of the
+train split, for those few candidates only). The selected candidate's held-out score is optimistic (chosen on it).
+
+Cross-domain calibration (`cross_domain_set`, `nested_fit_masks`, `nested_cross_domain_sets`): a calibrator fit on
+each domain's rows scored by the LODO probe that never saw that domain. Its held-out estimate is nested: for
+held-out D, the calibrator sees only the other domains, each scored by a probe fit without D and without it
+(k (k - 1) fits in one batched solve); `transfer_table(calibration_sets=...)` refuses a set holding D's rows.
+Held-out ECE means over small domains sit on a binning noise floor (`ece_floor`, ~0.1 at 60 rows); the table
+also gives `pooled_ece` (one ECE over every held-out row).
+
 Logit features: `logit_feature_matrix` (defined in probes.inference, which serving shares) turns the store's
 logit signals into unbounded, oriented columns (higher = more confident) that a hybrid probe reads next to the
 hidden state.
@@ -37,6 +48,15 @@ from probes.inference import PROBABILITY_FLOOR, logit_feature_matrix  # noqa: F4
 FEATURE_SETS = ("hidden", "hidden+logits")  # what a transfer candidate reads
 CENTERINGS = ("none", "domain")  # subtract each domain's mean activation (label-free) before the probe
 TRANSFER_METRICS = ("within_cat_auroc", "ece", "brier")
+# What the final calibrator is fit on (train.calibrate_on):
+#   calibration  - the probe's scores on the in-domain calibration split (fit on every domain)
+#   cross_domain - out-of-domain scores: each domain's calibration rows scored by the LODO probe fit WITHOUT it
+#   both         - the two sets pooled
+CALIBRATE_ON = ("calibration", "cross_domain", "both")
+# How select=transfer picks among candidates (train.select_rule):
+#   heldout         - the best held-out-domain within-category AUROC
+#   heldout_then_cv - among candidates within `tolerance` of that best, the best in-domain CV within-cat AUROC
+SELECT_RULES = ("heldout", "heldout_then_cv")
 
 
 def _check_choice(name: str, value, allowed) -> None:
@@ -151,6 +171,7 @@ class CandidateScore:
     candidate: Candidate
     heldout_auroc: float  # mean over held-out domains of the within-category AUROC
     per_domain: dict[str, float]
+    cv_auroc: float = float("nan")  # in-domain CV within-category AUROC (train split folds), when computed
 
 
 @dataclass
@@ -160,13 +181,20 @@ class CandidateSearch:
     seconds: float
     settings: dict = field(default_factory=dict)
 
-    def best(self) -> CandidateScore:
-        return max(self.scores, key=lambda s: np.nan_to_num(s.heldout_auroc, nan=-1.0))
+    def best(self, rule: str = "heldout", tolerance: float = 0.01) -> CandidateScore:
+        """rule "heldout": the best held-out-domain score. "heldout_then_cv": among the candidates within
+        `tolerance` of that best, the one with the best in-domain CV within-category AUROC (needs cv_auroc)."""
+        _check_choice("rule", rule, SELECT_RULES)
+        top = max(self.scores, key=lambda s: np.nan_to_num(s.heldout_auroc, nan=-1.0))
+        if rule == "heldout":
+            return top
+        near = [s for s in self.scores if np.nan_to_num(s.heldout_auroc, nan=-1.0) >= top.heldout_auroc - tolerance]
+        return max(near, key=lambda s: (np.nan_to_num(s.cv_auroc, nan=-1.0), s.heldout_auroc))
 
     def to_dict(self) -> dict:
         return {"domains": list(self.domains), "seconds": self.seconds, "settings": self.settings,
-                "scores": [{**asdict(s.candidate), "heldout_auroc": s.heldout_auroc, "per_domain": s.per_domain}
-                           for s in self.scores]}
+                "scores": [{**asdict(s.candidate), "heldout_auroc": s.heldout_auroc, "cv_auroc": s.cv_auroc,
+                            "per_domain": s.per_domain} for s in self.scores]}
 
 
 def heldout_within_auroc(scores: np.ndarray, y, categories, folds: DomainFolds) -> dict[str, float]:
@@ -175,6 +203,18 @@ def heldout_within_auroc(scores: np.ndarray, y, categories, folds: DomainFolds) 
     return {d: within_category_auroc(scores[f][folds.held_out[f]], y[folds.held_out[f]],
                                      categories[folds.held_out[f]]).mean
             for f, d in enumerate(folds.domains)}
+
+
+def out_of_fold_within_auroc(scores: np.ndarray, fit_masks: np.ndarray, rows: np.ndarray, y, categories) -> float:
+    """Within-category AUROC of pooled out-of-fold scores: each row of `rows` scored by the fold that did not
+    fit it (scores / fit_masks [j, n]; rows [n] bool = the CV rows)."""
+    categories = np.asarray(categories).astype(str)
+    oof = np.full(scores.shape[1], np.nan)
+    for f in range(len(fit_masks)):
+        held = rows & ~fit_masks[f]
+        oof[held] = scores[f][held]
+    ok = rows & ~np.isnan(oof)
+    return float(within_category_auroc(oof[ok], np.asarray(y)[ok], categories[ok]).mean)
 
 
 def _mean(values) -> float:
@@ -206,11 +246,15 @@ def score_candidates(
     domains=None,
     class_weight="balanced",
     blas_threads: int | None = 1,
+    cv_fit_masks: np.ndarray | None = None,
 ) -> CandidateSearch:
     """Held-out-domain within-category AUROC of every (site, feature set, C).
 
     features(layer, position) -> X [n, hidden] for ALL n rows (the folds pick rows); logits [n, m] or None;
     y [n] 1 = correct; categories [n]; domains [n] (needed for centering="domain").
+    cv_fit_masks [j, n] bool (optional): in-domain CV folds (training rows of each; the rows of a fold's
+    complement inside the union of the masks are scored). Solved in the same batched call as the domain folds;
+    each candidate then also gets `cv_auroc`: the within-category AUROC of the pooled out-of-fold scores.
     """
     _check_choice("centering", centering, CENTERINGS)
     for f in feature_sets:
@@ -221,6 +265,9 @@ def score_candidates(
         raise ValueError("centering='domain' needs the rows' domains")
     y01 = np.asarray(y).astype(np.int64)
     stats_rows = folds.fit.any(axis=0)
+    k = len(folds.domains)
+    masks = folds.fit if cv_fit_masks is None else np.vstack([folds.fit, np.asarray(cv_fit_masks, bool)])
+    cv_rows = None if cv_fit_masks is None else np.asarray(cv_fit_masks, bool).any(axis=0)
     start = time.perf_counter()
     scores: list[CandidateScore] = []
     with threadpool_limits(limits=blas_threads, user_api="blas"):
@@ -233,13 +280,42 @@ def score_candidates(
                     Z = design_matrix(X, logits, feature_set, logit_weight, stats_rows)
                     previous = None
                     for C in sorted(Cs):  # small C first: each solution warm-starts the next
-                        s, previous = fold_logistic_scores(Z, y01, folds.fit, C, class_weight, previous)
-                        per = heldout_within_auroc(s, y01, categories, folds)
+                        s, previous = fold_logistic_scores(Z, y01, masks, C, class_weight, previous)
+                        per = heldout_within_auroc(s[:k], y01, categories, folds)
+                        cv = float("nan")
+                        if cv_rows is not None:
+                            cv = out_of_fold_within_auroc(s[k:], np.asarray(cv_fit_masks, bool), cv_rows, y01,
+                                                          categories)
                         scores.append(CandidateScore(Candidate(int(layer), str(position), feature_set, float(C)),
-                                                     _mean(per.values()), per))
+                                                     _mean(per.values()), per, cv))
     settings = {"layers": [int(v) for v in layers], "positions": list(positions), "feature_sets": list(feature_sets),
                 "Cs": [float(c) for c in Cs], "logit_weight": logit_weight, "centering": centering}
     return CandidateSearch(scores, folds.domains, time.perf_counter() - start, settings)
+
+
+def add_cv_scores(search: CandidateSearch, features: Callable[[int, str], np.ndarray], logits: np.ndarray | None, y,
+                  categories, cv_fit_masks: np.ndarray, tolerance: float, stats_rows, logit_weight: float = 1.0,
+                  class_weight="balanced", blas_threads: int | None = 1) -> CandidateSearch:
+    """In-domain CV within-category AUROC (`cv_auroc`) for the candidates within `tolerance` of the best
+    held-out score only (what select_rule=heldout_then_cv compares): a second, small batched solve per
+    candidate instead of CV folds for the whole grid. The others keep cv_auroc = nan."""
+    top = search.best("heldout").heldout_auroc
+    y01 = np.asarray(y).astype(np.int64)
+    cv_fit_masks = np.asarray(cv_fit_masks, bool)
+    rows = cv_fit_masks.any(axis=0)
+    start = time.perf_counter()
+    updated = []
+    with threadpool_limits(limits=blas_threads, user_api="blas"):
+        for s in search.scores:
+            c = s.candidate
+            if np.nan_to_num(s.heldout_auroc, nan=-1.0) >= top - tolerance:
+                Z = design_matrix(np.asarray(features(c.layer, c.position)), logits, c.features, logit_weight, stats_rows)
+                cv_scores, _ = fold_logistic_scores(Z, y01, cv_fit_masks, c.C, class_weight)
+                s = CandidateScore(c, s.heldout_auroc, s.per_domain,
+                                   out_of_fold_within_auroc(cv_scores, cv_fit_masks, rows, y01, categories))
+            updated.append(s)
+    settings = {**search.settings, "cv_tolerance": tolerance}
+    return CandidateSearch(updated, search.domains, search.seconds + time.perf_counter() - start, settings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,7 +325,9 @@ def score_candidates(
 
 @dataclass
 class TransferTable:
-    """rows: {method: {metric: mean over held-out domains}}; per_domain: {method: {domain: {metric: value}}}."""
+    """rows: {method: {metric: mean over held-out domains, + pooled_ece (one ECE over all held-out rows) and
+    ece_floor (mean over domains of the ECE a perfectly calibrated p reads on the domain's rows)}};
+    per_domain: {method: {domain: {metric: value}}}."""
 
     rows: dict[str, dict[str, float]]
     per_domain: dict[str, dict[str, dict[str, float]]]
@@ -278,17 +356,27 @@ def transfer_table(
     calibrator_factory: Callable[[], object],
     label: str,
     n_bins: int = 15,
+    calibration_sets: dict[str, list[np.ndarray]] | None = None,
 ) -> TransferTable:
     """probe_scores: {method: fold scores [k, n]} (one score per row from each fold's probe; higher = more
     likely correct). baselines: {name: [n]} as the store records them (oriented here). Each fold's calibrator
     (from `calibrator_factory`) is fit on the fold's calibration rows and applied to the held-out domain; raw
-    baselines that are probabilities get a "(raw)" row as well. Returns per-domain metrics and their means."""
+    baselines that are probabilities get a "(raw)" row as well. Returns per-domain metrics and their means.
+    calibration_sets: {method: [k] arrays [2, m] (row index, score)}: fold f's calibrator for that method is
+    fit on these rows and scores instead (e.g. `nested_cross_domain_sets`); they must not hold fold f's domain."""
+    calibration_sets = calibration_sets or {}
     y, categories = np.asarray(y), np.asarray(categories).astype(str)
     per_domain: dict[str, dict[str, dict[str, float]]] = {}
+
+    pooled: dict[str, tuple[list, list]] = {}
+    floors: dict[str, list[float]] = {}
 
     def add(method: str, f: int, p: np.ndarray) -> None:
         held = folds.held_out[f]
         per_domain.setdefault(method, {})[folds.domains[f]] = _domain_metrics(p, y[held], categories[held], n_bins)
+        pooled.setdefault(method, ([], []))[0].append(p)
+        pooled[method][1].append(np.flatnonzero(held))
+        floors.setdefault(method, []).append(ece_floor(p, n_bins, seed=f))
 
     sources = {m: (s, True) for m, s in probe_scores.items()}
     sources |= {f"{name} ({label})": (np.broadcast_to(oriented(name, v), (len(folds.domains), len(y))), True)
@@ -296,7 +384,14 @@ def transfer_table(
     for f in range(len(folds.domains)):
         held, calib = folds.held_out[f], folds.calibrate[f]
         for method, (scores, _) in sources.items():
-            calibrator = calibrator_factory().fit(scores[f][calib], y[calib], categories=categories[calib])
+            if method in calibration_sets:
+                idx, values = calibration_sets[method][f][0].astype(int), calibration_sets[method][f][1]
+                if held[idx].any():
+                    raise ValueError(f"the calibration set of {method!r} for held-out domain {folds.domains[f]!r} "
+                                     "holds rows of that domain")
+                calibrator = calibrator_factory().fit(values, y[idx], categories=categories[idx])
+            else:
+                calibrator = calibrator_factory().fit(scores[f][calib], y[calib], categories=categories[calib])
             add(method, f, calibrator.predict(scores[f][held], categories=categories[held]))
         for name, values in baselines.items():
             raw = raw_probability(name, np.asarray(values)[held])
@@ -304,7 +399,55 @@ def transfer_table(
                 add(f"{name} (raw)", f, raw)
     rows = {m: {k: _mean(d[k] for d in by_domain.values()) for k in TRANSFER_METRICS}
             for m, by_domain in per_domain.items()}
+    for m, (p, rows_of) in pooled.items():  # one ECE over every held-out row (each from its own fold)
+        rows[m]["pooled_ece"] = ece(np.concatenate(p), y[np.concatenate(rows_of)], n_bins)
+        rows[m]["ece_floor"] = _mean(floors[m])
     return TransferTable(rows, per_domain, folds.domains)
+
+
+def ece_floor(p: np.ndarray, n_bins: int = 15, draws: int = 100, seed: int = 0) -> float:
+    """The ECE a perfectly calibrated p reads on these rows (labels drawn from p): the binning noise floor of a
+    small domain (about 0.1 at 60 rows), below which a held-out ECE says nothing."""
+    rng = np.random.default_rng(seed)
+    p = np.asarray(p, dtype=np.float64)
+    return float(np.mean([ece(p, (rng.random(len(p)) < p).astype(int), n_bins) for _ in range(draws)]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-domain calibration: calibrate on scores of domains the probe never saw
+# ----------------------------------------------------------------------------------------------
+
+
+def cross_domain_set(scores: np.ndarray, folds: DomainFolds, rows, exclude: int | None = None) -> np.ndarray:
+    """Row indices and out-of-domain scores for a cross-domain calibrator: for each fold g (domain d_g) other
+    than `exclude`, the rows of d_g inside `rows` [n] bool scored by fold g's probe (fit without d_g).
+    scores [k, n] (fold g's scores in row g). Returns [2, m]: (row index, score)."""
+    rows = np.asarray(rows, bool)
+    parts = [(np.flatnonzero(folds.held_out[g] & rows), g) for g in range(len(folds.domains)) if g != exclude]
+    idx = np.concatenate([i for i, _ in parts]) if parts else np.zeros(0, int)
+    values = np.concatenate([scores[g][i] for i, g in parts]) if parts else np.zeros(0)
+    return np.vstack([idx, values])
+
+
+def nested_fit_masks(folds: DomainFolds) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Masks [k (k - 1), n] of the inner leave-one-domain-out fits: for each outer fold f (without D_f) and
+    each other domain d_g, the fit rows of fold f minus d_g's rows. Also the (f, g) pair of each mask."""
+    pairs = [(f, g) for f in range(len(folds.domains)) for g in range(len(folds.domains)) if g != f]
+    return np.array([folds.fit[f] & ~folds.held_out[g] for f, g in pairs]), pairs
+
+
+def nested_cross_domain_sets(inner_scores: np.ndarray, pairs: list[tuple[int, int]], folds: DomainFolds,
+                             rows) -> list[np.ndarray]:
+    """For each outer fold f: the cross-domain calibration set ([2, m]: row index, score) built only from the
+    other domains, each scored by the inner probe fit without D_f AND without it; D_f's rows never enter.
+    inner_scores [k (k - 1), n] in the order of `pairs` (from `nested_fit_masks`)."""
+    rows = np.asarray(rows, bool)
+    sets = []
+    for f in range(len(folds.domains)):
+        parts = [(np.flatnonzero(folds.held_out[g] & rows), m) for m, (ff, g) in enumerate(pairs) if ff == f]
+        sets.append(np.vstack([np.concatenate([i for i, _ in parts]),
+                               np.concatenate([inner_scores[m][i] for i, m in parts])]))
+    return sets
 
 
 def generic_fold_scores(X: np.ndarray, y, fit_masks: np.ndarray, probe_factory: Callable[[], object]) -> np.ndarray:

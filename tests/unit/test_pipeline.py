@@ -198,6 +198,13 @@ def test_hybrid_probe_reads_logit_signals_and_round_trips(store, tmp_path):
     ({"transfer_features": ["hidden+all"]}, "allowed values: a non-empty list of hidden, hidden\\+logits"),
     ({"transfer_Cs": [0.0]}, "positive numbers"),
     ({"transfer_layer_step": 0}, "must be >= 1"),
+    ({"select_rule": "cv"}, "train.select_rule='cv' is not allowed; allowed values: heldout, heldout_then_cv"),
+    ({"select_tolerance": -0.1}, "train.select_tolerance=-0.1 must be >= 0"),
+    ({"calibrate_on": "test"},
+     "train.calibrate_on='test' is not allowed; allowed values: calibration, cross_domain, both"),
+    ({"select": "cv", "transfer": False, "calibrate_on": "cross_domain"},
+     "calibrate_on=cross_domain calibrates on leave-one-domain-out scores: it needs train.transfer=true"),
+    ({"calibrate_on": "both"}, "needs at least three usable domains"),  # the synthetic store has two
 ])
 def test_train_spec_transfer_options_are_validated(store, changes, message):
     spec = TrainSpec(n_folds=3, n_bootstrap=50, **changes)
@@ -306,7 +313,8 @@ def test_cli_run_writes_store_probe_metrics_and_report(cli_setup, cli_run):
         assert (cli_run / name).is_file(), name
     # default train.select=transfer: the two categories (= domains, the data sets none) are held out in turn
     assert metrics["transfer"]["domains"] == ["geo", "math"]
-    assert metrics["transfer"]["selection"]["by"].startswith("held-out-domain")
+    assert metrics["transfer"]["selection"]["by"].startswith("train.select_rule=heldout_then_cv: held-out-domain")
+    assert "optimistic" in metrics["transfer"]["note"] and metrics["transfer"]["calibrate_on"] == "calibration"
 
 
 def test_cli_evaluate_a_saved_probe(cli_setup, cli_run, monkeypatch, capsys):
@@ -397,3 +405,30 @@ def test_accuracy_table_reports_unparseable_verbalized_replies(tmp_path, monkeyp
     monkeypatch.setattr(type(store), "records", property(lambda self: records))
     unparseable = sum(1 for r in records if not r["verbalized_parsed"])
     assert f"{unparseable} of {len(records)} replies unparseable" in accuracy_table(store)
+
+
+def test_calibrate_on_cross_domain_fits_the_final_calibrator_on_out_of_domain_scores(store, monkeypatch):
+    """Three domains (rows dealt round-robin): the final calibrator sees each domain's calibration rows scored by
+    the leave-one-domain-out probe fit without it; the held-out numbers say how they were calibrated."""
+    import probes.cli.pipeline as pipeline
+    from probes.calibration import PlattCalibrator
+    from probes.evaluation.transfer import cross_domain_set
+
+    monkeypatch.setattr(pipeline, "row_domains", lambda s: np.array(["a", "b", "c"])[np.arange(len(s)) % 3])
+    spec = TrainSpec(n_folds=3, n_bootstrap=50, transfer_layer_step=1, transfer_features=["hidden"],
+                     calibrate_on="cross_domain")
+    artifact, _, extra = train_probe(store, _group("probe/logistic.yaml"), _group("calibration/platt.yaml"), spec)
+    selection = extra["selection"]
+    assert selection["calibrate_on"] == "cross_domain" and selection["rule"] == "heldout_then_cv"
+    assert selection["by"].startswith("train.select_rule=heldout_then_cv") and selection["cv_auroc"] > 0.5
+    assert "optimistic" in selection["heldout_auroc_note"]
+    data = pipeline.SplitData.from_store(store)
+    folds = pipeline.domain_folds(data.domains, data.masks["train"], data.masks["calibration"], data.y)
+    X = probe_features(artifact.probe, store, artifact.metadata.layer, artifact.metadata.position)
+    _, outer = pipeline.measure_transfer(artifact.probe, X, store.baselines, data, folds,
+                                         _group("calibration/platt.yaml"), _group("probe/logistic.yaml"), spec)
+    idx, values = cross_domain_set(outer, folds, data.masks["calibration"])
+    expected = PlattCalibrator().fit(values, data.y[idx.astype(int)])
+    np.testing.assert_allclose(artifact.calibrator.predict(np.array([-1.0, 0.0, 1.0])),
+                               expected.predict(np.array([-1.0, 0.0, 1.0])), atol=1e-6)
+    assert extra["transfer"].rows[PROBE_METHOD]["within_cat_auroc"] > 0.7

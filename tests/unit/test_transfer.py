@@ -139,6 +139,8 @@ def test_transfer_table_means_over_domains_and_calibrates_on_other_domains():
         assert table.per_domain["probe"][d]["n"] == held.sum()
     mean = np.mean([table.per_domain["probe"][d]["ece"] for d in folds.domains])
     assert table.rows["probe"]["ece"] == pytest.approx(mean)
+    assert 0 <= table.rows["probe"]["pooled_ece"] <= table.rows["probe"]["ece"] + 0.05
+    assert 0 < table.rows["probe"]["ece_floor"] < 0.2  # 60-row domains: binning noise alone reads ~0.1
     assert table.rows["probe"]["within_cat_auroc"] > table.rows["sequence_prob (platt)"]["within_cat_auroc"]
     assert table.best("probe") in {"sequence_prob (platt)", "sequence_prob (raw)"}
 
@@ -172,3 +174,103 @@ def test_hybrid_probe_weights_its_logit_columns_and_validates_them():
         HybridProbe(logit_features=(), C=1.0).fit(XL, y)
     with pytest.raises(ValueError, match="logit_weight=0 must be > 0"):
         HybridProbe(logit_weight=0, C=1.0).fit(XL, y)
+
+
+def test_nested_cross_domain_calibration_never_sees_the_held_out_domain():
+    """A planted domain whose labels are flipped (wrong where the signal says right): its held-out ECE estimate
+    must come from a calibrator that saw only the other domains, scored by probes that never saw it either."""
+    from probes.evaluation.transfer import cross_domain_set, nested_cross_domain_sets, nested_fit_masks
+
+    X, y, cat, dom, split = _synthetic(n_per_category=80)
+    y = np.where(dom == "math", 1 - y, y)  # the planted domain: the signal direction means the opposite
+    folds = domain_folds(dom, split == "train", split == "calibration", y)
+    # centred per domain: a probe fit on one domain alone then scores the others on one scale
+    Z = design_matrix(center_by_group(X, dom), None, "hidden").astype(np.float64)
+    outer, _ = fold_logistic_scores(Z, y, folds.fit, C=0.1)
+    masks, pairs = nested_fit_masks(folds)
+    assert len(pairs) == 3 * 2
+    for m, (f, g) in enumerate(pairs):  # inner fits: neither the outer held-out domain nor the inner one
+        assert not (masks[m] & (folds.held_out[f] | folds.held_out[g])).any()
+    inner, _ = fold_logistic_scores(Z, y, masks, C=0.1, tol=1e-10, max_iter=20000)
+    calibration = split == "calibration"
+    sets = nested_cross_domain_sets(inner, pairs, folds, calibration)
+    f = folds.domains.index("math")
+    rows = sets[f][0].astype(int)
+    assert set(dom[rows]) == {"chem", "geo"} and calibration[rows].all()
+    # the math fold's calibration set does not change when math's labels change (they never enter it)
+    y2 = np.where(dom == "math", 1 - y, y)
+    inner2, _ = fold_logistic_scores(Z, y2, masks, C=0.1, tol=1e-10, max_iter=20000)  # (one shared solve: tight
+    # tolerance, as the other folds' class weights move the common bound)
+    again = nested_cross_domain_sets(inner2, pairs, folds, calibration)[f]
+    np.testing.assert_allclose(again[1], sets[f][1], atol=1e-6)
+    np.testing.assert_array_equal(y2[rows], y[rows])
+
+    table = transfer_table({"probe": outer}, {}, y, cat, folds, PlattCalibrator, "platt",
+                           calibration_sets={"probe": sets})
+    # calibrated on the other (unflipped) domains, math's flipped labels show: its ECE is large, AUROC low
+    assert table.per_domain["probe"]["math"]["ece"] > 0.15  # (0.21 here)
+    assert table.per_domain["probe"]["math"]["within_cat_auroc"] < 0.3
+    # leaking math's own rows into its calibrator would hide that; transfer_table refuses such a set
+    leaky = list(sets)
+    leaky[f] = cross_domain_set(outer, folds, calibration)
+    with pytest.raises(ValueError, match="holds rows of that domain"):
+        transfer_table({"probe": outer}, {}, y, cat, folds, PlattCalibrator, "platt", calibration_sets={"probe": leaky})
+
+
+def test_cross_domain_set_scores_each_domain_with_the_fold_that_left_it_out():
+    from probes.evaluation.transfer import cross_domain_set
+
+    X, y, cat, dom, split = _synthetic()
+    folds = domain_folds(dom, split == "train", split == "calibration", y)
+    scores = np.arange(3)[:, None] + np.zeros((3, len(y)))  # fold g scores every row with the value g
+    idx, values = cross_domain_set(scores, folds, split == "calibration")
+    idx = idx.astype(int)
+    assert sorted(idx) == sorted(np.flatnonzero(split == "calibration"))
+    np.testing.assert_array_equal(values, [folds.domains.index(d) for d in dom[idx]])
+
+
+def test_select_rule_heldout_then_cv_prefers_in_domain_among_near_ties():
+    from probes.evaluation.transfer import CandidateScore, CandidateSearch
+
+    def score(C, held, cv):
+        return CandidateScore(Candidate(1, "answer_last", "hidden", C), held, {}, cv)
+
+    search = CandidateSearch([score(1e-3, 0.824, 0.76), score(1e-2, 0.818, 0.78), score(1e-1, 0.80, 0.85)], ("a",), 0.0)
+    assert search.best("heldout").candidate.C == 1e-3
+    assert search.best("heldout_then_cv", 0.01).candidate.C == 1e-2  # within 0.01 of the best held-out
+    assert search.best("heldout_then_cv", 0.0).candidate.C == 1e-3
+    with pytest.raises(ValueError, match="rule='cv' is not allowed"):
+        search.best("cv")
+
+
+def test_score_candidates_adds_in_domain_cv_auroc_from_the_same_solve():
+    from probes.evaluation.sweep import cv_masks
+
+    X, y, cat, dom, split = _synthetic()
+    folds = domain_folds(dom, split == "train", split == "calibration", y)
+    train = split == "train"
+    cv = np.zeros((3, len(y)), bool)
+    cv[:, train] = cv_masks(y[train], 3, 0, cat[train])
+    search = score_candidates(lambda layer, pos: X, None, y, cat, folds, [0], ["answer_last"], ["hidden"], [0.1],
+                              cv_fit_masks=cv)
+    plain = score_candidates(lambda layer, pos: X, None, y, cat, folds, [0], ["answer_last"], ["hidden"], [0.1])
+    assert search.scores[0].heldout_auroc == pytest.approx(plain.scores[0].heldout_auroc, abs=1e-6)
+    assert 0.75 < search.scores[0].cv_auroc <= 1.0 and np.isnan(plain.scores[0].cv_auroc)
+
+
+def test_add_cv_scores_only_for_the_near_best_and_matches_the_joint_solve():
+    from probes.evaluation.sweep import cv_masks
+    from probes.evaluation.transfer import add_cv_scores
+
+    X, y, cat, dom, split = _synthetic()
+    folds = domain_folds(dom, split == "train", split == "calibration", y)
+    train = split == "train"
+    cv = np.zeros((3, len(y)), bool)
+    cv[:, train] = cv_masks(y[train], 3, 0, cat[train])
+    args = (lambda layer, pos: X, None, y, cat, folds, [0], ["answer_last"], ["hidden"], [1e-4, 0.1])
+    joint = score_candidates(*args, cv_fit_masks=cv)
+    later = add_cv_scores(score_candidates(*args), lambda layer, pos: X, None, y, cat, cv, 1.0, folds.fit.any(axis=0))
+    for a, b in zip(joint.scores, later.scores, strict=True):
+        assert b.cv_auroc == pytest.approx(a.cv_auroc, abs=0.01)
+    none = add_cv_scores(score_candidates(*args), lambda layer, pos: X, None, y, cat, cv, 0.0, folds.fit.any(axis=0))
+    assert sum(not np.isnan(s.cv_auroc) for s in none.scores) == 1  # only the best held-out candidate
