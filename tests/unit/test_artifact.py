@@ -28,9 +28,9 @@ FINGERPRINT = ModelFingerprint("tiny-llama", "f" * 64, "LlamaForCausalLM", HIDDE
 FAST_PARAMS = {"logistic": {"Cs": (0.01, 1.0), "cv": 3}, "mlp": {"hidden_size": 8, "max_iter": 30}}
 
 
-def data(n=240, seed=0):
+def data(n=240, seed=0, width=HIDDEN):
     rng = np.random.default_rng(seed)
-    X = rng.normal(size=(n, HIDDEN)).astype(np.float32)
+    X = rng.normal(size=(n, width)).astype(np.float32)
     y = (X[:, 0] + 0.5 * X[:, 1] + rng.normal(size=n) > 0).astype(int)
     cats = np.where(np.arange(n) % 2 == 0, "capitals", "elements")
     return X, y, cats
@@ -40,8 +40,13 @@ def as_json(meta: ProbeMetadata) -> str:
     return json.dumps(asdict(meta), default=json_default, sort_keys=True)
 
 
+def input_width(kind: str) -> int:
+    """A hybrid probe reads the hidden state followed by its logit signals."""
+    return HIDDEN + len(PROBES[kind]().get_params().get("logit_features") or ())
+
+
 def make_artifact(kind="logistic", calibrator="platt"):
-    X, y, cats = data()
+    X, y, cats = data(width=input_width(kind))
     train, cal = slice(0, 160), slice(160, None)
     probe = PROBES[kind](**FAST_PARAMS.get(kind, {})).fit(X[train], y[train])
     calibrator_obj = None
@@ -70,7 +75,7 @@ def test_save_load_gives_identical_predictions(tmp_path, kind, calibrator):
     artifact = make_artifact(kind, calibrator)
     artifact.save(tmp_path / "probe")
     loaded = ProbeArtifact.load(tmp_path / "probe", expected_fingerprint=FINGERPRINT)
-    X, _, cats = data(seed=1)
+    X, _, cats = data(seed=1, width=input_width(kind))
     np.testing.assert_array_equal(loaded.probe.predict_proba(X), artifact.probe.predict_proba(X))
     for a, b in zip(loaded.predict(X, cats), artifact.predict(X, cats), strict=True):
         np.testing.assert_array_equal(a, b)
