@@ -249,8 +249,7 @@ def test_feedback_database_rows_one_domain_then_with_a_domain_column(tmp_path):
     np.testing.assert_allclose(rows.score, s)
     np.testing.assert_allclose(rows.parent_p, expit(2 * s + 1))
     assert rows.y.tolist() == y.tolist()
-    with sqlite3.connect(db) as conn:  # the serving side adds the column later
-        conn.execute("ALTER TABLE responses ADD COLUMN domain TEXT")
+    with sqlite3.connect(db) as conn:  # requests tagged with metadata.domain store it (untagged: NULL -> "")
         conn.execute("UPDATE responses SET domain = 'law' WHERE id LIKE 'r14-1%'")
     rows = read_feedback_rows(db, layer=2, position="answer_last")
     assert sorted(set(rows.domain)) == ["", "law"] and (rows.domain == "law").sum() == 11
