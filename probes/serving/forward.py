@@ -69,7 +69,7 @@ def finish_text(tokenizer: Any, generated: Sequence[int], max_new_tokens: int | 
 
 
 class BatchFeed:
-    """Streamer for one batch: `tokens[row]` = generated ids (up to max_new_tokens, EOS excluded).
+    """Streamer for one batch: `tokens[row]` = generated ids (up to max_new_tokens; a final EOS included).
 
     on_text(row, piece): called with each row's new text, held back while it could still turn into a
     stop string, so the pieces of a row concatenate to a prefix of its final text.
@@ -96,10 +96,13 @@ class BatchFeed:
         for row, token in enumerate(value.reshape(-1).tolist()):
             if self._done[row]:
                 continue
-            if token in self.eos or len(self.tokens[row]) >= self.max_new_tokens:
+            if len(self.tokens[row]) >= self.max_new_tokens:
                 self._done[row] = True
                 continue
             self.tokens[row].append(token)
+            if token in self.eos:  # kept, so finish_text sees why the row ended ("stop", EOS counted); no text
+                self._done[row] = True
+                continue
             if self.on_text is not None:
                 self._emit(row)
 

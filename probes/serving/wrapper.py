@@ -220,7 +220,8 @@ class ProbedModel:
         return self.artifact.predict(X, categories=np.asarray([d or "" for d in domains], dtype=str))
 
     def _abstains(self, p: float) -> bool:
-        return self.threshold is not None and p < self.threshold
+        # a Python bool: numpy's would not serialize in a /v1/score response
+        return bool(self.threshold is not None and p < self.threshold)
 
     def score_prompts(self, prompt_ids: Sequence[Sequence[int]],
                       domains: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:

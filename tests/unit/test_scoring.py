@@ -63,6 +63,17 @@ def test_score_cuts_the_answer_at_the_stop_string_like_generate(tiny_llama, word
         assert uncut.p_correct == pytest.approx(full.p_correct, abs=1e-5)
 
 
+def test_score_with_a_threshold_serializes_to_json(tiny_llama, word_tokenizer, tmp_path):
+    import json
+
+    pm = wrap(tiny_llama, word_tokenizer, tmp_path, 2, "answer_mean", threshold=0.5)
+    gens = pm.generate(PROMPTS, max_new_tokens=6, stop=NEVER)
+    scores = pm.score(PROMPTS, [g.text for g in gens], stop=NEVER)
+    for result in [*scores, *gens]:
+        assert type(result.abstained) is bool
+        assert json.loads(json.dumps(result.to_dict()))["abstained"] == (result.p_correct < 0.5)
+
+
 def test_score_forward_stops_at_the_probe_layer(tiny_llama, word_tokenizer, tmp_path):
     pm = wrap(tiny_llama, word_tokenizer, tmp_path, 1, "answer_last")
     ran = []
@@ -91,6 +102,17 @@ def test_text_tokens_finish_and_scored_span_agree(tiny_llama, word_tokenizer, tm
     assert short.completion_ids == full.completion_ids[:3]
     start, end = short.answer_chars
     assert short.text[start:end] == short.text.strip()
+
+
+def test_a_row_ended_by_eos_finishes_with_stop_not_length(word_tokenizer):
+    ids = word_tokenizer(["paris", "and", "rome"], is_split_into_words=True, add_special_tokens=False)["input_ids"]
+    eos = {2}
+    feed = BatchFeed(word_tokenizer, rows=1, max_new_tokens=16, eos=eos, stops=["?"])
+    feed.put(torch.tensor([[5, 6]]))  # the prompt
+    for token in [*ids, 2, 2]:  # the row ends with EOS; generate keeps padding it with EOS
+        feed.put(torch.tensor([token]))
+    assert feed.tokens[0] == [*ids, 2]
+    assert finish_text(word_tokenizer, feed.tokens[0], 16, eos, ["?"]) == ("paris and rome", 4, "stop")
 
 
 def test_finish_text_and_feed_hold_back_partial_stop_strings(word_tokenizer):
