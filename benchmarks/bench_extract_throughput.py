@@ -45,7 +45,7 @@ def main() -> None:
     fp = loaded.fingerprint
     print(f"{fp.name}: {params / 1e6:.1f}M parameters, {fp.num_layers} layers, hidden {fp.hidden_size}, "
           f"device {loaded.device}, {torch.get_num_threads()} torch threads")
-    decode_steps = _count_decode_steps()
+    decode_steps = count_decode_steps()
     spec = ExtractSpec(generation=GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size))
 
     print("| questions | seconds | s/question | prompt tok/question | decode steps/question | "
@@ -72,7 +72,7 @@ def main() -> None:
               f"{shard_bytes / n:,.0f} | {expected:,} | {per_q / baseline:.2f} |", flush=True)
 
 
-def _count_decode_steps() -> list[int]:
+def count_decode_steps() -> list[int]:
     """Decode steps the model really ran (rows x steps, padding steps of finished rows included):
     wraps the runner's capture call to collect CaptureResult.n_generated_tokens per shard."""
     steps: list[int] = []

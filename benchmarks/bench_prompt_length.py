@@ -23,8 +23,8 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from bench_extract_throughput import count_decode_steps  # the same decode-step counter
 
-from extract import runner
 from extract.data import DataSpec, QARow, assign_splits, load_rows
 from extract.models import ModelSpec, load_model
 from extract.prompts import build_prompt_ids
@@ -72,7 +72,7 @@ def main() -> None:
     splits = assign_splits(rows, DataSpec(name="facts"))
     print(f"{loaded.fingerprint.name}, {torch.get_num_threads()} torch threads, {len(rows)} questions "
           f"({args.per_category} per category), full facts set {full_size}")
-    decode_steps = _count_decode_steps()
+    decode_steps = count_decode_steps()
     print("| config | accuracy | decode steps/q | answer tok/q | truncated | prompt tok/q | s/question | ratio "
           f"| extract est. for {full_size} q |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -105,20 +105,6 @@ def main() -> None:
     for cat, accs in per_category.items():
         print(f"| {cat} | " + " | ".join(f"{accs.get(t, float('nan')):.1f}" for t, _ in configs) + " |")
 
-
-def _count_decode_steps() -> list[int]:
-    """Decode steps the model really ran (rows x steps, padding steps of finished rows included):
-    wraps the runner's capture call to collect CaptureResult.n_generated_tokens per shard."""
-    steps: list[int] = []
-    capture = runner.generate_and_capture
-
-    def counting_capture(*args, **kwargs):
-        result = capture(*args, **kwargs)
-        steps.append(result.n_generated_tokens)
-        return result
-
-    runner.generate_and_capture = counting_capture
-    return steps
 
 
 if __name__ == "__main__":
