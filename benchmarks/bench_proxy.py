@@ -16,28 +16,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
-import socket
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from bench_server import serve_on_free_port  # same loopback server set-up as the server benchmark
 from fastapi import FastAPI, Request  # module level: the stub's annotations are resolved in these globals
 
 MAX_CLIENTS, MAX_DURATION_S = 64, 300
 
 
-def _socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
 def _stub_upstream(latency_s: float, port_pipe) -> None:
-    import uvicorn
-
     app = FastAPI()
 
     @app.post("/v1/chat/completions")
@@ -53,9 +43,7 @@ def _stub_upstream(latency_s: float, port_pipe) -> None:
     async def health() -> dict:
         return {"status": "ok"}
 
-    sock = _socket()
-    port_pipe.send(sock.getsockname()[1])
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+    serve_on_free_port(app, port_pipe)
 
 
 class SleepingScorer:
@@ -84,17 +72,12 @@ class SleepingScorer:
 
 
 def _proxy(upstream_port: int, score_s: float, db_path: str, port_pipe) -> None:
-    import uvicorn
-
     from probes.serving.app import create_app
     from probes.serving.settings import ServeSettings
 
     settings = ServeSettings(db_path=db_path, upstream=f"http://127.0.0.1:{upstream_port}/v1",
                              max_queue_size=4 * MAX_CLIENTS, model_name="stub-model")
-    sock = _socket()
-    port_pipe.send(sock.getsockname()[1])
-    uvicorn.Server(uvicorn.Config(create_app(SleepingScorer(score_s), settings), log_level="warning",
-                                  access_log=False)).run(sockets=[sock])
+    serve_on_free_port(create_app(SleepingScorer(score_s), settings), port_pipe)
 
 
 async def _load(port: int, clients: int, duration_s: float) -> dict:

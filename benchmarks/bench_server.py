@@ -68,14 +68,18 @@ def build_probed_model(args: argparse.Namespace):
 
 
 def _serve_in_child(args: argparse.Namespace, max_batch_size: int, db_path: str, port_pipe) -> None:
-    import uvicorn
-
     from probes.serving.app import create_app
     from probes.serving.settings import ServeSettings
 
     settings = ServeSettings(db_path=db_path, max_batch_size=max_batch_size, batch_wait_ms=args.batch_wait_ms,
                              max_tokens_limit=max(256, args.max_tokens), max_queue_size=4 * MAX_CLIENTS)
-    app = create_app(build_probed_model(args), settings)
+    serve_on_free_port(create_app(build_probed_model(args), settings), port_pipe)
+
+
+def serve_on_free_port(app, port_pipe) -> None:
+    """Run `app` with uvicorn on a free loopback port, sent through `port_pipe` first (in a child process)."""
+    import uvicorn
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # accepted sockets inherit this; without it a pre-bound socket hits Nagle + delayed ACK (~40 ms/request)

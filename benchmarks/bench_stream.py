@@ -16,12 +16,12 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
-import socket
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from bench_server import serve_on_free_port  # same loopback server set-up as the server benchmark
 
 MAX_CLIENTS, MAX_DURATION_S = 64, 300
 
@@ -71,8 +71,6 @@ def _synthetic_smollm2(tmp: str, max_batch_size: int):
 
 
 def _serve_in_child(args: argparse.Namespace, db_path: str, port_pipe) -> None:
-    import uvicorn
-
     from probes.serving.app import create_app
     from probes.serving.settings import ServeSettings
 
@@ -80,13 +78,7 @@ def _serve_in_child(args: argparse.Namespace, db_path: str, port_pipe) -> None:
              else _synthetic_smollm2(str(Path(db_path).parent), args.max_batch_size))
     settings = ServeSettings(db_path=db_path, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                              max_queue_size=4 * MAX_CLIENTS)
-    app = create_app(model, settings)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", 0))
-    port_pipe.send(sock.getsockname()[1])
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+    serve_on_free_port(create_app(model, settings), port_pipe)
 
 
 async def _load(port: int, clients: int, duration_s: float, max_tokens: int, stream: bool) -> dict:
