@@ -224,7 +224,7 @@ class LogisticProbe(_Probe):
         if self.C is not None and not self.C > 0:
             raise ValueError(f"C={self.C!r} must be > 0 (or None to choose it by cross-validation)")
         X, y01 = self._fit_inputs(X, y)
-        self.mean_, self.scale_ = standardize_stats(X)
+        self.mean_, self.scale_ = self._standardization(X)
         Z = (X - self.mean_) / self.scale_
         C = float(self.C) if self.C is not None else self._choose_C(Z, y01)
         coef, intercept, self.n_iter_ = logistic_fold_fit(
@@ -232,6 +232,10 @@ class LogisticProbe(_Probe):
         )
         self.coef_, self.intercept_, self.C_ = coef[0], np.float64(intercept[0]), np.float64(C)
         return self
+
+    def _standardization(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, scale) [n_features] that standardize X before the L2-penalized fit."""
+        return standardize_stats(X)
 
     def _choose_C(self, Z: np.ndarray, y01: np.ndarray) -> float:
         Cs = [float(c) for c in self.Cs]
@@ -445,21 +449,15 @@ class HybridProbe(LogisticProbe):
             raise ValueError(f"logit_features={self.logit_features!r} must name at least one logit signal")
         if not self.logit_weight > 0:
             raise ValueError(f"logit_weight={self.logit_weight!r} must be > 0")
-        if self.C is not None and not self.C > 0:
-            raise ValueError(f"C={self.C!r} must be > 0 (or None to choose it by cross-validation)")
-        X, y01 = self._fit_inputs(X, y)
+        return super().fit(X, y)
+
+    def _standardization(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m = len(self.logit_features)
         if X.shape[1] <= m:
             raise ValueError(f"X has {X.shape[1]} columns; expected the hidden state followed by {m} logit signals")
-        self.mean_, self.scale_ = standardize_stats(X)
-        self.scale_[-m:] /= float(self.logit_weight)  # standardized logit columns come out logit_weight times larger
-        Z = (X - self.mean_) / self.scale_
-        C = float(self.C) if self.C is not None else self._choose_C(Z, y01)
-        coef, intercept, self.n_iter_ = logistic_fold_fit(
-            Z, y01, np.ones((1, len(y01)), dtype=bool), C, self._class_weight(), self.tol, self.max_iter
-        )
-        self.coef_, self.intercept_, self.C_ = coef[0], np.float64(intercept[0]), np.float64(C)
-        return self
-
+        mean, scale = standardize_stats(X)
+        scale[-m:] /= float(self.logit_weight)  # standardized logit columns come out logit_weight times larger
+        return mean, scale
 
 def register_probe(cls: type[_Probe]) -> type[_Probe]:
     """Add a probe class to the one registry of kinds (keyed by its `kind`), so artifacts can save and load it."""
