@@ -4,7 +4,7 @@
     predict(scores [n], categories=None) -> p [n] in [0, 1]  higher p = more likely correct
 
 Fit them on the calibration split (disjoint from probe training). They compose with any score: a probe's
-decision_function or a logit baseline (oriented so that higher = more confident, see probes/evaluation/tables.py).
+decision_function or a logit baseline (oriented so that higher = more confident, see probes/inference.py).
 The global calibrators accept and ignore `categories`, so every calibrator has one signature and the
 caller need not know whether it is per-category. `to_tensors()` + `get_params()` describe a fitted
 calibrator; `rebuild_calibrator(kind, params, tensors)` restores it (no pickle).

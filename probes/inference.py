@@ -24,8 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from probes.evaluation.tables import PROBABILITY_SCORES, oriented
-
 GLOBAL_KEY = "__global__"  # per-category tensors: "<category>/<name>", the fallback under this category name
 PER_CATEGORY = "per_category"
 
@@ -56,6 +54,34 @@ def mlp_decision(X, mean, scale, w1, b1, w2, b2) -> np.ndarray:
     """Standardize, one ReLU layer, a linear logit."""
     hidden = np.maximum(((X - mean) / scale) @ w1 + b1, 0.0)
     return hidden @ w2 + b2
+
+
+# -- the model's logit signals: which way each one points ---------------------------------------------
+HIGHER_IS_CONFIDENT = {
+    "mean_logprob": 1, "min_logprob": 1, "sum_logprob": 1, "first_logprob": 1,
+    "p_true": 1, "verbalized": 1, "max_prob": 1, "mean_prob": 1, "first_token_prob": 1, "sequence_prob": 1,
+    "mean_entropy": -1, "max_entropy": -1, "perplexity": -1,
+}  # fmt: skip
+LOGPROB_SCORES = {"mean_logprob", "min_logprob", "sum_logprob", "first_logprob"}
+# first_token_prob and sequence_prob are the names extract.generation.BASELINE_NAMES records
+PROBABILITY_SCORES = {"p_true", "verbalized", "max_prob", "mean_prob", "first_token_prob", "sequence_prob"}
+
+
+def oriented(name: str, scores, directions: dict[str, int] | None = None) -> np.ndarray:
+    """scores [n] turned so that higher = more confident (negated where lower means more confident)."""
+    sign = {**HIGHER_IS_CONFIDENT, **(directions or {})}.get(name, 1)
+    if sign not in (1, -1):
+        raise ValueError(f"direction of {name!r} must be 1 or -1; got {sign!r}")
+    return sign * np.asarray(scores, dtype=np.float64)
+
+
+def raw_probability(name: str, scores) -> np.ndarray | None:
+    """The baseline's own P(correct) [n] when it has one (exp of a log-probability, or a probability), else None."""
+    if name in LOGPROB_SCORES:
+        return np.exp(np.minimum(np.asarray(scores, dtype=np.float64), 0.0))
+    if name in PROBABILITY_SCORES:
+        return np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
+    return None
 
 
 # -- a hybrid probe's input: hidden state + logit signals ---------------------------------------------

@@ -357,7 +357,7 @@ def evaluate_on_store(
             categories_calibration=data.categories[calib], categories_test=data.categories[mask],
         )
     else:
-        from probes.evaluation.tables import raw_probability
+        from probes.inference import raw_probability
 
         methods |= {f"{k} (raw)": raw for k, v in baselines.items() if (raw := raw_probability(k, v[mask])) is not None}
     table = evaluate(methods, data.y[mask], data.categories[mask], n_bins=spec.n_bins,

@@ -6,7 +6,8 @@ the same calibrator the probe uses, fit on the same calibration split (`calibrat
 baselines are compared on equal terms.
 
 Direction of each known baseline score (the calibrator and AUROC need higher = more confident, so scores
-where lower means more confident are negated first):
+where lower means more confident are negated first; the table and `oriented` / `raw_probability` live in
+probes.inference, beside the hybrid probe's features built from the same signals):
 
     mean_logprob, min_logprob, sum_logprob, first_logprob   higher = more confident; exp(score) is a probability
     p_true, max_prob, mean_prob, first_token_prob,
@@ -26,38 +27,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from probes.evaluation.metrics import metric_row, per_category_rows
-
-HIGHER_IS_CONFIDENT = {
-    "mean_logprob": 1, "min_logprob": 1, "sum_logprob": 1, "first_logprob": 1,
-    "p_true": 1, "verbalized": 1, "max_prob": 1, "mean_prob": 1, "first_token_prob": 1, "sequence_prob": 1,
-    "mean_entropy": -1, "max_entropy": -1, "perplexity": -1,
-}  # fmt: skip
-LOGPROB_SCORES = {"mean_logprob", "min_logprob", "sum_logprob", "first_logprob"}
-# first_token_prob and sequence_prob are the names extract.generation.BASELINE_NAMES records
-PROBABILITY_SCORES = {"p_true", "verbalized", "max_prob", "mean_prob", "first_token_prob", "sequence_prob"}
+from probes.inference import oriented, raw_probability
 
 # columns shown by to_markdown (to_csv / to_dict keep every column)
 SUMMARY_COLUMNS = (
     "auroc", "within_cat_auroc", "auprc", "ece", "within_cat_ece", "ece_low", "ece_high", "ece_quantile", "mce", "brier", "nll",
     "aurc", "eaurc", "sel_acc@0.5", "sel_acc@0.8", "sel_acc@0.9", "cov@acc0.9",
 )  # fmt: skip
-
-
-def oriented(name: str, scores, directions: dict[str, int] | None = None) -> np.ndarray:
-    """scores [n] turned so that higher = more confident (negated where lower means more confident)."""
-    sign = {**HIGHER_IS_CONFIDENT, **(directions or {})}.get(name, 1)
-    if sign not in (1, -1):
-        raise ValueError(f"direction of {name!r} must be 1 or -1; got {sign!r}")
-    return sign * np.asarray(scores, dtype=np.float64)
-
-
-def raw_probability(name: str, scores) -> np.ndarray | None:
-    """The baseline's own P(correct) [n] when it has one (exp of a log-probability, or a probability), else None."""
-    if name in LOGPROB_SCORES:
-        return np.exp(np.minimum(np.asarray(scores, dtype=np.float64), 0.0))
-    if name in PROBABILITY_SCORES:
-        return np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
-    return None
 
 
 def calibrate_baselines(

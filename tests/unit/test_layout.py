@@ -52,6 +52,10 @@ def test_probe_core_and_evaluation_import_neither_torch_transformers_nor_extract
         assert not _roots(loaded, forbidden), f"probe core/evaluation pulled in {forbidden}"
 
 
+def test_probe_core_does_not_lean_on_evaluation():
+    assert not _roots(loaded_after_import(CORE), "probes.evaluation")
+
+
 
 def test_scorer_loads_and_scores_with_numpy_and_safetensors_only(tmp_path):
     """Issue #11: serving teams embed ProbeScorer next to vLLM/SGLang; it must not pull scikit-learn, scipy,

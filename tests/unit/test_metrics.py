@@ -6,7 +6,8 @@ from sklearn.metrics import average_precision_score, brier_score_loss, log_loss,
 
 from probes.calibration import PlattCalibrator
 from probes.evaluation import metrics as m
-from probes.evaluation.tables import calibrate_baselines, evaluate, oriented, raw_probability
+from probes.evaluation.tables import calibrate_baselines, evaluate
+from probes.inference import oriented, raw_probability
 
 
 @pytest.fixture
