@@ -22,7 +22,7 @@ from extract.store import open_store
 from probes.artifact import ProbeArtifact
 from probes.calibration import PlattCalibrator
 from probes.evaluation.metrics import brier, ece, within_category_auroc
-from probes.evaluation.transfer import logit_feature_matrix
+from probes.inference import logit_feature_matrix
 from probes.recalibration import make_rows, recalibrate
 
 

@@ -47,12 +47,12 @@ from probes.evaluation.transfer import (
     domain_folds,
     fold_logistic_scores,
     generic_fold_scores,
-    logit_feature_matrix,
     nested_cross_domain_sets,
     nested_fit_masks,
     score_candidates,
     transfer_table,
 )
+from probes.inference import logit_feature_matrix
 
 log = logging.getLogger(__name__)
 

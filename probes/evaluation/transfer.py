@@ -42,7 +42,7 @@ from threadpoolctl import threadpool_limits
 
 from probes.estimators import logistic_fold_fit, standardize_stats
 from probes.evaluation.metrics import brier, ece, within_category_auroc
-from probes.inference import PROBABILITY_FLOOR, logit_feature_matrix, oriented, raw_probability  # noqa: F401 (re-exported; defined once)
+from probes.inference import oriented, raw_probability
 
 FEATURE_SETS = ("hidden", "hidden+logits")  # what a transfer candidate reads
 CENTERINGS = ("none", "domain")  # subtract each domain's mean activation (label-free) before the probe

@@ -14,10 +14,10 @@ from probes.evaluation.transfer import (
     domain_folds,
     fold_logistic_scores,
     generic_fold_scores,
-    logit_feature_matrix,
     score_candidates,
     transfer_table,
 )
+from probes.inference import logit_feature_matrix
 
 
 def _synthetic(n_per_category: int = 60, seed: int = 0):
