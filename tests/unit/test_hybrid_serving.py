@@ -211,10 +211,10 @@ def test_hybrid_scorer_loads_numpy_and_safetensors_only(tmp_path, tiny_llama, wo
     np.testing.assert_allclose(result["p"], expected, rtol=0, atol=1e-12)
 
 
-def test_logit_feature_matrix_is_the_one_transfer_uses():
-    from probes.evaluation import transfer
+def test_logit_feature_matrix_is_the_one_training_uses():
+    from probes.cli import pipeline  # builds the hybrid's training features
 
-    assert transfer.logit_feature_matrix is logit_feature_matrix
+    assert pipeline.logit_feature_matrix is logit_feature_matrix
 
 
 def test_proxy_scores_upstream_answers_with_a_hybrid_probe(tmp_path, stub_upstream, tiny_llama,  # noqa: F811
