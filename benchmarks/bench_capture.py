@@ -27,17 +27,57 @@ from extract.models import ModelSpec, load_model
 from extract.settings import POSITIONS, GenerationSpec
 
 CAPITALS = [
-    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
-    ("Canada", "Ottawa"), ("Australia", "Canberra"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Peru", "Lima"),
-    ("Norway", "Oslo"), ("Poland", "Warsaw"), ("Greece", "Athens"), ("Portugal", "Lisbon"), ("Chile", "Santiago"),
-    ("Mexico", "Mexico City"), ("India", "New Delhi"), ("China", "Beijing"), ("Russia", "Moscow"),
-    ("Brazil", "Brasilia"), ("Turkey", "Ankara"), ("Sweden", "Stockholm"), ("Austria", "Vienna"),
-    ("Ireland", "Dublin"), ("Hungary", "Budapest"), ("Cuba", "Havana"), ("Vietnam", "Hanoi"),
-    ("Thailand", "Bangkok"), ("Argentina", "Buenos Aires"), ("Finland", "Helsinki"), ("Denmark", "Copenhagen"),
+    ("France", "Paris"),
+    ("Germany", "Berlin"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Japan", "Tokyo"),
+    ("Canada", "Ottawa"),
+    ("Australia", "Canberra"),
+    ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"),
+    ("Peru", "Lima"),
+    ("Norway", "Oslo"),
+    ("Poland", "Warsaw"),
+    ("Greece", "Athens"),
+    ("Portugal", "Lisbon"),
+    ("Chile", "Santiago"),
+    ("Mexico", "Mexico City"),
+    ("India", "New Delhi"),
+    ("China", "Beijing"),
+    ("Russia", "Moscow"),
+    ("Brazil", "Brasilia"),
+    ("Turkey", "Ankara"),
+    ("Sweden", "Stockholm"),
+    ("Austria", "Vienna"),
+    ("Ireland", "Dublin"),
+    ("Hungary", "Budapest"),
+    ("Cuba", "Havana"),
+    ("Vietnam", "Hanoi"),
+    ("Thailand", "Bangkok"),
+    ("Argentina", "Buenos Aires"),
+    ("Finland", "Helsinki"),
+    ("Denmark", "Copenhagen"),
     ("Nigeria", "Abuja"),
 ]
-ELEMENTS = ["gold", "silver", "iron", "copper", "sodium", "potassium", "oxygen", "helium", "lead", "tin",
-            "mercury", "zinc", "carbon", "nitrogen", "calcium", "neon"]
+ELEMENTS = [
+    "gold",
+    "silver",
+    "iron",
+    "copper",
+    "sodium",
+    "potassium",
+    "oxygen",
+    "helium",
+    "lead",
+    "tin",
+    "mercury",
+    "zinc",
+    "carbon",
+    "nitrogen",
+    "calcium",
+    "neon",
+]
 
 
 def questions(n: int) -> list[str]:
@@ -81,7 +121,9 @@ class PeakMemory:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=32, help="questions (default 32)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=24)
@@ -96,8 +138,9 @@ def main() -> None:
     model, tok, device = loaded.model, loaded.tokenizer, loaded.device
     prompts = []
     for q in questions(args.n):
-        text = tok.apply_chat_template([{"role": "user", "content": f"{q} Answer briefly."}],
-                                       add_generation_prompt=True, tokenize=False)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": f"{q} Answer briefly."}], add_generation_prompt=True, tokenize=False
+        )
         prompts.append(tok(text, add_special_tokens=False)["input_ids"])
     spec = GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, stop_strings=["\n"])
     batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
@@ -110,9 +153,16 @@ def main() -> None:
         tokens = 0
         for batch in batches:
             ids, mask = padded(batch)
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=spec.max_new_tokens,
-                                 do_sample=False, pad_token_id=tok.pad_token_id, stop_strings=spec.stop_strings,
-                                 tokenizer=tok, **extra)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=spec.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                stop_strings=spec.stop_strings,
+                tokenizer=tok,
+                **extra,
+            )
             seqs = out.sequences if extra else out
             tokens += (seqs.shape[1] - ids.shape[1]) * len(batch)
         return tokens
@@ -124,7 +174,9 @@ def main() -> None:
     modes = {
         "(a) plain generate": lambda: plain({}),
         "(b) probecal capture": capture,
-        "(c) output_hidden_states": lambda: plain({"output_hidden_states": True, "return_dict_in_generate": True}),
+        "(c) output_hidden_states": lambda: plain(
+            {"output_hidden_states": True, "return_dict_in_generate": True}
+        ),
     }
     for run in modes.values():  # warm-up (allocator, kernels)
         run()
@@ -144,9 +196,11 @@ def main() -> None:
                 best[name] = (best[name][0], max(best[name][1], mem.peak), best[name][2])
 
     base = best["(a) plain generate"][0]
-    print(f"\nSmolLM2-135M-Instruct on {device} ({loaded.model.dtype}), n={args.n}, batch={args.batch_size}, "
-          f"max_new_tokens={args.max_new_tokens}, {loaded.fingerprint.num_layers + 1} layers x 3 positions, "
-          f"best of {args.repeats}")
+    print(
+        f"\nSmolLM2-135M-Instruct on {device} ({loaded.model.dtype}), n={args.n}, batch={args.batch_size}, "
+        f"max_new_tokens={args.max_new_tokens}, {loaded.fingerprint.num_layers + 1} layers x 3 positions, "
+        f"best of {args.repeats}"
+    )
     print(f"{'mode':<28}{'wall s':>9}{'ratio':>8}{'gen tokens':>12}{'peak mem MiB':>14}")
     for name, (elapsed, peak, tokens) in best.items():
         print(f"{name:<28}{elapsed:>9.2f}{elapsed / base:>8.3f}{tokens:>12}{peak / 2**20:>14.1f}")

@@ -43,19 +43,27 @@ def main() -> None:
     loaded = load_model(ModelSpec(name=args.model))
     params = sum(p.numel() for p in loaded.model.parameters())
     fp = loaded.fingerprint
-    print(f"{fp.name}: {params / 1e6:.1f}M parameters, {fp.num_layers} layers, hidden {fp.hidden_size}, "
-          f"device {loaded.device}, {torch.get_num_threads()} torch threads")
+    print(
+        f"{fp.name}: {params / 1e6:.1f}M parameters, {fp.num_layers} layers, hidden {fp.hidden_size}, "
+        f"device {loaded.device}, {torch.get_num_threads()} torch threads"
+    )
     decode_steps = count_decode_steps()
-    spec = ExtractSpec(generation=GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size))
+    spec = ExtractSpec(
+        generation=GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    )
 
-    print("| questions | seconds | s/question | prompt tok/question | decode steps/question | "
-          "answer tok/question | decode tok/s | prompt+decode tok/s | store bytes/row | expected bytes/row "
-          "| s/question ratio |")
+    print(
+        "| questions | seconds | s/question | prompt tok/question | decode steps/question | "
+        "answer tok/question | decode tok/s | prompt+decode tok/s | store bytes/row | expected bytes/row "
+        "| s/question ratio |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     baseline = None
     for limit in args.limits:
         rows, splits = rows_and_splits(DataSpec(name="facts", limit=limit))
-        prompt_tokens = sum(map(len, build_prompt_ids(rows, loaded.tokenizer, loaded.uses_chat_template, spec.prompt)))
+        prompt_tokens = sum(
+            map(len, build_prompt_ids(rows, loaded.tokenizer, loaded.uses_chat_template, spec.prompt))
+        )
         decode_steps.clear()
         with tempfile.TemporaryDirectory() as root:
             start = time.perf_counter()
@@ -63,13 +71,18 @@ def main() -> None:
             seconds = time.perf_counter() - start
             answer_tokens = int(np.sum(store.column("n_answer_tokens")))
             shard_bytes = sum(p.stat().st_size for p in Path(store.path, "shards").glob("*.safetensors"))
-            expected = len(store.layers) * len(store.positions) * fp.hidden_size * np.dtype(store.dtype).itemsize
+            expected = (
+                len(store.layers) * len(store.positions) * fp.hidden_size * np.dtype(store.dtype).itemsize
+            )
         n, decoded = len(rows), sum(decode_steps)
         per_q = seconds / n
         baseline = baseline or per_q
-        print(f"| {n} | {seconds:.1f} | {per_q:.3f} | {prompt_tokens / n:.1f} | {decoded / n:.1f} | "
-              f"{answer_tokens / n:.1f} | {decoded / seconds:.1f} | {(prompt_tokens + decoded) / seconds:.1f} | "
-              f"{shard_bytes / n:,.0f} | {expected:,} | {per_q / baseline:.2f} |", flush=True)
+        print(
+            f"| {n} | {seconds:.1f} | {per_q:.3f} | {prompt_tokens / n:.1f} | {decoded / n:.1f} | "
+            f"{answer_tokens / n:.1f} | {decoded / seconds:.1f} | {(prompt_tokens + decoded) / seconds:.1f} | "
+            f"{shard_bytes / n:,.0f} | {expected:,} | {per_q / baseline:.2f} |",
+            flush=True,
+        )
 
 
 def count_decode_steps() -> list[int]:

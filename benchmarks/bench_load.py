@@ -1,6 +1,6 @@
 """Model load time: first load (GGUF de-quantization + cache write) vs cached load, same process.
 
-    .venv/bin/python benchmarks/bench_load.py [--models smollm2-135m-instruct gemma3-270m]
+.venv/bin/python benchmarks/bench_load.py [--models smollm2-135m-instruct gemma3-270m]
 """
 
 from __future__ import annotations

@@ -40,7 +40,9 @@ def parse_config(text: str) -> dict[str, int]:
     for part in text.split(","):
         key, _, value = part.partition("=")
         if key not in KEYS or not value.isdigit():
-            raise SystemExit(f"bad config part {part!r} in {text!r}: use {', '.join(k + '=<int>' for k in KEYS)}")
+            raise SystemExit(
+                f"bad config part {part!r} in {text!r}: use {', '.join(k + '=<int>' for k in KEYS)}"
+            )
         out[KEYS[key]] = int(value)
     return out
 
@@ -51,7 +53,11 @@ def sample(per_category: int, seed: int) -> tuple[list[QARow], int]:
     by_cat: dict[str, list[QARow]] = {}
     for row in rows:
         by_cat.setdefault(row.category, []).append(row)
-    picked = [r for cat in sorted(by_cat) for r in random.Random(f"{seed}-{cat}").sample(by_cat[cat], min(per_category, len(by_cat[cat])))]
+    picked = [
+        r
+        for cat in sorted(by_cat)
+        for r in random.Random(f"{seed}-{cat}").sample(by_cat[cat], min(per_category, len(by_cat[cat])))
+    ]
     return picked, len(rows)
 
 
@@ -60,7 +66,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--per-category", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--configs", nargs="+", default=["shots=0,max_new=24,batch=16", "shots=3,max_new=16,batch=16"])
+    parser.add_argument(
+        "--configs", nargs="+", default=["shots=0,max_new=24,batch=16", "shots=3,max_new=16,batch=16"]
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -70,20 +78,28 @@ def main() -> None:
     loaded = load_model(ModelSpec(name=args.model))
     rows, full_size = sample(args.per_category, args.seed)
     splits = assign_splits(rows, DataSpec(name="facts"))
-    print(f"{loaded.fingerprint.name}, {torch.get_num_threads()} torch threads, {len(rows)} questions "
-          f"({args.per_category} per category), full facts set {full_size}")
+    print(
+        f"{loaded.fingerprint.name}, {torch.get_num_threads()} torch threads, {len(rows)} questions "
+        f"({args.per_category} per category), full facts set {full_size}"
+    )
     decode_steps = count_decode_steps()
-    print("| config | accuracy | decode steps/q | answer tok/q | truncated | prompt tok/q | s/question | ratio "
-          f"| extract est. for {full_size} q |")
+    print(
+        "| config | accuracy | decode steps/q | answer tok/q | truncated | prompt tok/q | s/question | ratio "
+        f"| extract est. for {full_size} q |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     per_category: dict[str, dict[str, float]] = {}
     baseline = None
     for text, values in configs:
         base = ExtractSpec()
         prompt = replace(base.prompt, **{k: v for k, v in values.items() if k == "num_chat_shots"})
-        generation = GenerationSpec(**{**vars(base.generation), **{k: v for k, v in values.items() if k != "num_chat_shots"}})
+        generation = GenerationSpec(
+            **{**vars(base.generation), **{k: v for k, v in values.items() if k != "num_chat_shots"}}
+        )
         spec = replace(base, prompt=prompt, generation=generation)
-        prompt_tokens = sum(map(len, build_prompt_ids(rows, loaded.tokenizer, loaded.uses_chat_template, spec.prompt)))
+        prompt_tokens = sum(
+            map(len, build_prompt_ids(rows, loaded.tokenizer, loaded.uses_chat_template, spec.prompt))
+        )
         decode_steps.clear()
         with tempfile.TemporaryDirectory() as root:
             start = time.perf_counter()
@@ -96,15 +112,19 @@ def main() -> None:
         n = len(rows)
         per_q = seconds / n
         baseline = baseline or per_q
-        print(f"| {text} | {labels.mean():.3f} | {sum(decode_steps) / n:.1f} | {answer_tokens:.1f} | {truncated} | "
-              f"{prompt_tokens / n:.1f} | {per_q:.3f} | {per_q / baseline:.2f} | {per_q * full_size / 60:.1f} min |", flush=True)
+        print(
+            f"| {text} | {labels.mean():.3f} | {sum(decode_steps) / n:.1f} | {answer_tokens:.1f} | {truncated} | "
+            f"{prompt_tokens / n:.1f} | {per_q:.3f} | {per_q / baseline:.2f} | {per_q * full_size / 60:.1f} min |",
+            flush=True,
+        )
         for cat in sorted(set(categories)):
-            per_category.setdefault(cat, {})[text] = float(np.mean([y for y, c in zip(labels, categories, strict=True) if c == cat]))
+            per_category.setdefault(cat, {})[text] = float(
+                np.mean([y for y, c in zip(labels, categories, strict=True) if c == cat])
+            )
     print("\n| category | " + " | ".join(t for t, _ in configs) + " |")
     print("|---|" + "---:|" * len(configs))
     for cat, accs in per_category.items():
         print(f"| {cat} | " + " | ".join(f"{accs.get(t, float('nan')):.1f}" for t, _ in configs) + " |")
-
 
 
 if __name__ == "__main__":

@@ -51,11 +51,15 @@ def main() -> None:
     domain = store.column("domain").astype(str)
     category = store.column("category").astype(str)
     probe_template = clone(artifact.probe).set_params(C=float(np.ravel(artifact.probe.C_)[0]))
-    print(f"probe: {artifact.metadata.kind} at layer {artifact.metadata.layer} / {artifact.metadata.position}, "
-          f"C={float(np.ravel(artifact.probe.C_)[0]):g}; {args.rows} labelled rows per draw, {args.draws} draws\n")
-    print("| held-out domain | rows | accuracy | ECE parent | ECE recalibrated (mean / p90) | "
-          "ECE of a calibrated p, same n | Brier parent | Brier recalibrated | within-cat AUROC parent | "
-          "recalibrated | refused |")
+    print(
+        f"probe: {artifact.metadata.kind} at layer {artifact.metadata.layer} / {artifact.metadata.position}, "
+        f"C={float(np.ravel(artifact.probe.C_)[0]):g}; {args.rows} labelled rows per draw, {args.draws} draws\n"
+    )
+    print(
+        "| held-out domain | rows | accuracy | ECE parent | ECE recalibrated (mean / p90) | "
+        "ECE of a calibrated p, same n | Brier parent | Brier recalibrated | within-cat AUROC parent | "
+        "recalibrated | refused |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for held_out in sorted(set(domain)):
         in_d = domain == held_out
@@ -64,9 +68,15 @@ def main() -> None:
         fit, cal = (split == "train") & ~in_d, (split == "calibration") & ~in_d
         probe = clone(probe_template).fit(Z[fit], y[fit])
         platt = PlattCalibrator().fit(probe.decision_function(Z[cal]), y[cal])
-        parent = ProbeArtifact.create(probe, platt, artifact.metadata.layer, artifact.metadata.position,
-                                      artifact.fingerprint, training_data_hash="heldout-" + held_out,
-                                      split_sizes={"train": int(fit.sum()), "calibration": int(cal.sum())})
+        parent = ProbeArtifact.create(
+            probe,
+            platt,
+            artifact.metadata.layer,
+            artifact.metadata.position,
+            artifact.fingerprint,
+            training_data_hash="heldout-" + held_out,
+            split_sizes={"train": int(fit.sum()), "calibration": int(cal.sum())},
+        )
         idx = np.flatnonzero(in_d)
         score = probe.decision_function(Z[idx])
         results = {"ece0": [], "ece1": [], "floor": [], "b0": [], "b1": [], "a0": [], "a1": []}
@@ -74,8 +84,12 @@ def main() -> None:
         for draw in range(args.draws):
             order = np.random.default_rng(draw).permutation(len(idx))
             labelled, rest = order[: args.rows], order[args.rows :]
-            rows = make_rows(score[labelled], y[idx][labelled], domain=np.full(len(labelled), held_out),
-                             source=f"{held_out} draw {draw}")
+            rows = make_rows(
+                score[labelled],
+                y[idx][labelled],
+                domain=np.full(len(labelled), held_out),
+                source=f"{held_out} draw {draw}",
+            )
             result = recalibrate(parent, rows, kind="platt", seed=draw, n_bootstrap=200)
             p0 = parent.calibrator.predict(score[rest])
             p1 = result.calibrator.predict(score[rest]) if result.accepted else p0
@@ -91,10 +105,12 @@ def main() -> None:
             results["a0"].append(within_category_auroc(p0, yr, cr).mean)
             results["a1"].append(within_category_auroc(p1, yr, cr).mean)
         r = {k: np.asarray(v) for k, v in results.items()}
-        print(f"| {held_out} | {len(idx)} | {y[idx].mean():.3f} | {r['ece0'].mean():.3f} | "
-              f"{r['ece1'].mean():.3f} / {np.quantile(r['ece1'], 0.9):.3f} | {r['floor'].mean():.3f} | {r['b0'].mean():.3f} | "
-              f"{r['b1'].mean():.3f} | {np.nanmean(r['a0']):.3f} | {np.nanmean(r['a1']):.3f} | "
-              f"{refused}/{args.draws} |")
+        print(
+            f"| {held_out} | {len(idx)} | {y[idx].mean():.3f} | {r['ece0'].mean():.3f} | "
+            f"{r['ece1'].mean():.3f} / {np.quantile(r['ece1'], 0.9):.3f} | {r['floor'].mean():.3f} | {r['b0'].mean():.3f} | "  # noqa: E501
+            f"{r['b1'].mean():.3f} | {np.nanmean(r['a0']):.3f} | {np.nanmean(r['a1']):.3f} | "
+            f"{refused}/{args.draws} |"
+        )
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ def main() -> None:
         for kind in KINDS:
             for level in (0.10, 0.05):
                 enough = [n for n in SIZES if result[kind, n][0] <= level]
-                print(f"{kind}: mean ECE <= {level:.2f} from {enough[0] if enough else 'never (within 1000)'} rows")
+                print(
+                    f"{kind}: mean ECE <= {level:.2f} from {enough[0] if enough else 'never (within 1000)'} rows"
+                )
 
 
 if __name__ == "__main__":

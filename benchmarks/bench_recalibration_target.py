@@ -34,7 +34,9 @@ def parent() -> ProbeArtifact:
     probe = PROBES["logistic"](Cs=(1.0,), cv=3).fit(X, (X[:, 0] > 0).astype(int))
     calibrator = PlattCalibrator()
     calibrator.a_, calibrator.b_ = np.float64(2.0), np.float64(1.0)
-    return ProbeArtifact.create(probe, calibrator, 1, "answer_last", ModelFingerprint("m", "0" * 64, "x", 8, 2))
+    return ProbeArtifact.create(
+        probe, calibrator, 1, "answer_last", ModelFingerprint("m", "0" * 64, "x", 8, 2)
+    )
 
 
 def main() -> None:
@@ -56,9 +58,13 @@ def main() -> None:
         p = result.artifact.calibrator.predict(rest_s)
         after_rows.append((ece(p, rest_y), brier(p, rest_y), auroc(p, rest_y)))
     after = np.asarray(after_rows)
-    print(f"{args.kind}, {args.rows} labelled rows, {args.seeds} seeds, {refused} refused; metrics on 20,000 other rows")
+    print(
+        f"{args.kind}, {args.rows} labelled rows, {args.seeds} seeds, {refused} refused; metrics on 20,000 other rows"
+    )
     print("| | ECE | Brier | AUROC |\n|---|---:|---:|---:|")
-    print(f"| parent | {ece(before, rest_y):.3f} | {brier(before, rest_y):.3f} | {auroc(before, rest_y):.3f} |")
+    print(
+        f"| parent | {ece(before, rest_y):.3f} | {brier(before, rest_y):.3f} | {auroc(before, rest_y):.3f} |"
+    )
     for name, q in (("recalibrated, mean", None), ("recalibrated, 90th pct", 90)):
         agg = after.mean(0) if q is None else np.percentile(after, q, axis=0)
         print(f"| {name} | {agg[0]:.3f} | {agg[1]:.3f} | {agg[2]:.3f} |")

@@ -29,12 +29,20 @@ def random_probe(loaded, layer: int, position: str, directory: str) -> None:
     y = (X[:, 0] > 0).astype(int)
     probe = LogisticProbe(C=1.0).fit(X, y)
     calibrator = PlattCalibrator().fit(probe.decision_function(X), y)
-    ProbeArtifact.create(probe, calibrator, layer, position, loaded.fingerprint,
-                         extract_settings={"generation": {"stop_strings": ["\n"]}}).save(directory)
+    ProbeArtifact.create(
+        probe,
+        calibrator,
+        layer,
+        position,
+        loaded.fingerprint,
+        extract_settings={"generation": {"stop_strings": ["\n"]}},
+    ).save(directory)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--probe-dir")
     parser.add_argument("--layer", type=int, default=20)
     parser.add_argument("--position", default="answer_mean")
@@ -49,8 +57,12 @@ def main() -> None:
     if not args.probe_dir:
         random_probe(loaded, args.layer, args.position, probe_dir)
 
-    wrapped = ProbedModel(loaded, ProbeArtifact.load(probe_dir, expected_fingerprint=loaded.fingerprint),
-                          threshold=None, max_batch_size=args.batch_size)
+    wrapped = ProbedModel(
+        loaded,
+        ProbeArtifact.load(probe_dir, expected_fingerprint=loaded.fingerprint),
+        threshold=None,
+        max_batch_size=args.batch_size,
+    )
     prompts = [wrapped.question_prompt(q) for q in questions(args.n)]
     prompt_ids = [wrapped.prompt_ids(p) for p in prompts]
     gens = wrapped.generate(prompts, max_new_tokens=args.max_new_tokens)  # warm-up + the answers to score
@@ -65,8 +77,10 @@ def main() -> None:
         scores = wrapped.score(prompt_ids, completions)
         best["score"] = min(best["score"], time.perf_counter() - start)
     gap = max(abs(s.p_correct - g.p_correct) for s, g in zip(scores, gens, strict=True))
-    print(f"{loaded.fingerprint.name}, {args.n} answers, batch {args.batch_size}, max_new_tokens "
-          f"{args.max_new_tokens}, probe at layer {wrapped.layer} / {wrapped.position}, best of {args.repeats}")
+    print(
+        f"{loaded.fingerprint.name}, {args.n} answers, batch {args.batch_size}, max_new_tokens "
+        f"{args.max_new_tokens}, probe at layer {wrapped.layer} / {wrapped.position}, best of {args.repeats}"
+    )
     print("| mode | wall s | answers/s | ratio to generate |")
     print("|---|---:|---:|---:|")
     for name, seconds in best.items():

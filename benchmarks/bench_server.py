@@ -47,9 +47,18 @@ class SleepingFakeModel:
 
         time.sleep(self.latency_s)
         return [
-            ProbedGeneration(text="Paris", p_correct=0.8, score=1.39, layer=15, position="prompt_last",
-                             abstained=False, threshold=0.5, finish_reason="stop",
-                             prompt_tokens=self.count_tokens(p), completion_tokens=1)
+            ProbedGeneration(
+                text="Paris",
+                p_correct=0.8,
+                score=1.39,
+                layer=15,
+                position="prompt_last",
+                abstained=False,
+                threshold=0.5,
+                finish_reason="stop",
+                prompt_tokens=self.count_tokens(p),
+                completion_tokens=1,
+            )
             for p in prompts
         ]
 
@@ -62,7 +71,9 @@ def build_probed_model(args: argparse.Namespace):
     from probes.serving.wrapper import ProbedModel
 
     if not args.probe_dir:
-        raise SystemExit("give --probe-dir (a saved probe artifact) or --fake-latency-ms for the model double")
+        raise SystemExit(
+            "give --probe-dir (a saved probe artifact) or --fake-latency-ms for the model double"
+        )
     loaded = load_model(ModelSpec(name=args.model, device=args.device))
     return ProbedModel.from_transformers(loaded.model, loaded.tokenizer, args.probe_dir)
 
@@ -71,8 +82,13 @@ def _serve_in_child(args: argparse.Namespace, max_batch_size: int, db_path: str,
     from probes.serving.app import create_app
     from probes.serving.settings import ServeSettings
 
-    settings = ServeSettings(db_path=db_path, max_batch_size=max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                             max_tokens_limit=max(256, args.max_tokens), max_queue_size=4 * MAX_CLIENTS)
+    settings = ServeSettings(
+        db_path=db_path,
+        max_batch_size=max_batch_size,
+        batch_wait_ms=args.batch_wait_ms,
+        max_tokens_limit=max(256, args.max_tokens),
+        max_queue_size=4 * MAX_CLIENTS,
+    )
     serve_on_free_port(create_app(build_probed_model(args), settings), port_pipe)
 
 
@@ -89,7 +105,9 @@ def serve_on_free_port(app, port_pipe) -> None:
     uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
 
 
-async def _load(port: int, clients: int, duration_s: float, max_tokens: int) -> tuple[list[float], int, float]:
+async def _load(
+    port: int, clients: int, duration_s: float, max_tokens: int
+) -> tuple[list[float], int, float]:
     """Every client posts back to back until the deadline; returns (latencies s, errors, elapsed s)."""
     import httpx
 
@@ -100,8 +118,10 @@ async def _load(port: int, clients: int, duration_s: float, max_tokens: int) -> 
         nonlocal errors
         i = 0
         while time.perf_counter() < end:
-            body = {"messages": [{"role": "user", "content": f"What is the capital of country {k}-{i}?"}],
-                    "max_tokens": max_tokens}
+            body = {
+                "messages": [{"role": "user", "content": f"What is the capital of country {k}-{i}?"}],
+                "max_tokens": max_tokens,
+            }
             start = time.perf_counter()
             try:
                 reply = await http.post("/v1/chat/completions", json=body)
@@ -114,8 +134,10 @@ async def _load(port: int, clients: int, duration_s: float, max_tokens: int) -> 
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120, limits=limits) as http:
-        await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "warm up"}],
-                                                      "max_tokens": max_tokens})
+        await http.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "warm up"}], "max_tokens": max_tokens},
+        )
         start = time.perf_counter()
         await asyncio.gather(*(client(http, k, start + duration_s) for k in range(clients)))
         elapsed = time.perf_counter() - start
@@ -126,23 +148,34 @@ def run_once(args: argparse.Namespace, max_batch_size: int) -> dict:
     ctx = mp.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     with tempfile.TemporaryDirectory() as tmp:
-        child = ctx.Process(target=_serve_in_child, args=(args, max_batch_size, str(Path(tmp) / "f.sqlite"), send),
-                            daemon=True)
+        child = ctx.Process(
+            target=_serve_in_child,
+            args=(args, max_batch_size, str(Path(tmp) / "f.sqlite"), send),
+            daemon=True,
+        )
         child.start()
         try:
             if not receive.poll(600):
                 raise SystemExit("the server process did not start within 600 s")
             port = receive.recv()
             _wait_healthy(port, child)
-            latencies, errors, elapsed = asyncio.run(_load(port, args.clients, args.duration, args.max_tokens))
+            latencies, errors, elapsed = asyncio.run(
+                _load(port, args.clients, args.duration, args.max_tokens)
+            )
             mean_batch = _mean_batch_size(port)
         finally:
             child.terminate()
             child.join(30)
     lat_ms = np.array(latencies) * 1000
-    return {"max_batch_size": max_batch_size, "requests": len(latencies), "errors": errors,
-            "rps": len(latencies) / elapsed, "p50_ms": float(np.percentile(lat_ms, 50)),
-            "p99_ms": float(np.percentile(lat_ms, 99)), "mean_batch": mean_batch}
+    return {
+        "max_batch_size": max_batch_size,
+        "requests": len(latencies),
+        "errors": errors,
+        "rps": len(latencies) / elapsed,
+        "p50_ms": float(np.percentile(lat_ms, 50)),
+        "p99_ms": float(np.percentile(lat_ms, 99)),
+        "mean_batch": mean_batch,
+    }
 
 
 def _mean_batch_size(port: int) -> float:
@@ -150,7 +183,9 @@ def _mean_batch_size(port: int) -> float:
     import httpx
 
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    values = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("probecal_batch_size_"))
+    values = dict(
+        line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("probecal_batch_size_")
+    )
     return float(values["probecal_batch_size_sum"]) / max(float(values["probecal_batch_size_count"]), 1.0)
 
 
@@ -171,12 +206,20 @@ def _wait_healthy(port: int, child) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--probe-dir", help="saved probe artifact for the real ProbedModel")
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="model short name (with --probe-dir)")
+    parser.add_argument(
+        "--model", default="smollm2-135m-instruct", help="model short name (with --probe-dir)"
+    )
     parser.add_argument("--device", default="auto", help="model device (with --probe-dir)")
-    parser.add_argument("--fake-latency-ms", type=float, default=None,
-                        help="use the sleeping model double instead of a real model (this many ms per batch)")
+    parser.add_argument(
+        "--fake-latency-ms",
+        type=float,
+        default=None,
+        help="use the sleeping model double instead of a real model (this many ms per batch)",
+    )
     parser.add_argument("--clients", type=int, default=16, help=f"concurrent clients (1..{MAX_CLIENTS})")
     parser.add_argument("--duration", type=float, default=60.0, help=f"seconds per run (1..{MAX_DURATION_S})")
     parser.add_argument("--max-batch-size", type=int, default=16, help="batched run (the baseline uses 1)")
@@ -189,19 +232,29 @@ def main() -> None:
         parser.error(f"--duration must be in 1..{MAX_DURATION_S} s")
 
     if args.fake_latency_ms is not None:
-        print(f"MODEL: FAKE test double sleeping {args.fake_latency_ms:g} ms per batch -- these numbers measure "
-              "the server and its batching, not a real model.")
+        print(
+            f"MODEL: FAKE test double sleeping {args.fake_latency_ms:g} ms per batch -- these numbers measure "
+            "the server and its batching, not a real model."
+        )
     else:
         print(f"MODEL: {args.model} with the probe in {args.probe_dir}")
-    print(f"{args.clients} clients x {args.duration:g} s per run, max_tokens={args.max_tokens}, "
-          f"batch_wait_ms={args.batch_wait_ms:g}, 127.0.0.1\n")
+    print(
+        f"{args.clients} clients x {args.duration:g} s per run, max_tokens={args.max_tokens}, "
+        f"batch_wait_ms={args.batch_wait_ms:g}, 127.0.0.1\n"
+    )
     runs = [run_once(args, args.max_batch_size), run_once(args, 1)]
-    print("| max_batch_size | requests | errors | requests/s | p50 latency (ms) | p99 latency (ms) | mean batch |")
+    print(
+        "| max_batch_size | requests | errors | requests/s | p50 latency (ms) | p99 latency (ms) | mean batch |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in runs:
-        print(f"| {r['max_batch_size']} | {r['requests']} | {r['errors']} | {r['rps']:.1f} | {r['p50_ms']:.1f} "
-              f"| {r['p99_ms']:.1f} | {r['mean_batch']:.1f} |")
-    print(f"\nbatching speed-up (requests/s, batch {args.max_batch_size} vs 1): {runs[0]['rps'] / runs[1]['rps']:.2f}x")
+        print(
+            f"| {r['max_batch_size']} | {r['requests']} | {r['errors']} | {r['rps']:.1f} | {r['p50_ms']:.1f} "
+            f"| {r['p99_ms']:.1f} | {r['mean_batch']:.1f} |"
+        )
+    print(
+        f"\nbatching speed-up (requests/s, batch {args.max_batch_size} vs 1): {runs[0]['rps'] / runs[1]['rps']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

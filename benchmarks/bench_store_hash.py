@@ -29,18 +29,36 @@ POSITIONS = ["prompt_last", "answer_last", "answer_mean"]
 
 def build_store(path: Path, rows: int, layers: int, hidden: int, shard_size: int) -> None:
     settings = {
-        "fingerprint": {"name": "bench", "source_hash": "bench", "architecture": "X", "hidden_size": hidden,
-                        "num_layers": layers - 1},
-        "layers": list(range(layers)), "positions": POSITIONS, "dtype": "float16",
-        "dataset_hash": f"bench-{rows}", "shard_size": shard_size,
+        "fingerprint": {
+            "name": "bench",
+            "source_hash": "bench",
+            "architecture": "X",
+            "hidden_size": hidden,
+            "num_layers": layers - 1,
+        },
+        "layers": list(range(layers)),
+        "positions": POSITIONS,
+        "dtype": "float16",
+        "dataset_hash": f"bench-{rows}",
+        "shard_size": shard_size,
     }
     writer = StoreWriter(path, settings, rows)
     rng = np.random.default_rng(0)
     for index in range(writer.num_shards):
         span = writer.shard_rows(index)
         acts = rng.standard_normal((len(span), layers, len(POSITIONS), hidden), dtype=np.float32)
-        records = [{"id": f"q{i}", "category": "c", "question": f"q{i}?", "answers": ["a"], "split": "train",
-                    "label": i % 2, "model_answer": "a"} for i in span]
+        records = [
+            {
+                "id": f"q{i}",
+                "category": "c",
+                "question": f"q{i}?",
+                "answers": ["a"],
+                "split": "train",
+                "label": i % 2,
+                "model_answer": "a",
+            }
+            for i in span
+        ]
         writer.write_shard(index, acts, records, {"mean_logprob": -rng.random(len(span))})
     writer.finalize()
 
@@ -55,7 +73,9 @@ def best_of(repeats: int, func) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=3000)
     parser.add_argument("--layers", type=int, default=31)
     parser.add_argument("--hidden", type=int, default=576)
@@ -81,8 +101,10 @@ def main() -> None:
         hash_s = best_of(args.repeats, lambda: shard_problems(path, manifest, hashes=True))
         size_s = best_of(args.repeats, lambda: shard_problems(path, manifest, hashes=False))
         read_s = best_of(args.repeats, read_all)
-    print(f"store: {args.rows} rows x {args.layers} layers x {len(POSITIONS)} positions x {args.hidden} hidden, "
-          f"float16, {len(manifest['shards'])} shards, {size_mb:.0f} MB (written in {build_s:.1f} s, incl. hashing)")
+    print(
+        f"store: {args.rows} rows x {args.layers} layers x {len(POSITIONS)} positions x {args.hidden} hidden, "
+        f"float16, {len(manifest['shards'])} shards, {size_mb:.0f} MB (written in {build_s:.1f} s, incl. hashing)"
+    )
     print("| check | seconds | MB/s |\n|---|---:|---:|")
     print(f"| sha256 of every shard (open_store default) | {hash_s:.3f} | {size_mb / hash_s:.0f} |")
     print(f"| size only (verify_hashes=False) | {size_s:.4f} | - |")

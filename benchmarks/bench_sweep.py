@@ -29,7 +29,12 @@ def synthetic_features(n: int, hidden: int, n_layers: int, seed: int = 0):
     signal = (2 * y - 1).astype(np.float32)[:, None] * direction[None, :]
 
     def features(layer: int, position: str) -> np.ndarray:
-        strength = 1.2 * np.exp(-(((layer - 0.6 * n_layers) / (0.3 * n_layers)) ** 2)) * (1 + POSITIONS.index(position)) / 3
+        strength = (
+            1.2
+            * np.exp(-(((layer - 0.6 * n_layers) / (0.3 * n_layers)) ** 2))
+            * (1 + POSITIONS.index(position))
+            / 3
+        )
         a, b = pool[layer % 3], pool[(layer + 1 + POSITIONS.index(position)) % 3]
         return a + 0.5 * b + strength * signal
 
@@ -52,7 +57,10 @@ def main() -> None:
     threads = args.blas_threads or None
 
     features, y = synthetic_features(args.n, args.hidden, args.layers)
-    layers, sites = list(range(args.layers)), [(layer, pos) for layer in range(args.layers) for pos in POSITIONS]
+    layers, sites = (
+        list(range(args.layers)),
+        [(layer, pos) for layer in range(args.layers) for pos in POSITIONS],
+    )
 
     start = time.perf_counter()
     result = sweep(features, y, layers, POSITIONS, n_folds=5, seed=0, blas_threads=threads)
@@ -68,12 +76,20 @@ def main() -> None:
     per_site = (time.perf_counter() - start) / len(baseline_sites)
     baseline_s = per_site * len(sites)
 
-    print(f"data: n={args.n} hidden={args.hidden} sites={len(sites)} ({args.layers} layers x {len(POSITIONS)} positions), "
-          f"BLAS threads: {threads or 'default'}")
-    print(f"sweep (5-fold CV per site, {result.probe}): {sweep_s:.1f} s  -> best layer {result.best_layer} "
-          f"{result.best_position} AUROC {result.best_row().auroc_mean:.3f}")
-    extrapolated = "" if len(baseline_sites) == len(sites) else f" (extrapolated from {len(baseline_sites)} sites)"
-    print(f"baseline (1 sklearn LogisticRegression(C=1) fit per site, no CV): {baseline_s:.1f} s{extrapolated}")
+    print(
+        f"data: n={args.n} hidden={args.hidden} sites={len(sites)} ({args.layers} layers x {len(POSITIONS)} positions), "  # noqa: E501
+        f"BLAS threads: {threads or 'default'}"
+    )
+    print(
+        f"sweep (5-fold CV per site, {result.probe}): {sweep_s:.1f} s  -> best layer {result.best_layer} "
+        f"{result.best_position} AUROC {result.best_row().auroc_mean:.3f}"
+    )
+    extrapolated = (
+        "" if len(baseline_sites) == len(sites) else f" (extrapolated from {len(baseline_sites)} sites)"
+    )
+    print(
+        f"baseline (1 sklearn LogisticRegression(C=1) fit per site, no CV): {baseline_s:.1f} s{extrapolated}"
+    )
     print(f"ratio sweep / baseline: {sweep_s / baseline_s:.3f}  (sweep does 5x the fits)")
 
 

@@ -26,7 +26,9 @@ from probes.serving.wrapper import ProbedModel
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--probe-dir", required=True)
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -35,22 +37,30 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
-    wrapped = ProbedModel.from_config(ModelSpec(device=args.device), args.probe_dir, threshold=None,
-                                      max_batch_size=args.batch_size)
+    wrapped = ProbedModel.from_config(
+        ModelSpec(device=args.device), args.probe_dir, threshold=None, max_batch_size=args.batch_size
+    )
     model, tok = wrapped.loaded.model, wrapped.loaded.tokenizer
     prompts = [wrapped.question_prompt(q) for q in questions(args.n)]
     batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
 
     def plain(hf_stop_strings: bool = False) -> None:
         for batch in batches:
-            enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(wrapped.loaded.device)
+            enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(
+                wrapped.loaded.device
+            )
             if hf_stop_strings:
-                stopping = {"stop_strings": wrapped.default_stop, "tokenizer": tok,
-                            "max_new_tokens": args.max_new_tokens}
+                stopping = {
+                    "stop_strings": wrapped.default_stop,
+                    "tokenizer": tok,
+                    "max_new_tokens": args.max_new_tokens,
+                }
             else:
                 criterion = _StopWhenAnswerFed(tok, wrapped.default_stop, enc["input_ids"].shape[1], set(eos))
-                stopping = {"stopping_criteria": StoppingCriteriaList([criterion]),
-                            "max_new_tokens": args.max_new_tokens + 1}
+                stopping = {
+                    "stopping_criteria": StoppingCriteriaList([criterion]),
+                    "max_new_tokens": args.max_new_tokens + 1,
+                }
             with torch.no_grad():
                 model.generate(**enc, do_sample=False, pad_token_id=tok.pad_token_id, **stopping)
 
@@ -73,8 +83,10 @@ def main() -> None:
             fn()
             best[name] = min(best[name], time.perf_counter() - start)
     base = best["plain model.generate (same stopping)"]
-    print(f"SmolLM2, {args.n} prompts, batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, "
-          f"probe at layer {wrapped.layer} / {wrapped.position}, best of {args.repeats}")
+    print(
+        f"SmolLM2, {args.n} prompts, batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, "
+        f"probe at layer {wrapped.layer} / {wrapped.position}, best of {args.repeats}"
+    )
     print("| mode | wall time (s) | ratio to plain |")
     print("|---|---:|---:|")
     for name, seconds in best.items():

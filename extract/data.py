@@ -148,7 +148,9 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
         try:
             yield lineno, raw.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
+            raise DataError(
+                f"{path}:{lineno}: not UTF-8 text (byte {err.start}); save the file as UTF-8"
+            ) from None
 
 
 def _as_aliases(value: Any, where: str, field_name: str, separator: str | None = None) -> tuple[str, ...]:
@@ -157,7 +159,9 @@ def _as_aliases(value: Any, where: str, field_name: str, separator: str | None =
     elif isinstance(value, (list, tuple)):
         items = list(value)
     else:
-        raise DataError(f"{where}: field {field_name!r} must be a string or a list of strings, got {type(value).__name__}")
+        raise DataError(
+            f"{where}: field {field_name!r} must be a string or a list of strings, got {type(value).__name__}"
+        )
     if not all(isinstance(item, str) for item in items):
         raise DataError(f"{where}: field {field_name!r} must contain only strings")
     aliases = tuple(dict.fromkeys(item.strip() for item in items if item.strip()))
@@ -166,7 +170,9 @@ def _as_aliases(value: Any, where: str, field_name: str, separator: str | None =
     return aliases
 
 
-def _make_row(record: dict, where: str, spec: DataSpec, default_id: str, separator: str | None = None) -> QARow:
+def _make_row(
+    record: dict, where: str, spec: DataSpec, default_id: str, separator: str | None = None
+) -> QARow:
     """Validate one record (a dict from JSONL/CSV) into a QARow; `where` is "file:line"."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: a row must be a JSON object, got {type(record).__name__}")
@@ -192,7 +198,14 @@ def _make_row(record: dict, where: str, spec: DataSpec, default_id: str, separat
     metadata = record.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise DataError(f"{where}: field 'metadata' must be a JSON object")
-    used = {spec.question_field, spec.answers_field, spec.id_field, spec.category_field, spec.domain_field, "metadata"}
+    used = {
+        spec.question_field,
+        spec.answers_field,
+        spec.id_field,
+        spec.category_field,
+        spec.domain_field,
+        "metadata",
+    }
     extra = {k: v for k, v in record.items() if k not in used}
     return QARow(
         str(row_id), category.strip(), question.strip(), answers, {**extra, **metadata}, domain=domain.strip()
@@ -260,7 +273,9 @@ def _hf_records(spec: DataSpec) -> Iterator[tuple[str, dict]]:
                 try:
                     yield f"{path}:{lineno}", json.loads(text)
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+                    raise DataError(
+                        f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})"
+                    ) from None
         return
     if path is not None and not path.exists():
         raise DataError(f"data.path={spec.path!r} does not exist")
@@ -304,7 +319,9 @@ def _map_hf(name: str, record: Any, where: str, index: int) -> QARow:
         answer = need("answer", "Answer")
         if not isinstance(answer, dict):
             raise DataError(f"{where}: field 'answer' must be an object with 'aliases' and 'value'")
-        aliases = [answer.get("value") or answer.get("Value")] + list(answer.get("aliases") or answer.get("Aliases") or [])
+        aliases = [answer.get("value") or answer.get("Value")] + list(
+            answer.get("aliases") or answer.get("Aliases") or []
+        )
         answers = _as_aliases([a for a in aliases if a], where, "answer.aliases")
         row_id = str(need("question_id", "QuestionId"))
         metadata = {"source": record.get("question_source", record.get("QuestionSource", ""))}
@@ -312,7 +329,9 @@ def _map_hf(name: str, record: Any, where: str, index: int) -> QARow:
         question = need("question")
         answers = _as_aliases(need("correct_answer"), where, "correct_answer")
         row_id = f"sciq-{index}"
-        metadata = {"distractors": [record.get(f"distractor{i}") for i in (1, 2, 3) if record.get(f"distractor{i}")]}
+        metadata = {
+            "distractors": [record.get(f"distractor{i}") for i in (1, 2, 3) if record.get(f"distractor{i}")]
+        }
     elif name == "nq_open":
         question = need("question")
         answers = _as_aliases(need("answer"), where, "answer")
@@ -372,7 +391,9 @@ def load_rows_report(spec: DataSpec) -> LoadReport:
     first_seen: dict[str, str] = {}
     for where, item in items:
         if isinstance(item, QARow) and item.id in first_seen:
-            item = DataError(f"{where}: duplicate id {item.id!r} in field {spec.id_field!r} (first at {first_seen[item.id]})")
+            item = DataError(
+                f"{where}: duplicate id {item.id!r} in field {spec.id_field!r} (first at {first_seen[item.id]})"
+            )
         if isinstance(item, DataError):
             if not spec.skip_bad_rows:
                 raise item
@@ -385,7 +406,12 @@ def load_rows_report(spec: DataSpec) -> LoadReport:
         raise DataError(f"{source}: no usable rows (the file is empty){detail}")
     if skipped:
         shown = "\n  ".join(skipped[:MAX_REASONS_SHOWN])
-        log.warning("skipped %d bad row(s) of %s (data.skip_bad_rows=true); first reasons:\n  %s", len(skipped), source, shown)
+        log.warning(
+            "skipped %d bad row(s) of %s (data.skip_bad_rows=true); first reasons:\n  %s",
+            len(skipped),
+            source,
+            shown,
+        )
     if spec.limit is not None and spec.limit < len(rows):
         rows = _stratified_subset(rows, spec.limit, spec.seed)
     return LoadReport(rows, skipped, source)

@@ -109,7 +109,9 @@ def _env_int(env: Mapping[str, str], name: str, default: int | None = None) -> i
     raw = env.get(name)
     if raw is None or raw == "":
         if default is None:
-            raise DistributedError(f"WORLD_SIZE is set but {name} is not: launch with torchrun or accelerate launch")
+            raise DistributedError(
+                f"WORLD_SIZE is set but {name} is not: launch with torchrun or accelerate launch"
+            )
         return default
     try:
         return int(raw)
@@ -128,7 +130,9 @@ def detect_environment(env: Mapping[str, str] | None = None) -> DistContext:
     rank = _env_int(env, "RANK")
     local_rank = _env_int(env, "LOCAL_RANK", default=rank)
     if not 0 <= rank < world_size:
-        raise DistributedError(f"environment variable RANK={rank}: must be in 0..{world_size - 1} (WORLD_SIZE={world_size})")
+        raise DistributedError(
+            f"environment variable RANK={rank}: must be in 0..{world_size - 1} (WORLD_SIZE={world_size})"
+        )
     if local_rank < 0:
         raise DistributedError(f"environment variable LOCAL_RANK={local_rank}: must be >= 0")
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank)
@@ -150,8 +154,10 @@ def rank_device(ctx: DistContext, device: str) -> str:
         return device
     count = torch.cuda.device_count()
     if ctx.local_rank >= count:
-        raise DistributedError(f"LOCAL_RANK={ctx.local_rank} but this node has {count} CUDA device(s): "
-                               f"launch at most {count} processes per node (torchrun --nproc_per_node {count})")
+        raise DistributedError(
+            f"LOCAL_RANK={ctx.local_rank} but this node has {count} CUDA device(s): "
+            f"launch at most {count} processes per node (torchrun --nproc_per_node {count})"
+        )
     return f"cuda:{ctx.local_rank}"
 
 
@@ -179,12 +185,17 @@ def distributed_context(
     if owned:
         if on_cuda:
             torch.cuda.set_device(torch.device(ctx.device))  # NCCL collectives run on the current device
-        dist.init_process_group(backend="nccl" if on_cuda else "gloo", timeout=timeout,
-                                rank=ctx.rank, world_size=ctx.world_size)
+        dist.init_process_group(
+            backend="nccl" if on_cuda else "gloo", timeout=timeout, rank=ctx.rank, world_size=ctx.world_size
+        )
     elif (dist.get_rank(), dist.get_world_size()) != (ctx.rank, ctx.world_size):
-        raise DistributedError(f"the initialized process group is rank {dist.get_rank()} of {dist.get_world_size()}, "
-                               f"but RANK={ctx.rank} WORLD_SIZE={ctx.world_size}")
-    log.info("rank %d of %d (local rank %d), model device %s", ctx.rank, ctx.world_size, ctx.local_rank, ctx.device)
+        raise DistributedError(
+            f"the initialized process group is rank {dist.get_rank()} of {dist.get_world_size()}, "
+            f"but RANK={ctx.rank} WORLD_SIZE={ctx.world_size}"
+        )
+    log.info(
+        "rank %d of %d (local rank %d), model device %s", ctx.rank, ctx.world_size, ctx.local_rank, ctx.device
+    )
     try:
         yield ctx
     finally:

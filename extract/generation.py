@@ -57,8 +57,6 @@ BASELINE_NAMES: tuple[str, ...] = (
 )
 
 
-
-
 def next_token_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raw next-token logits `[..., vocab]` -> (log-probabilities `[..., vocab]`, entropy in nats `[...]`,
     max probability `[...]`), in float32: the per-step statistics the baselines are built from (generation's
@@ -95,12 +93,17 @@ class _TokenStats:
             self._take_chosen(last_tokens)
 
     def _take_chosen(self, tokens: torch.Tensor) -> None:
-        self.chosen_logprob.append(self._prev_logp.gather(-1, tokens[:, None].to(self._prev_logp.device))[:, 0])
+        self.chosen_logprob.append(
+            self._prev_logp.gather(-1, tokens[:, None].to(self._prev_logp.device))[:, 0]
+        )
         self._prev_logp = None
 
     def arrays(self, calls: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(chosen log-prob, entropy, max prob), each `[calls, batch]` float64."""
-        as_np = [torch.stack(x[:calls]).double().cpu().numpy() for x in (self.chosen_logprob, self.entropy, self.max_prob)]
+        as_np = [
+            torch.stack(x[:calls]).double().cpu().numpy()
+            for x in (self.chosen_logprob, self.entropy, self.max_prob)
+        ]
         return as_np[0], as_np[1], as_np[2]
 
 
@@ -265,7 +268,9 @@ class _Row:
     found: bool
 
 
-def _finish_row(tokenizer, generated: list[int], max_new_tokens: int, eos_ids: set[int], stops, cut_answer) -> _Row:
+def _finish_row(
+    tokenizer, generated: list[int], max_new_tokens: int, eos_ids: set[int], stops, cut_answer
+) -> _Row:
     """Turn one row's generated tokens into raw text, graded answer and its token span."""
     window = generated[:max_new_tokens]  # the extra (+1) token never enters the answer
     eos_at = next((i for i, t in enumerate(window) if t in eos_ids), None)
@@ -289,7 +294,9 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -315,10 +322,14 @@ def _check_generation(spec: GenerationSpec) -> None:
     if spec.batch_size < 1:
         raise CaptureError(f"generation.batch_size={spec.batch_size}: must be >= 1")
     if spec.do_sample and not (spec.temperature > 0 and 0 < spec.top_p <= 1):
-        raise CaptureError(f"generation.temperature={spec.temperature} must be > 0 and top_p={spec.top_p} in (0, 1]")
+        raise CaptureError(
+            f"generation.temperature={spec.temperature} must be > 0 and top_p={spec.top_p} in (0, 1]"
+        )
 
 
-def answer_baselines(logprob: np.ndarray, entropy: np.ndarray, max_prob: np.ndarray, start: int, end: int) -> dict:
+def answer_baselines(
+    logprob: np.ndarray, entropy: np.ndarray, max_prob: np.ndarray, start: int, end: int
+) -> dict:
     """`BASELINE_NAMES` -> value for one answer: per generated token t, logprob[t] of the chosen token, entropy[t]
     and max_prob[t] of the distribution it was drawn from (`[steps]` float64); the answer is tokens [start, end)
     (an empty answer is scored on (0, 1), its first generated token)."""
@@ -365,7 +376,9 @@ def generate_and_capture(
     if tokenizer.pad_token_id is None:
         raise CaptureError("the tokenizer has no pad token: wrap it with extract.models.prepare_tokenizer")
     if streamer is not None and len(prompt_ids) > generation.batch_size:
-        raise CaptureError(f"a streamer sees one batch: at most {generation.batch_size} prompts, got {len(prompt_ids)}")
+        raise CaptureError(
+            f"a streamer sees one batch: at most {generation.batch_size} prompts, got {len(prompt_ids)}"
+        )
     eos = _eos_ids(model, tokenizer)
     device = next(model.parameters()).device
 
@@ -374,8 +387,18 @@ def generate_and_capture(
         for begin in range(0, len(prompt_ids), generation.batch_size):
             batch = prompt_ids[begin : begin + generation.batch_size]
             recorder.clear()
-            part = _generate_batch(model, tokenizer, batch, recorder, position_list, generation, cut_answer, eos, device,
-                                   streamer)
+            part = _generate_batch(
+                model,
+                tokenizer,
+                batch,
+                recorder,
+                position_list,
+                generation,
+                cut_answer,
+                eos,
+                device,
+                streamer,
+            )
             parts.append(part)
             if progress is not None:
                 progress(len(batch), part.n_generated_tokens)
@@ -384,8 +407,9 @@ def generate_and_capture(
     return CaptureResult.concat(parts)
 
 
-def _generate_batch(model, tokenizer, prompts, recorder, positions, spec, cut_answer, eos, device,
-                    streamer=None) -> CaptureResult:
+def _generate_batch(
+    model, tokenizer, prompts, recorder, positions, spec, cut_answer, eos, device, streamer=None
+) -> CaptureResult:
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id, device)
     prompt_len = input_ids.shape[1]
     stop = _StopWhenAnswerFed(tokenizer, spec.stop_strings, prompt_len, set(eos))
@@ -411,19 +435,28 @@ def _generate_batch(model, tokenizer, prompts, recorder, positions, spec, cut_an
     steps = generated.shape[1]
     stats.finish(generated[:, -1])
     if recorder.num_calls < steps:
-        raise CaptureError(f"recorded {recorder.num_calls} forward calls for {steps} generated tokens: "
-                           "the model's generate() bypasses the hooked modules")
+        raise CaptureError(
+            f"recorded {recorder.num_calls} forward calls for {steps} generated tokens: "
+            "the model's generate() bypasses the hooked modules"
+        )
     logprob, entropy, max_prob = stats.arrays(steps)  # [steps, batch]
     states = recorder.stacked(steps)  # [steps, batch, layers, hidden]; index t = state of token t-1
 
-    rows = [_finish_row(tokenizer, g, spec.max_new_tokens, set(eos), spec.stop_strings, cut_answer)
-            for g in generated.tolist()]
-    vectors = torch.empty((len(rows), states.shape[2], len(positions), states.shape[3]), dtype=torch.float32,
-                          device=states.device)
+    rows = [
+        _finish_row(tokenizer, g, spec.max_new_tokens, set(eos), spec.stop_strings, cut_answer)
+        for g in generated.tolist()
+    ]
+    vectors = torch.empty(
+        (len(rows), states.shape[2], len(positions), states.shape[3]),
+        dtype=torch.float32,
+        device=states.device,
+    )
     baselines = {name: np.empty(len(rows)) for name in BASELINE_NAMES}
     for r, row in enumerate(rows):
         if row.end > steps - 1:  # only with a tokenizer whose prefixes do not decode stably
-            log.warning("row %d: answer ends at token %d but only %d were fed back: clipped", r, row.end, steps - 1)
+            log.warning(
+                "row %d: answer ends at token %d but only %d were fed back: clipped", r, row.end, steps - 1
+            )
             row.end = steps - 1
         empty = row.end <= row.start
         by_position = {

@@ -47,7 +47,21 @@ GRADERS = ("exact", "contains", "f1")
 ARTICLES = frozenset({"a", "an", "the"})
 # Words after which an answer names alternatives or negations ("Sydney, not Canberra"); see docstring.
 CONTRAST_WORDS = frozenset(
-    {"not", "no", "nor", "or", "but", "never", "instead", "rather", "unlike", "except", "isnt", "wasnt", "arent"}
+    {
+        "not",
+        "no",
+        "nor",
+        "or",
+        "but",
+        "never",
+        "instead",
+        "rather",
+        "unlike",
+        "except",
+        "isnt",
+        "wasnt",
+        "arent",
+    }
 )
 
 _UNITS = {
@@ -55,7 +69,16 @@ _UNITS = {
     "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15,
     "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19,
 }  # fmt: skip
-_TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90}
+_TENS = {
+    "twenty": 20,
+    "thirty": 30,
+    "forty": 40,
+    "fifty": 50,
+    "sixty": 60,
+    "seventy": 70,
+    "eighty": 80,
+    "ninety": 90,
+}
 _SCALES = {"thousand": 1_000, "million": 1_000_000, "billion": 1_000_000_000}
 
 # A number token: optional sign (only at a word start), digits with optional thousands commas and decimals.
@@ -95,7 +118,12 @@ def _merge_number_words(tokens: list[str]) -> list[str]:
     out: list[str] = []
     i = 0
     while i < len(tokens):
-        if tokens[i] not in _UNITS and tokens[i] not in _TENS and tokens[i] != "hundred" and tokens[i] not in _SCALES:
+        if (
+            tokens[i] not in _UNITS
+            and tokens[i] not in _TENS
+            and tokens[i] != "hundred"
+            and tokens[i] not in _SCALES
+        ):
             out.append(tokens[i])
             i += 1
             continue
@@ -103,14 +131,20 @@ def _merge_number_words(tokens: list[str]) -> list[str]:
         j = i
         while j < len(tokens):
             word = tokens[j]
-            if word == "and" and last in {"hundred", "scale"} and j + 1 < len(tokens) and (
-                tokens[j + 1] in _UNITS or tokens[j + 1] in _TENS
+            if (
+                word == "and"
+                and last in {"hundred", "scale"}
+                and j + 1 < len(tokens)
+                and (tokens[j + 1] in _UNITS or tokens[j + 1] in _TENS)
             ):
                 j += 1
                 continue
-            if word in _UNITS and last in {None, "tens", "hundred", "scale"} and not (
-                last == "tens" and _UNITS[word] >= 10
-            ) and not (last is not None and _UNITS[word] == 0):
+            if (
+                word in _UNITS
+                and last in {None, "tens", "hundred", "scale"}
+                and not (last == "tens" and _UNITS[word] >= 10)
+                and not (last is not None and _UNITS[word] == 0)
+            ):
                 current += _UNITS[word]
                 last = "unit"
             elif word in _TENS and last in {None, "hundred", "scale"}:
@@ -119,8 +153,10 @@ def _merge_number_words(tokens: list[str]) -> list[str]:
             elif word == "hundred" and last in {None, "unit"} and current < 100:
                 current = max(current, 1) * 100
                 last = "hundred"
-            elif word in _SCALES and last in {None, "unit", "tens", "hundred"} and (
-                last_scale is None or _SCALES[word] < last_scale
+            elif (
+                word in _SCALES
+                and last in {None, "unit", "tens", "hundred"}
+                and (last_scale is None or _SCALES[word] < last_scale)
             ):
                 total += max(current, 1) * _SCALES[word]
                 current, last, last_scale = 0, "scale", _SCALES[word]
@@ -200,7 +236,11 @@ def _first_named_part(tokens: list[str]) -> list[str]:
 
 
 def grade(
-    answer: str, answers: Sequence[str], question: str = "", grader: str = "contains", f1_threshold: float = 0.5
+    answer: str,
+    answers: Sequence[str],
+    question: str = "",
+    grader: str = "contains",
+    f1_threshold: float = 0.5,
 ) -> Grade:
     """Grade an already-cut `answer` against the accepted `answers` (aliases); rules in the module docstring."""
     if grader not in GRADERS:

@@ -29,7 +29,6 @@ from extract.settings import POSITIONS
 log = logging.getLogger(__name__)
 
 
-
 class CaptureError(ValueError):
     """A capture request that cannot work (bad layer, position, model layout, input)."""
 
@@ -67,7 +66,9 @@ def register_block_path(blocks: str, final_norm: str | None = None) -> None:
     """
     for name, path in (("blocks", blocks), ("final_norm", final_norm)):
         if path is not None and (not isinstance(path, str) or not _PATH.fullmatch(path)):
-            raise ValueError(f"register_block_path: {name}={path!r} is not a dotted attribute path like 'model.layers'")
+            raise ValueError(
+                f"register_block_path: {name}={path!r} is not a dotted attribute path like 'model.layers'"
+            )
     _registered_paths[blocks] = final_norm
 
 
@@ -95,8 +96,11 @@ def _attr_path(obj: Any, path: str) -> Any:
 
 def _module_lists(model: nn.Module, limit: int = 5) -> str:
     """The non-empty ModuleLists of a model, for the error message: the block list is usually one."""
-    found = [f"{name!r} ({len(m)} modules)" for name, m in model.named_modules()
-             if isinstance(m, nn.ModuleList) and len(m) > 0]
+    found = [
+        f"{name!r} ({len(m)} modules)"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) > 0
+    ]
     return ", ".join(found[:limit]) + (" ..." if len(found) > limit else "") if found else "none"
 
 
@@ -118,21 +122,31 @@ def find_decoder_blocks(model: nn.Module) -> DecoderLayout:
     if norm_path is not None:
         norm = _attr_path(model, norm_path)
         if not isinstance(norm, nn.Module):
-            raise CaptureError(f"register_block_path: final_norm={norm_path!r} is not a module of {type(model).__name__}")
+            raise CaptureError(
+                f"register_block_path: final_norm={norm_path!r} is not a module of {type(model).__name__}"
+            )
     else:
         norm = next((m for n in _NORM_NAMES if isinstance(m := getattr(parent, n, None), nn.Module)), None)
     if norm is None:
-        log.warning("%s: no final norm next to %s (looked for %s): the last layer is the last block's output, "
-                    "which differs from HF hidden_states[-1] if the model normalizes it; name it with "
-                    "register_block_path(%r, final_norm=...)", type(model).__name__, path, ", ".join(_NORM_NAMES), path)
+        log.warning(
+            "%s: no final norm next to %s (looked for %s): the last layer is the last block's output, "
+            "which differs from HF hidden_states[-1] if the model normalizes it; name it with "
+            "register_block_path(%r, final_norm=...)",
+            type(model).__name__,
+            path,
+            ", ".join(_NORM_NAMES),
+            path,
+        )
     embed = next((m for n in _EMBED_NAMES if isinstance(m := getattr(parent, n, None), nn.Module)), None)
     if embed is None and hasattr(model, "get_input_embeddings"):
         embed = model.get_input_embeddings()
     return DecoderLayout(type(model).__name__, embed, list(blocks), norm)
 
 
-def resolve_layers(layers: str | Sequence[int] | None, num_layers: int, model_name: str = "the model") -> list[int]:
-    """"all"/None -> [0..num_layers]; otherwise validate (negative indices count from the end)."""
+def resolve_layers(
+    layers: str | Sequence[int] | None, num_layers: int, model_name: str = "the model"
+) -> list[int]:
+    """ "all"/None -> [0..num_layers]; otherwise validate (negative indices count from the end)."""
     if layers is None or (isinstance(layers, str) and layers == "all"):
         return list(range(num_layers + 1))
     if isinstance(layers, (str, int)):
@@ -157,7 +171,9 @@ def check_positions(positions: Sequence[str]) -> tuple[str, ...]:
         positions = [positions]
     unknown = [p for p in positions if p not in POSITIONS]
     if unknown or not positions:
-        raise CaptureError(f"extract.positions: unknown {unknown or 'empty list'}; allowed: {', '.join(POSITIONS)}")
+        raise CaptureError(
+            f"extract.positions: unknown {unknown or 'empty list'}; allowed: {', '.join(POSITIONS)}"
+        )
     if len(set(positions)) != len(positions):
         raise CaptureError(f"extract.positions={list(positions)} names a position twice")
     return tuple(positions)

@@ -80,11 +80,12 @@ class ModelSpec:
     revision: str | None = None
     dtype: str = "auto"
     device: str = "auto"
-    device_map: str | None = None  # e.g. "auto": accelerate spreads the model over all visible GPUs (device ignored)
+    device_map: str | None = (
+        None  # e.g. "auto": accelerate spreads the model over all visible GPUs (device ignored)
+    )
     chat: str = "auto"
     trust_remote_code: bool = False
     cache_dir: str | None = None
-
 
 
 @dataclass
@@ -105,7 +106,9 @@ def resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as err:
-        raise ValueError(f"model.device={device!r} is not a torch device (use auto, cpu, cuda, cuda:N)") from err
+        raise ValueError(
+            f"model.device={device!r} is not a torch device (use auto, cpu, cuda, cuda:N)"
+        ) from err
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"model.device={device!r} but CUDA is not available on this machine")
     return dev
@@ -132,7 +135,6 @@ def cache_root(cache_dir: str | None = None) -> Path:
         return Path(os.environ["PROBECAL_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "probecal"
-
 
 
 def _install_hint(packaged: PackagedModel) -> str:
@@ -168,7 +170,9 @@ def _cache_entry_valid(entry: Path) -> bool:
         meta = json.loads(manifest.read_text())
         if meta.get("format_version") != CACHE_FORMAT_VERSION:
             return False
-        return all((entry / f).is_file() and (entry / f).stat().st_size == size for f, size in meta["files"].items())
+        return all(
+            (entry / f).is_file() and (entry / f).stat().st_size == size for f, size in meta["files"].items()
+        )
     except (OSError, json.JSONDecodeError, KeyError, AttributeError):
         return False
 
@@ -190,7 +194,12 @@ def _convert_gguf(gguf: Path, entry: Path, source_hash: str) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-        meta = {"format_version": CACHE_FORMAT_VERSION, "source": str(gguf), "sha256": source_hash, "files": files}
+        meta = {
+            "format_version": CACHE_FORMAT_VERSION,
+            "source": str(gguf),
+            "sha256": source_hash,
+            "files": files,
+        }
         (tmp / CACHE_MANIFEST).write_text(json.dumps(meta, indent=2))
         if entry.exists():
             shutil.rmtree(entry)
@@ -264,12 +273,19 @@ def _use_chat(chat: str | bool, tokenizer: Any) -> bool:
     raise ValueError(f"model.chat={chat!r}; allowed: auto, true, false")
 
 
-def from_transformers(model: Any, tokenizer: Any, name: str | None = None, chat: str | bool = "auto") -> LoadedModel:
+def from_transformers(
+    model: Any, tokenizer: Any, name: str | None = None, chat: str | bool = "auto"
+) -> LoadedModel:
     """Wrap an already-loaded model + tokenizer (tests, serving teams bringing their own objects)."""
     name = name or getattr(model.config, "name_or_path", None) or type(model).__name__
     source_hash = hashlib.sha256(model.config.to_json_string().encode()).hexdigest()
     model.eval()
-    return LoadedModel(model, prepare_tokenizer(tokenizer), fingerprint_of(model, name, source_hash), _use_chat(chat, tokenizer))
+    return LoadedModel(
+        model,
+        prepare_tokenizer(tokenizer),
+        fingerprint_of(model, name, source_hash),
+        _use_chat(chat, tokenizer),
+    )
 
 
 def load_model(spec: ModelSpec | Any) -> LoadedModel:
@@ -315,7 +331,9 @@ def load_model(spec: ModelSpec | Any) -> LoadedModel:
             # A cache entry that passed the size check can still be unreadable: rebuild it once.
             log.warning("cached model at %s failed to load (%s): rebuilding", load_from, err)
             shutil.rmtree(load_from, ignore_errors=True)
-            gguf, known_hash = packaged_gguf(name, cache) if name in PACKAGED_MODELS else (Path(spec.path), None)
+            gguf, known_hash = (
+                packaged_gguf(name, cache) if name in PACKAGED_MODELS else (Path(spec.path), None)
+            )
             gguf_cache_entry(name, gguf, known_hash, cache)
             tokenizer, model = _load()
         else:
@@ -325,4 +343,6 @@ def load_model(spec: ModelSpec | Any) -> LoadedModel:
         model.to(device)
     model.eval()
     prepare_tokenizer(tokenizer)
-    return LoadedModel(model, tokenizer, fingerprint_of(model, name, source_hash), _use_chat(spec.chat, tokenizer))
+    return LoadedModel(
+        model, tokenizer, fingerprint_of(model, name, source_hash), _use_chat(spec.chat, tokenizer)
+    )

@@ -13,13 +13,15 @@ Every kind gets its leading special tokens exactly once: never a doubled BOS, ne
 
 Question format. Chat models: `num_chat_shots` user/assistant turn pairs from `few_shot_examples` (the
 user turn as below, the assistant turn the example's short answer; 0 by default: 3 pairs did not make
-SmolLM2-135M answer with one phrase, see benchmarks/bench_prompt_length.py), then the user turn of the question: `chat_template_format` filled with
+SmolLM2-135M answer with one phrase, see benchmarks/bench_prompt_length.py), then the user turn of the question:
+`chat_template_format` filled with
 `instruction` and the question, all wrapped by the chat template (a chat-message prompt, above).
 Base models: `num_few_shot` examples from `few_shot_examples` rendered with `few_shot_format`, then the
 question with `few_shot_question_format` (a raw-text prompt, above).
 
-Few-shot examples (text or chat turns) are never the question being asked: an example whose normalized question equals the
-row's question is skipped and the next example of the pool takes its place. This is decided per
+Few-shot examples (text or chat turns) are never the question being asked: an example whose
+normalized question equals the row's question is skipped and the next example of the pool takes its place.
+This is decided per
 question (not per data set), so a question always gets the same prompt, in training and at serving time.
 
 Prompt length is bounded by `max_prompt_tokens`: a longer question prompt is an error naming the row id,
@@ -47,7 +49,9 @@ DEFAULT_FEW_SHOT_EXAMPLES: tuple[dict[str, str], ...] = (
     {"question": "Which animal is known as the king of the jungle?", "answer": "the lion"},
     {"question": "What do bees make?", "answer": "honey"},
 )
-NUM_CHAT_SHOTS = 0  # measured (benchmarks/bench_prompt_length.py): 3 turn pairs did not shorten SmolLM2-135M's answers
+NUM_CHAT_SHOTS = (
+    0  # measured (benchmarks/bench_prompt_length.py): 3 turn pairs did not shorten SmolLM2-135M's answers
+)
 
 
 @dataclass
@@ -58,7 +62,9 @@ class PromptSpec:
     chat_template_format: str = "{instruction}\n\nQuestion: {question}"
     few_shot_format: str = "Question: {question}\nAnswer: {answer}\n\n"
     few_shot_question_format: str = "Question: {question}\nAnswer:"
-    few_shot_examples: list[dict[str, str]] = field(default_factory=lambda: [dict(e) for e in DEFAULT_FEW_SHOT_EXAMPLES])
+    few_shot_examples: list[dict[str, str]] = field(
+        default_factory=lambda: [dict(e) for e in DEFAULT_FEW_SHOT_EXAMPLES]
+    )
     num_few_shot: int = 4  # base models: examples as "Question: ...\nAnswer: ..." text
     # Chat models: examples as user/assistant turn pairs. Probe artifacts saved before this field existed were
     # trained without chat shots: `saved_prompt_spec` reads a missing value as 0, not as this default.
@@ -73,7 +79,9 @@ def few_shot_for(question: str, spec: PromptSpec, count: int | None = None) -> l
     key = normalize_question(question)
     for i, example in enumerate(spec.few_shot_examples):
         if not isinstance(example, dict) or not {"question", "answer"} <= set(example):
-            raise ValueError(f"extract.prompt.few_shot_examples[{i}] needs keys 'question' and 'answer', got {example!r}")
+            raise ValueError(
+                f"extract.prompt.few_shot_examples[{i}] needs keys 'question' and 'answer', got {example!r}"
+            )
     usable = [e for e in spec.few_shot_examples if normalize_question(e["question"]) != key]
     return usable[: spec.num_few_shot if count is None else count]
 
@@ -104,7 +112,9 @@ def chat_messages(question: str, spec: PromptSpec) -> list[dict[str, str]]:
         raise ValueError(f"extract.prompt.num_chat_shots={spec.num_chat_shots}; must be >= 0")
 
     def user(text: str) -> dict[str, str]:
-        content = _format(spec.chat_template_format, "chat_template_format", instruction=spec.instruction, question=text)
+        content = _format(
+            spec.chat_template_format, "chat_template_format", instruction=spec.instruction, question=text
+        )
         return {"role": "user", "content": content}
 
     messages: list[dict[str, str]] = []
@@ -118,7 +128,9 @@ def render_prompt(question: str, tokenizer: Any, uses_chat_template: bool, spec:
     `encode_prompt(Question(question), ...)`: re-encoding this text as raw text can add a BOS that the
     chat template left out on purpose."""
     if uses_chat_template:
-        return tokenizer.apply_chat_template(chat_messages(question, spec), add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(
+            chat_messages(question, spec), add_generation_prompt=True, tokenize=False
+        )
     shots = "".join(
         _format(spec.few_shot_format, "few_shot_format", question=e["question"], answer=e["answer"])
         for e in few_shot_for(question, spec)
@@ -162,7 +174,9 @@ def _encode_text(text: str, tokenizer: Any) -> list[int]:
 def _encode_messages(messages: ChatMessages, tokenizer: Any, uses_chat_template: bool) -> list[int]:
     """Chat messages -> the chat template's ids with the generation prompt (the template writes BOS)."""
     if not uses_chat_template:
-        raise ValueError("this model is used without a chat template: send a plain text prompt, not chat messages")
+        raise ValueError(
+            "this model is used without a chat template: send a plain text prompt, not chat messages"
+        )
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or not {"role", "content"} <= set(message):
             raise ValueError(f"chat message [{i}] needs keys 'role' and 'content', got {message!r}")
@@ -176,7 +190,9 @@ def _question_ids(question: str, tokenizer: Any, uses_chat_template: bool, spec:
     return _encode_text(render_prompt(question, tokenizer, uses_chat_template, spec), tokenizer)
 
 
-def _shorten_question(question: str, row_id: str, tokenizer: Any, uses_chat_template: bool, spec: PromptSpec) -> list[int]:
+def _shorten_question(
+    question: str, row_id: str, tokenizer: Any, uses_chat_template: bool, spec: PromptSpec
+) -> list[int]:
     """Prompt ids with the question cut from the end until the prompt fits `max_prompt_tokens`."""
     q_ids = tokenizer(question, add_special_tokens=False)["input_ids"]
     for keep in range(len(q_ids) - 1, 0, -1):
@@ -207,7 +223,9 @@ def _bounded_question_ids(
     return _shorten_question(question.text, question.row_id, tokenizer, uses_chat_template, spec), True
 
 
-def encode_prompt(prompt: Prompt, tokenizer: Any, uses_chat_template: bool, spec: PromptSpec | None = None) -> list[int]:
+def encode_prompt(
+    prompt: Prompt, tokenizer: Any, uses_chat_template: bool, spec: PromptSpec | None = None
+) -> list[int]:
     """Token ids for one prompt, ready for the model (leading special tokens exactly once; no padding).
 
     prompt: a `Question` (training prompt format of `spec`, bounded by `spec.max_prompt_tokens`), chat
@@ -225,10 +243,14 @@ def encode_prompt(prompt: Prompt, tokenizer: Any, uses_chat_template: bool, spec
         return _encode_text(prompt, tokenizer)
     if isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
         return _encode_messages(prompt, tokenizer, uses_chat_template)
-    raise TypeError(f"a prompt is a Question, a str or a non-empty list of chat messages, got {type(prompt).__name__}")
+    raise TypeError(
+        f"a prompt is a Question, a str or a non-empty list of chat messages, got {type(prompt).__name__}"
+    )
 
 
-def build_prompt_ids(rows: Sequence[Any], tokenizer: Any, uses_chat_template: bool, spec: PromptSpec) -> list[list[int]]:
+def build_prompt_ids(
+    rows: Sequence[Any], tokenizer: Any, uses_chat_template: bool, spec: PromptSpec
+) -> list[list[int]]:
     """Token ids per row in the training prompt format: `encode_prompt(Question(row.question, row.id))`.
 
     rows: QARow-like objects with `id` and `question`. Returns one list of ids per row, each at most
@@ -238,10 +260,14 @@ def build_prompt_ids(rows: Sequence[Any], tokenizer: Any, uses_chat_template: bo
     out: list[list[int]] = []
     truncated: list[str] = []
     for row in rows:
-        ids, shortened = _bounded_question_ids(Question(row.question, row.id), tokenizer, uses_chat_template, spec)
+        ids, shortened = _bounded_question_ids(
+            Question(row.question, row.id), tokenizer, uses_chat_template, spec
+        )
         if shortened:
             truncated.append(row.id)
         out.append(ids)
     if truncated:
-        log.warning("truncated the question of %d row(s) to fit max_prompt_tokens: %s", len(truncated), truncated[:5])
+        log.warning(
+            "truncated the question of %d row(s) to fit max_prompt_tokens: %s", len(truncated), truncated[:5]
+        )
     return out

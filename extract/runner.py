@@ -132,12 +132,20 @@ def extract_to_store(
                 verbalized_parsed=ok,
                 **fields,
             )
-            for i, row, g, ok, fields in zip(shard_rows, batch_rows, grades, parsed, result.row_fields(), strict=True)
+            for i, row, g, ok, fields in zip(
+                shard_rows, batch_rows, grades, parsed, result.row_fields(), strict=True
+            )
         ]
-        return ShardData(result.activations, records, {k: np.asarray(v, float) for k, v in baselines.items()},
-                         result.n_generated_tokens)
+        return ShardData(
+            result.activations,
+            records,
+            {k: np.asarray(v, float) for k, v in baselines.items()},
+            result.n_generated_tokens,
+        )
 
-    return run_extraction(store_dir, len(rows), settings, compute_shard, desc=f"extract {data_name}", dist=dist)
+    return run_extraction(
+        store_dir, len(rows), settings, compute_shard, desc=f"extract {data_name}", dist=dist
+    )
 
 
 def rows_and_splits(data_spec) -> tuple[list[QARow], list[str]]:
@@ -157,13 +165,18 @@ def accuracy_table(store: ActivationStore) -> str:
         groups.setdefault(row.category, []).append(row)
     for name, group in [*sorted(groups.items()), ("all", rows)]:
         acc = np.mean([r.label for r in group])
-        lines.append(f"| {name} | {len(group)} | {acc:.3f} | {sum(r.truncated for r in group)} "
-                     f"| {sum(r.empty_answer for r in group)} |")
+        lines.append(
+            f"| {name} | {len(group)} | {acc:.3f} | {sum(r.truncated for r in group)} "
+            f"| {sum(r.empty_answer for r in group)} |"
+        )
     parsed = [r.verbalized_parsed for r in rows if r.verbalized_parsed is not None]
     if parsed:
-        lines.append(f"\nverbalized confidence: {parsed.count(False)} of {len(parsed)} replies unparseable "
-                     "(scored 0.5, flagged per row as verbalized_parsed=false)")
+        lines.append(
+            f"\nverbalized confidence: {parsed.count(False)} of {len(parsed)} replies unparseable "
+            "(scored 0.5, flagged per row as verbalized_parsed=false)"
+        )
     return "\n".join(lines)
+
 
 def write_shards(
     writer: StoreWriter,
@@ -177,7 +190,9 @@ def write_shards(
     stored) shows examples, tokens/s and ETA."""
     total = done_rows + sum(len(writer.shard_rows(i)) for i in indices)
     tokens, start = 0, time.perf_counter()
-    with tqdm(total=total, initial=done_rows, unit="ex", desc=desc, dynamic_ncols=True, disable=not show) as bar:
+    with tqdm(
+        total=total, initial=done_rows, unit="ex", desc=desc, dynamic_ncols=True, disable=not show
+    ) as bar:
         for index in indices:
             rows = writer.shard_rows(index)
             data = compute_shard(index, rows)
@@ -219,7 +234,9 @@ def run_extraction(
     return open_store(store_dir, verify_hashes=False)  # finalize has just hashed every shard
 
 
-def reuse_or_repair(store_dir: Path, settings: dict[str, Any], n_rows: int, may_delete: bool) -> ActivationStore | None:
+def reuse_or_repair(
+    store_dir: Path, settings: dict[str, Any], n_rows: int, may_delete: bool
+) -> ActivationStore | None:
     """The complete store at `store_dir` if its manifest is for these settings and every shard is intact
     (present, same size, same sha256). Otherwise None, after deleting (may_delete: one process only)
     the shards that are missing or damaged and the manifest, so that the resume machinery recomputes
@@ -236,7 +253,11 @@ def reuse_or_repair(store_dir: Path, settings: dict[str, Any], n_rows: int, may_
             raw = json.loads((store_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             raise err from None
-        if not isinstance(raw, dict) or raw.get("format_version") != 1 or raw.get("key") != store_key(settings):
+        if (
+            not isinstance(raw, dict)
+            or raw.get("format_version") != 1
+            or raw.get("key") != store_key(settings)
+        ):
             raise
         log.info("the store at %s has no shard checksums (format 1): adding them", store_dir)
         if may_delete:
@@ -248,8 +269,12 @@ def reuse_or_repair(store_dir: Path, settings: dict[str, Any], n_rows: int, may_
     if not problems:
         log.info("reusing the complete store at %s (shard sizes and sha256 checked)", store_dir)
         return ActivationStore(store_dir, manifest)
-    log.warning("the store at %s is damaged (%s): recomputing %d shard(s)", store_dir, "; ".join(problems.values()),
-                len(problems))
+    log.warning(
+        "the store at %s is damaged (%s): recomputing %d shard(s)",
+        store_dir,
+        "; ".join(problems.values()),
+        len(problems),
+    )
     if may_delete:
         (store_dir / MANIFEST_FILE).unlink(missing_ok=True)
         for index in problems:
@@ -294,7 +319,9 @@ def run_extraction_distributed(
     log.info("rank %d: %d of %d missing shard(s) to compute: %s", ctx.rank, len(mine), len(missing), mine)
     failure = None
     try:
-        write_shards(writer, mine, compute_shard, f"{desc} [rank {ctx.rank}/{ctx.world_size}]", show=ctx.is_main)
+        write_shards(
+            writer, mine, compute_shard, f"{desc} [rank {ctx.rank}/{ctx.world_size}]", show=ctx.is_main
+        )
     except Exception as err:
         failure = err
 
@@ -304,9 +331,11 @@ def run_extraction_distributed(
         raise failure
     failed = {rank: message for rank, message in enumerate(failures) if message is not None}
     if failed:
-        raise DistributedError(f"extraction failed on rank(s) {sorted(failed)}: "
-                               + "; ".join(f"rank {r}: {m}" for r, m in failed.items())
-                               + ". Shards written so far are kept: relaunch to resume.")
+        raise DistributedError(
+            f"extraction failed on rank(s) {sorted(failed)}: "
+            + "; ".join(f"rank {r}: {m}" for r, m in failed.items())
+            + ". Shards written so far are kept: relaunch to resume."
+        )
 
     # 4. rank 0 writes the manifest; the others open the store once it is there.
     outcome = None

@@ -121,7 +121,9 @@ def verbalized_confidence(
     _check_lengths(questions, answers)
     device = next(model.parameters()).device
     prompts = [
-        _prompt_ids(tokenizer, VERBALIZED_PROMPT.format(question=q, answer=a), _VERBALIZED_CUE, uses_chat_template)
+        _prompt_ids(
+            tokenizer, VERBALIZED_PROMPT.format(question=q, answer=a), _VERBALIZED_CUE, uses_chat_template
+        )
         for q, a in zip(questions, answers, strict=True)
     ]
     scores = np.full(len(prompts), np.nan)

@@ -109,11 +109,15 @@ class RowRecord:
         known = cls.field_names()
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise StoreError(f"{source}: unknown record field(s) {unknown}; RowRecord fields: {', '.join(known)}")
+            raise StoreError(
+                f"{source}: unknown record field(s) {unknown}; RowRecord fields: {', '.join(known)}"
+            )
         missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in data]
         if missing:
-            raise StoreError(f"{source}: missing record field(s) {missing} (required: "
-                             f"{', '.join(f.name for f in fields(cls) if f.default is MISSING)})")
+            raise StoreError(
+                f"{source}: missing record field(s) {missing} (required: "
+                f"{', '.join(f.name for f in fields(cls) if f.default is MISSING)})"
+            )
         values = {}
         for f in fields(cls):
             if f.name in data:
@@ -143,7 +147,11 @@ def _checked_value(value: Any, annotation: str, where: str) -> Any:
             return value
         if kind == "float" and isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
-        if kind == "tuple[str, ...]" and isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        if (
+            kind == "tuple[str, ...]"
+            and isinstance(value, list | tuple)
+            and all(isinstance(v, str) for v in value)
+        ):
             return tuple(value)
     raise StoreError(f"{where} = {value!r} ({type(value).__name__}); expected {annotation}")
 
@@ -202,7 +210,9 @@ def check_settings(settings: dict[str, Any]) -> dict[str, Any]:
         raise StoreError(f"store layers={settings['layers']!r}: must be a non-empty list of integers")
     unknown = [p for p in settings["positions"] if p not in POSITIONS]
     if unknown or not settings["positions"]:
-        raise StoreError(f"store positions: unknown {unknown or 'empty list'}; allowed: {', '.join(POSITIONS)}")
+        raise StoreError(
+            f"store positions: unknown {unknown or 'empty list'}; allowed: {', '.join(POSITIONS)}"
+        )
     try:
         ModelFingerprint.from_dict(settings["fingerprint"])
     except (ValueError, TypeError) as err:
@@ -252,7 +262,12 @@ class StoreWriter:
         if settings_file.exists():
             self._check_same(json.loads(settings_file.read_text()))
         else:
-            header = {"format_version": FORMAT_VERSION, "key": self.key, "n_rows": n_rows, "settings": self.settings}
+            header = {
+                "format_version": FORMAT_VERSION,
+                "key": self.key,
+                "n_rows": n_rows,
+                "settings": self.settings,
+            }
             atomic_write_text(settings_file, json.dumps(header, indent=1))
         (self.path / SHARD_DIR).mkdir(exist_ok=True)
 
@@ -304,20 +319,28 @@ class StoreWriter:
         rows = len(self.shard_rows(index))
         expected = (rows, len(self.layers), len(self.positions), self.hidden)
         if np.shape(activations) != expected:
-            raise StoreError(f"shard {index}: activations have shape {np.shape(activations)}, expected {expected} "
-                             "[rows, layers, positions, hidden]")
+            raise StoreError(
+                f"shard {index}: activations have shape {np.shape(activations)}, expected {expected} "
+                "[rows, layers, positions, hidden]"
+            )
         if len(records) != rows:
             raise StoreError(f"shard {index}: {len(records)} records for {rows} rows")
         first_row = self.shard_rows(index).start
-        checked = [RowRecord.from_dict(r, f"shard {index}, row {first_row + k}") for k, r in enumerate(records)]
+        checked = [
+            RowRecord.from_dict(r, f"shard {index}, row {first_row + k}") for k, r in enumerate(records)
+        ]
         tensors = {}
         for li, layer in enumerate(self.layers):
             for pi, position in enumerate(self.positions):
-                tensors[_tensor_name(layer, position)] = np.ascontiguousarray(activations[:, li, pi, :], dtype=self.dtype)
+                tensors[_tensor_name(layer, position)] = np.ascontiguousarray(
+                    activations[:, li, pi, :], dtype=self.dtype
+                )
         for name, values in baselines.items():
             values = np.asarray(values, dtype=np.float64)
             if values.shape != (rows,):
-                raise StoreError(f"shard {index}: baseline {name!r} has shape {values.shape}, expected ({rows},)")
+                raise StoreError(
+                    f"shard {index}: baseline {name!r} has shape {values.shape}, expected ({rows},)"
+                )
             tensors[f"baseline.{name}"] = values
         try:
             records_json = json.dumps([r.to_dict() for r in checked])
@@ -325,8 +348,13 @@ class StoreWriter:
             raise StoreError(f"shard {index}: records are not JSON-serializable: {err}") from None
         from safetensors.numpy import save
 
-        metadata = {"format_version": str(FORMAT_VERSION), "key": self.key, "index": str(index), "rows": str(rows),
-                    "records": records_json}
+        metadata = {
+            "format_version": str(FORMAT_VERSION),
+            "key": self.key,
+            "index": str(index),
+            "rows": str(rows),
+            "records": records_json,
+        }
         path = self.shard_path(index)
         atomic_write_bytes(path, save(tensors, metadata=metadata))
         return path
@@ -343,12 +371,20 @@ class StoreWriter:
             path = self.shard_path(index)
             meta = _shard_metadata(path)
             records += json.loads(meta["records"])
-            names = sorted(k.removeprefix("baseline.") for k in _shard_keys(path) if k.startswith("baseline."))
+            names = sorted(
+                k.removeprefix("baseline.") for k in _shard_keys(path) if k.startswith("baseline.")
+            )
             if baseline_names is not None and names != baseline_names:
                 raise StoreError(f"shard {path} has baselines {names}, other shards have {baseline_names}")
             baseline_names = names
-            shards.append({"file": f"{SHARD_DIR}/{path.name}", "rows": len(self.shard_rows(index)),
-                           "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+            shards.append(
+                {
+                    "file": f"{SHARD_DIR}/{path.name}",
+                    "rows": len(self.shard_rows(index)),
+                    "bytes": path.stat().st_size,
+                    "sha256": sha256_file(path),
+                }
+            )
         manifest = {
             "format_version": FORMAT_VERSION,
             "key": self.key,
@@ -377,7 +413,9 @@ def _shard_keys(path: Path) -> list[str]:
         return list(fh.keys())
 
 
-REPAIR_HINT = "re-run `probecal extract` with the same settings: damaged shards are recomputed, the others kept"
+REPAIR_HINT = (
+    "re-run `probecal extract` with the same settings: damaged shards are recomputed, the others kept"
+)
 
 
 class ActivationStore:
@@ -446,9 +484,13 @@ class ActivationStore:
     def read(self, layer: int, position: str) -> np.ndarray:
         """`[n, hidden]` float32 activations at one capture site."""
         if layer not in self.layers:
-            raise StoreError(f"layer {layer} is not in the store at {self.path}; stored layers: {list(self.layers)}")
+            raise StoreError(
+                f"layer {layer} is not in the store at {self.path}; stored layers: {list(self.layers)}"
+            )
         if position not in self.positions:
-            raise StoreError(f"position {position!r} is not in the store at {self.path}; stored: {list(self.positions)}")
+            raise StoreError(
+                f"position {position!r} is not in the store at {self.path}; stored: {list(self.positions)}"
+            )
         return self._concat(_tensor_name(layer, position)).astype(np.float32)
 
     @property
@@ -461,8 +503,10 @@ class ActivationStore:
     def column(self, name: str) -> np.ndarray:
         """`[n]` array of one `RowRecord` field."""
         if name not in RowRecord.field_names():
-            raise StoreError(f"record field {name!r} does not exist; RowRecord fields: "
-                             f"{', '.join(RowRecord.field_names())}")
+            raise StoreError(
+                f"record field {name!r} does not exist; RowRecord fields: "
+                f"{', '.join(RowRecord.field_names())}"
+            )
         return np.asarray([getattr(r, name) for r in self.rows])
 
 
@@ -473,16 +517,22 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not manifest_file.exists():
         if (path / SETTINGS_FILE).exists():
             done = len(list((path / SHARD_DIR).glob("shard-*.safetensors")))
-            raise StoreError(f"the store at {path} is incomplete ({done} shard(s) written, no {MANIFEST_FILE}): "
-                             "re-run the extraction to resume it")
+            raise StoreError(
+                f"the store at {path} is incomplete ({done} shard(s) written, no {MANIFEST_FILE}): "
+                "re-run the extraction to resume it"
+            )
         raise StoreError(f"no activation store at {path} (no {MANIFEST_FILE})")
-    repair = (f"delete it and re-run `probecal extract` with the same settings: the manifest is rebuilt from "
-              f"the shards in {path / SHARD_DIR} without recomputing them")
+    repair = (
+        f"delete it and re-run `probecal extract` with the same settings: the manifest is rebuilt from "
+        f"the shards in {path / SHARD_DIR} without recomputing them"
+    )
     try:
         manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise StoreError(f"{manifest_file} is damaged (invalid JSON at line {err.lineno}, column {err.colno}: "
-                         f"{err.msg}); {repair}") from None
+        raise StoreError(
+            f"{manifest_file} is damaged (invalid JSON at line {err.lineno}, column {err.colno}: "
+            f"{err.msg}); {repair}"
+        ) from None
     except UnicodeDecodeError as err:
         raise StoreError(f"{manifest_file} is damaged (not UTF-8: {err.reason}); {repair}") from None
     except OSError as err:
@@ -490,18 +540,23 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     required = ("format_version", "key", "n_rows", "settings", "shards", "baselines", "records")
     if not isinstance(manifest, dict) or any(k not in manifest for k in required):
         present = sorted(manifest) if isinstance(manifest, dict) else type(manifest).__name__
-        raise StoreError(f"{manifest_file} is damaged (expected the keys {', '.join(required)}; found {present}); "
-                         f"{repair}")
+        raise StoreError(
+            f"{manifest_file} is damaged (expected the keys {', '.join(required)}; found {present}); {repair}"
+        )
     version = manifest["format_version"]
     if version == 1:
-        raise StoreError(f"{manifest_file}: format_version 1 records no shard checksums; re-run `probecal extract` "
-                         "with the same settings (the shards are kept, checksums are added), or "
-                         f"`probecal verify {path} --rehash`")
+        raise StoreError(
+            f"{manifest_file}: format_version 1 records no shard checksums; re-run `probecal extract` "
+            "with the same settings (the shards are kept, checksums are added), or "
+            f"`probecal verify {path} --rehash`"
+        )
     if version != FORMAT_VERSION:
         raise StoreError(f"{manifest_file}: format_version {version!r}, this probecal reads {FORMAT_VERSION}")
     if len(manifest["records"]) != manifest["n_rows"]:
-        raise StoreError(f"{manifest_file} is damaged ({len(manifest['records'])} records for n_rows="
-                         f"{manifest['n_rows']}); {repair}")
+        raise StoreError(
+            f"{manifest_file} is damaged ({len(manifest['records'])} records for n_rows="
+            f"{manifest['n_rows']}); {repair}"
+        )
     return manifest
 
 
@@ -523,7 +578,9 @@ def shard_problems(path: str | Path, manifest: dict[str, Any], hashes: bool = Tr
         if size != shard["bytes"]:
             problems[index] = f"{shard['file']} has {size} bytes, the manifest recorded {shard['bytes']}"
         elif hashes and sha256_file(file) != shard["sha256"]:
-            problems[index] = f"{shard['file']} does not match the sha256 recorded in the manifest (bytes changed)"
+            problems[index] = (
+                f"{shard['file']} does not match the sha256 recorded in the manifest (bytes changed)"
+            )
     return problems
 
 
@@ -537,8 +594,9 @@ def open_store(path: str | Path, verify_hashes: bool = True) -> ActivationStore:
     manifest = read_manifest(path)
     problems = shard_problems(path, manifest, hashes=verify_hashes)
     if problems:
-        raise StoreDamagedError(f"the store at {path} is damaged: {'; '.join(problems.values())}; {REPAIR_HINT}",
-                                sorted(problems))
+        raise StoreDamagedError(
+            f"the store at {path} is damaged: {'; '.join(problems.values())}; {REPAIR_HINT}", sorted(problems)
+        )
     return ActivationStore(path, manifest)
 
 
@@ -554,7 +612,9 @@ def verify_store(path: str | Path, rehash: bool = False) -> str:
         try:
             old = json.loads(manifest_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
-            raise StoreError(f"{manifest_file} cannot be read ({err}); re-run `probecal extract` to rebuild it") from None
+            raise StoreError(
+                f"{manifest_file} cannot be read ({err}); re-run `probecal extract` to rebuild it"
+            ) from None
         if isinstance(old, dict) and old.get("format_version") == 1:
             header = json.loads((path / SETTINGS_FILE).read_text(encoding="utf-8"))
             writer = StoreWriter(path, header["settings"], int(header["n_rows"]))
@@ -562,5 +622,7 @@ def verify_store(path: str | Path, rehash: bool = False) -> str:
             log.info("recorded the shard checksums of %s", path)
     store = open_store(path, verify_hashes=True)
     total = sum(shard["bytes"] for shard in store.manifest["shards"])
-    return (f"store {path}: intact ({len(store.manifest['shards'])} shards, {total / 1e6:.1f} MB, {len(store)} rows, "
-            "sizes and sha256 match the manifest)")
+    return (
+        f"store {path}: intact ({len(store.manifest['shards'])} shards, {total / 1e6:.1f} MB, {len(store)} rows, "
+        "sizes and sha256 match the manifest)"
+    )

@@ -76,8 +76,9 @@ class ProbeMetadata:
         if parent is not None and not (
             isinstance(parent, dict) and isinstance(parent.get("digest"), str) and len(parent["digest"]) == 64
         ):
-            raise ArtifactError(f"{source}: parent must be null or {{\"digest\": <64 hex characters>, ...}}; "
-                                f"got {parent!r}")
+            raise ArtifactError(
+                f'{source}: parent must be null or {{"digest": <64 hex characters>, ...}}; got {parent!r}'
+            )
         return cls(**data)
 
     def abstention_threshold(self) -> float | None:
@@ -104,7 +105,6 @@ def hash_arrays(*arrays) -> str:
         digest.update(f"{array.dtype.str}{array.shape}".encode())
         digest.update(array.tobytes())
     return digest.hexdigest()
-
 
 
 def _canonical_json(document: dict[str, Any]) -> bytes:
@@ -153,7 +153,9 @@ class ProbeArtifact:
 
         tensors = {f"probe.{k}": np.ascontiguousarray(v) for k, v in self.probe.to_tensors().items()}
         if self.calibrator is not None:
-            tensors.update({f"calibrator.{k}": np.ascontiguousarray(v) for k, v in self.calibrator.to_tensors().items()})
+            tensors.update(
+                {f"calibrator.{k}": np.ascontiguousarray(v) for k, v in self.calibrator.to_tensors().items()}
+            )
         return save(tensors)
 
     @classmethod
@@ -221,19 +223,25 @@ class ProbeArtifact:
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
-    def load(cls, directory: str | Path, expected_fingerprint: ModelFingerprint | None = None) -> ProbeArtifact:
+    def load(
+        cls, directory: str | Path, expected_fingerprint: ModelFingerprint | None = None
+    ) -> ProbeArtifact:
         """Read and verify (`read_artifact`), then rebuild the scikit-learn probe and calibrator objects."""
         from probes.calibration import CALIBRATOR_KINDS, rebuild_calibrator
         from probes.estimators import PROBES, rebuild_probe
 
-        files = read_artifact(directory, expected_fingerprint, probe_kinds=PROBES, calibrator_kinds=CALIBRATOR_KINDS)
+        files = read_artifact(
+            directory, expected_fingerprint, probe_kinds=PROBES, calibrator_kinds=CALIBRATOR_KINDS
+        )
         meta = files.metadata
         try:
             probe = rebuild_probe(meta.kind, meta.params, files.probe_tensors)
             calibrator = (
                 None
                 if meta.calibrator_kind is None
-                else rebuild_calibrator(meta.calibrator_kind, meta.calibrator_params, files.calibrator_tensors)
+                else rebuild_calibrator(
+                    meta.calibrator_kind, meta.calibrator_params, files.calibrator_tensors
+                )
             )
         except (ValueError, TypeError) as err:
             raise ArtifactError(f"{files.directory}: probe or calibrator cannot be rebuilt: {err}") from None
@@ -285,7 +293,9 @@ def read_artifact(
     try:
         document = json.loads(meta_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ArtifactError(f"{meta_path}: corrupt JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+        raise ArtifactError(
+            f"{meta_path}: corrupt JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+        ) from None
     except UnicodeDecodeError as err:
         raise ArtifactError(f"{meta_path}: not UTF-8 text ({err.reason})") from None
     if not isinstance(document, dict):
@@ -302,8 +312,10 @@ def read_artifact(
         )
     expected_digest = document.pop(DIGEST_KEY, None)
     if not isinstance(expected_digest, str):
-        raise ArtifactError(f"{meta_path}: no {DIGEST_KEY!r}: the artifact cannot be checked and is refused; "
-                            "retrain with `probecal train` or restore the saved probe.json")
+        raise ArtifactError(
+            f"{meta_path}: no {DIGEST_KEY!r}: the artifact cannot be checked and is refused; "
+            "retrain with `probecal train` or restore the saved probe.json"
+        )
     try:
         tensor_bytes = tensors_path.read_bytes()
     except OSError as err:
@@ -321,7 +333,7 @@ def read_artifact(
         known_calibrators = (*calibrator_kinds, None)
         if meta.calibrator_kind not in known_calibrators:
             raise ArtifactError(
-                f"{meta_path}: unknown calibrator kind {meta.calibrator_kind!r}; known: {', '.join(map(str, known_calibrators))}"
+                f"{meta_path}: unknown calibrator kind {meta.calibrator_kind!r}; known: {', '.join(map(str, known_calibrators))}"  # noqa: E501
             )
     try:
         fingerprint = ModelFingerprint.from_dict(meta.model_fingerprint)
@@ -335,14 +347,18 @@ def read_artifact(
     try:
         tensors = load(tensor_bytes)
     except (SafetensorError, OSError, ValueError) as err:
-        raise ArtifactError(f"{tensors_path}: cannot be read as safetensors (truncated or corrupt?): {err}") from None
+        raise ArtifactError(
+            f"{tensors_path}: cannot be read as safetensors (truncated or corrupt?): {err}"
+        ) from None
     return VerifiedArtifact(
         directory=directory,
         metadata=meta,
         fingerprint=fingerprint,
         digest=expected_digest,
         probe_tensors={k.removeprefix("probe."): v for k, v in tensors.items() if k.startswith("probe.")},
-        calibrator_tensors={k.removeprefix("calibrator."): v for k, v in tensors.items() if k.startswith("calibrator.")},
+        calibrator_tensors={
+            k.removeprefix("calibrator."): v for k, v in tensors.items() if k.startswith("calibrator.")
+        },
     )
 
 
@@ -358,15 +374,23 @@ def rehash_format1(directory: str | Path) -> str:
     except (OSError, ValueError) as err:
         raise ArtifactError(f"{directory}: cannot be read for --rehash: {err}") from None
     if not isinstance(document, dict) or document.get("format_version") != 1:
-        raise ArtifactError(f"{meta_path}: --rehash only upgrades format_version 1 artifacts; this one has "
-                            f"{document.get('format_version') if isinstance(document, dict) else '?'!r} "
-                            "(a newer artifact that fails its digest must be retrained or restored, not re-signed)")
+        raise ArtifactError(
+            f"{meta_path}: --rehash only upgrades format_version 1 artifacts; this one has "
+            f"{document.get('format_version') if isinstance(document, dict) else '?'!r} "
+            "(a newer artifact that fails its digest must be retrained or restored, not re-signed)"
+        )
     old_hash = document.pop("tensors_sha256", None)
     if old_hash is not None and hashlib.sha256(tensor_bytes).hexdigest() != old_hash:
-        raise ArtifactError(f"{tensors_path}: does not match the tensors_sha256 recorded in {meta_path}: retrain")
+        raise ArtifactError(
+            f"{tensors_path}: does not match the tensors_sha256 recorded in {meta_path}: retrain"
+        )
     document["format_version"] = FORMAT_VERSION
     document[DIGEST_KEY] = artifact_digest(document, tensor_bytes)
     atomic_write_text(meta_path, json.dumps(document, indent=1))
     ProbeArtifact.load(directory)  # everything else (kinds, fingerprint, tensors) must hold too
-    trusted = "tensors matched their recorded sha256" if old_hash else "no tensor hash was recorded: files trusted as they are"
+    trusted = (
+        "tensors matched their recorded sha256"
+        if old_hash
+        else "no tensor hash was recorded: files trusted as they are"
+    )
     return f"probe artifact {directory}: upgraded to format {FORMAT_VERSION} ({trusted}); digest {document[DIGEST_KEY]}"

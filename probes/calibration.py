@@ -51,7 +51,9 @@ class _Calibrator(BaseEstimator):
 
     def to_tensors(self) -> dict[str, np.ndarray]:
         check_is_fitted(self)
-        return {name: np.asarray(getattr(self, name + "_"), dtype=np.float64) for name in self._tensor_names()}
+        return {
+            name: np.asarray(getattr(self, name + "_"), dtype=np.float64) for name in self._tensor_names()
+        }
 
     @classmethod
     def from_tensors(cls, params: dict, tensors: dict[str, np.ndarray]):
@@ -122,7 +124,9 @@ class TemperatureCalibrator(_Calibrator):
                 f"need 0 < min_temperature < max_temperature; got {self.min_temperature}, {self.max_temperature}"
             )
         bounds = (np.log(self.min_temperature), np.log(self.max_temperature))
-        result = minimize_scalar(lambda log_t: _binary_nll(s / np.exp(log_t), y), bounds=bounds, method="bounded")
+        result = minimize_scalar(
+            lambda log_t: _binary_nll(s / np.exp(log_t), y), bounds=bounds, method="bounded"
+        )
         self.temperature_ = np.float64(np.exp(result.x))
         return self
 
@@ -237,7 +241,9 @@ CALIBRATOR_KINDS: dict[str, type] = {**CALIBRATORS, PerCategoryCalibrator.kind: 
 def calibrator_kind(calibrator) -> str:
     kind = getattr(type(calibrator), "kind", None)
     if CALIBRATOR_KINDS.get(kind) is not type(calibrator):
-        raise ValueError(f"{type(calibrator).__name__} is not a probecal calibrator; known: {', '.join(CALIBRATOR_KINDS)}")
+        raise ValueError(
+            f"{type(calibrator).__name__} is not a probecal calibrator; known: {', '.join(CALIBRATOR_KINDS)}"
+        )
     return kind
 
 

@@ -93,7 +93,9 @@ def logistic_fold_fit(
         rows = y01 == c
         heaviest[rows] = heaviest[rows].max() if rows.any() else 0.0
     scaled = Z1 * np.sqrt(heaviest, dtype=dtype)[:, None]
-    bound = 0.25 * (scaled.T @ scaled).astype(np.float64) + np.diag(penalty)  # a.T @ a: symmetric rank-k update
+    bound = 0.25 * (scaled.T @ scaled).astype(np.float64) + np.diag(
+        penalty
+    )  # a.T @ a: symmetric rank-k update
     bound[-1, -1] += 1e-9 * max(1.0, bound[-1, -1])  # keeps a one-class problem positive definite
     factor = cho_factor(bound)
 
@@ -299,8 +301,13 @@ class MassMeanProbe(_Probe):
 
     def fit(self, X, y):
         """X [n, hidden], y [n] (1 = correct). Returns self."""
-        if not (self.shrinkage in SHRINKAGE_WORDS or (isinstance(self.shrinkage, int | float) and 0 <= self.shrinkage <= 1)):
-            raise ValueError(f"shrinkage={self.shrinkage!r} is not allowed; allowed values: 'auto' or a number in [0, 1]")
+        if not (
+            self.shrinkage in SHRINKAGE_WORDS
+            or (isinstance(self.shrinkage, int | float) and 0 <= self.shrinkage <= 1)
+        ):
+            raise ValueError(
+                f"shrinkage={self.shrinkage!r} is not allowed; allowed values: 'auto' or a number in [0, 1]"
+            )
         X, y01 = self._fit_inputs(X, y)
         mu_pos, mu_neg = X[y01 == 1].mean(axis=0), X[y01 == 0].mean(axis=0)
         direction = mu_pos - mu_neg
@@ -393,7 +400,9 @@ class MLPProbe(_Probe):
         with warnings.catch_warnings():
             # A probe trained for a fixed budget is fine for ranking; the warning is noise here.
             warnings.simplefilter("ignore", ConvergenceWarning)
-            mlp.fit((X - self.mean_) / self.scale_, y01, sample_weight=balanced_weights(y01, self._class_weight()))
+            mlp.fit(
+                (X - self.mean_) / self.scale_, y01, sample_weight=balanced_weights(y01, self._class_weight())
+            )
         self.n_iter_ = mlp.n_iter_
         self.w1_, self.w2_ = mlp.coefs_[0], mlp.coefs_[1][:, 0]
         self.b1_, self.b2_ = mlp.intercepts_[0], np.float64(mlp.intercepts_[1][0])
@@ -454,10 +463,15 @@ class HybridProbe(LogisticProbe):
     def _standardization(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         m = len(self.logit_features)
         if X.shape[1] <= m:
-            raise ValueError(f"X has {X.shape[1]} columns; expected the hidden state followed by {m} logit signals")
+            raise ValueError(
+                f"X has {X.shape[1]} columns; expected the hidden state followed by {m} logit signals"
+            )
         mean, scale = standardize_stats(X)
-        scale[-m:] /= float(self.logit_weight)  # standardized logit columns come out logit_weight times larger
+        scale[-m:] /= float(
+            self.logit_weight
+        )  # standardized logit columns come out logit_weight times larger
         return mean, scale
+
 
 def register_probe(cls: type[_Probe]) -> type[_Probe]:
     """Add a probe class to the one registry of kinds (keyed by its `kind`), so artifacts can save and load it."""

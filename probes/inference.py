@@ -88,7 +88,9 @@ def raw_probability(name: str, scores) -> np.ndarray | None:
 PROBABILITY_FLOOR = 1e-6  # log of a probability signal is clipped here (a 0 would be -inf)
 
 
-def logit_feature_matrix(baselines: Mapping[str, np.ndarray], names: Sequence[str] | None = None) -> np.ndarray:
+def logit_feature_matrix(
+    baselines: Mapping[str, np.ndarray], names: Sequence[str] | None = None
+) -> np.ndarray:
     """[n, m] logit signals as probe features, oriented (higher = more confident) and unbounded:
     log-probabilities as they are, probabilities as their log (floored at 1e-6), perplexity as its log
     (= -mean log-probability), entropies negated. names: which baselines, in order (None = sorted names)."""
@@ -121,8 +123,10 @@ def probe_input(vectors: np.ndarray, logit_features: Sequence[str], logit_signal
     if not names:
         return vectors
     if logit_signals is None:
-        raise ValueError(f"this hybrid probe reads the model's logit signals {names} besides the hidden state; "
-                         "pass logit_signals (a dict name -> [n] values, or an [n, m] array in that order)")
+        raise ValueError(
+            f"this hybrid probe reads the model's logit signals {names} besides the hidden state; "
+            "pass logit_signals (a dict name -> [n] values, or an [n, m] array in that order)"
+        )
     if isinstance(logit_signals, Mapping):
         missing = [name for name in names if name not in logit_signals]
         if missing:
@@ -132,13 +136,17 @@ def probe_input(vectors: np.ndarray, logit_features: Sequence[str], logit_signal
         array = np.asarray(logit_signals, dtype=np.float64)
         array = array[None] if array.ndim == 1 else array
         if array.ndim != 2 or array.shape[1] != len(names):
-            raise ValueError(f"logit_signals as an array must be [n, {len(names)}] with columns {names}; got shape "
-                             f"{tuple(np.shape(logit_signals))}")
+            raise ValueError(
+                f"logit_signals as an array must be [n, {len(names)}] with columns {names}; got shape "
+                f"{tuple(np.shape(logit_signals))}"
+            )
         signals = {name: array[:, k] for k, name in enumerate(names)}
     for name, values in signals.items():
         if values.shape != (len(vectors),):
-            raise ValueError(f"logit_signals[{name!r}] has shape {values.shape}; expected [{len(vectors)}] "
-                             "(one value per vector)")
+            raise ValueError(
+                f"logit_signals[{name!r}] has shape {values.shape}; expected [{len(vectors)}] "
+                "(one value per vector)"
+            )
     return np.hstack([vectors, logit_feature_matrix(signals, names)])
 
 
@@ -195,7 +203,9 @@ class KindMath:
 
 PROBE_DECISIONS: dict[str, KindMath] = {
     "logistic": KindMath(logistic_decision, ("mean", "scale", "coef", "intercept")),
-    "hybrid": KindMath(logistic_decision, ("mean", "scale", "coef", "intercept")),  # logistic over hidden + logit signals
+    "hybrid": KindMath(
+        logistic_decision, ("mean", "scale", "coef", "intercept")
+    ),  # logistic over hidden + logit signals
     "mass_mean": KindMath(mass_mean_decision, ("direction", "scale", "offset")),
     "mlp": KindMath(mlp_decision, ("mean", "scale", "w1", "b1", "w2", "b2")),
 }
@@ -209,7 +219,9 @@ CALIBRATOR_PROBABILITIES: dict[str, KindMath] = {
 CALIBRATOR_INFERENCE_KINDS = (*CALIBRATOR_PROBABILITIES, PER_CATEGORY)
 
 
-def _arguments(table: dict[str, KindMath], what: str, kind: str, tensors: Mapping[str, np.ndarray], dtype=None):
+def _arguments(
+    table: dict[str, KindMath], what: str, kind: str, tensors: Mapping[str, np.ndarray], dtype=None
+):
     if kind not in table:
         known = CALIBRATOR_INFERENCE_KINDS if table is CALIBRATOR_PROBABILITIES else tuple(table)
         raise InferenceError(
@@ -229,7 +241,9 @@ def probe_input_width(kind: str, tensors: Mapping[str, np.ndarray]) -> int:
     return int(args[0].shape[0])
 
 
-def probe_decision(kind: str, params: Mapping, tensors: Mapping[str, np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+def probe_decision(
+    kind: str, params: Mapping, tensors: Mapping[str, np.ndarray]
+) -> Callable[[np.ndarray], np.ndarray]:
     """X [n, features] (float64, finite) -> decision score [n], from a saved probe's tensors (params unused
     by the current kinds: they shape fitting, not inference)."""
     function, args = _arguments(PROBE_DECISIONS, "probe", kind, tensors)
@@ -251,7 +265,9 @@ def _calibrator_probability(kind: str, params: Mapping, tensors: Mapping[str, np
         return lambda scores: function(scores, *args)
     base = params.get("base")
     if base not in CALIBRATOR_PROBABILITIES:
-        raise InferenceError(f"per_category calibrator: base={base!r}; allowed: {', '.join(CALIBRATOR_PROBABILITIES)}")
+        raise InferenceError(
+            f"per_category calibrator: base={base!r}; allowed: {', '.join(CALIBRATOR_PROBABILITIES)}"
+        )
     grouped: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         cat, _, name = key.rpartition("/")

@@ -103,7 +103,9 @@ class RecalibrationRows:
         n = len(self.score)
         for name in ("ids", "y", "domain") + (("parent_p",) if self.parent_p is not None else ()):
             if len(getattr(self, name)) != n:
-                raise ValueError(f"{self.source or 'rows'}: {name} has {len(getattr(self, name))} entries, score has {n}")
+                raise ValueError(
+                    f"{self.source or 'rows'}: {name} has {len(getattr(self, name))} entries, score has {n}"
+                )
         if not np.all(np.isfinite(np.asarray(self.score, dtype=np.float64))):
             raise ValueError(f"{self.source or 'rows'}: score contains nan or inf")
         if not np.all(np.isin(self.y, (0, 1))):
@@ -114,13 +116,21 @@ class RecalibrationRows:
 
     def subset(self, mask: np.ndarray) -> RecalibrationRows:
         return RecalibrationRows(
-            self.ids[mask], self.score[mask], self.y[mask], self.domain[mask],
-            None if self.parent_p is None else self.parent_p[mask], self.source,
+            self.ids[mask],
+            self.score[mask],
+            self.y[mask],
+            self.domain[mask],
+            None if self.parent_p is None else self.parent_p[mask],
+            self.source,
         )
 
     def data_hash(self) -> str:
-        return hash_arrays(self.ids.astype(str), self.score.astype(np.float64), self.y.astype(np.int64),
-                           self.domain.astype(str))
+        return hash_arrays(
+            self.ids.astype(str),
+            self.score.astype(np.float64),
+            self.y.astype(np.int64),
+            self.domain.astype(str),
+        )
 
 
 def make_rows(score, y, domain=None, ids=None, parent_p=None, source: str = "") -> RecalibrationRows:
@@ -178,7 +188,9 @@ def split_rows(y: np.ndarray, domain: np.ndarray, heldout_fraction: float, seed:
 
 
 # -- comparison -------------------------------------------------------------------------------------
-def _paired_difference_ci(metric: Callable, p_new, p_old, y, n_bootstrap: int, seed: int) -> tuple[float, float]:
+def _paired_difference_ci(
+    metric: Callable, p_new, p_old, y, n_bootstrap: int, seed: int
+) -> tuple[float, float]:
     """95% percentile interval of metric(p_new) - metric(p_old) over the same bootstrap resamples."""
     rng = np.random.default_rng(seed)
     values = []
@@ -204,8 +216,11 @@ def compare(p_parent, p_new, y, n_bins: int = 15, n_bootstrap: int = 1000, seed:
             low, high = bootstrap_ci(metric, p, y, n_bootstrap, seed)
             out[f"{name}_{label}"] = {"value": metric(p, y), "low": low, "high": high}
         low, high = _paired_difference_ci(metric, p_new, p_parent, y, n_bootstrap, seed)
-        out[f"{name}_change"] = {"value": out[f"{name}_after"]["value"] - out[f"{name}_before"]["value"],
-                                 "low": low, "high": high}
+        out[f"{name}_change"] = {
+            "value": out[f"{name}_after"]["value"] - out[f"{name}_before"]["value"],
+            "low": low,
+            "high": high,
+        }
     return out
 
 
@@ -215,12 +230,14 @@ def refusal_reason(comparison: dict[str, Any]) -> str:
     if not worse:
         return ""
     parts = [
-        f"{m.upper() if m == 'ece' else m} {comparison[f'{m}_before']['value']:.4f} -> {comparison[f'{m}_after']['value']:.4f} "
-        f"(paired 95% interval of the change [{comparison[f'{m}_change']['low']:+.4f}, {comparison[f'{m}_change']['high']:+.4f}])"
+        f"{m.upper() if m == 'ece' else m} {comparison[f'{m}_before']['value']:.4f} -> {comparison[f'{m}_after']['value']:.4f} "  # noqa: E501
+        f"(paired 95% interval of the change [{comparison[f'{m}_change']['low']:+.4f}, {comparison[f'{m}_change']['high']:+.4f}])"  # noqa: E501
         for m in worse
     ]
-    return (f"the recalibrated probe is worse than its parent on the {comparison['n']} held-out rows beyond noise: "
-            + "; ".join(parts))
+    return (
+        f"the recalibrated probe is worse than its parent on the {comparison['n']} held-out rows beyond noise: "
+        + "; ".join(parts)
+    )
 
 
 # -- calibrators and parent probabilities --------------------------------------------------------------
@@ -255,8 +272,10 @@ def scores_from_parent_p(parent: ProbeArtifact, p: np.ndarray, source: str) -> n
     if isinstance(calibrator, TemperatureCalibrator):
         return logit(p) * calibrator.temperature_
     kind = "none" if calibrator is None else type(calibrator).__name__
-    raise ValueError(f"{source}: rows carry p_correct but no score, and the parent's calibrator ({kind}) cannot be "
-                     "inverted (only platt and temperature can): record the probe's raw score in a `score` field")
+    raise ValueError(
+        f"{source}: rows carry p_correct but no score, and the parent's calibrator ({kind}) cannot be "
+        "inverted (only platt and temperature can): record the probe's raw score in a `score` field"
+    )
 
 
 # -- the recalibration ---------------------------------------------------------------------------------
@@ -273,19 +292,24 @@ class RecalibrationResult:
 
     def summary(self) -> str:
         c = self.comparison
-        lines = [f"held-out rows: {c['n']} (of {self.record['n_rows']}; fit on {self.record['n_fit']})",
-                 "| metric | parent | recalibrated | change (paired 95% CI) |", "|---|---:|---:|---:|"]
+        lines = [
+            f"held-out rows: {c['n']} (of {self.record['n_rows']}; fit on {self.record['n_fit']})",
+            "| metric | parent | recalibrated | change (paired 95% CI) |",
+            "|---|---:|---:|---:|",
+        ]
         for name in ("ece", "brier", "auroc"):
             before, after, change = c[f"{name}_before"], c[f"{name}_after"], c[f"{name}_change"]
             lines.append(
-                f"| {name.upper() if name != 'brier' else 'Brier'} | {before['value']:.4f} [{before['low']:.3f}, {before['high']:.3f}] "
+                f"| {name.upper() if name != 'brier' else 'Brier'} | {before['value']:.4f} [{before['low']:.3f}, {before['high']:.3f}] "  # noqa: E501
                 f"| {after['value']:.4f} [{after['low']:.3f}, {after['high']:.3f}] "
                 f"| {change['value']:+.4f} [{change['low']:+.3f}, {change['high']:+.3f}] |"
             )
         t = self.threshold
         if t.reachable:
-            lines.append(f"threshold: abstain below p={t.threshold:.3f} (target {t.target_accuracy:g} at delta "
-                         f"{t.delta:g}, {t.method}; coverage {t.coverage:.3f} on {t.n_calibration} rows)")
+            lines.append(
+                f"threshold: abstain below p={t.threshold:.3f} (target {t.target_accuracy:g} at delta "
+                f"{t.delta:g}, {t.method}; coverage {t.coverage:.3f} on {t.n_calibration} rows)"
+            )
         else:
             lines.append(f"threshold: {t.message}")
         lines += self.notes
@@ -307,10 +331,19 @@ def guarded_threshold(p, y, target_accuracy: float, delta: float, method: str) -
     if result.reachable:
         return result
     return ThresholdResult(
-        threshold=ABSTAIN_ALL, target_accuracy=target_accuracy, delta=delta, method=method, coverage=0.0,
-        empirical_accuracy=None, risk_upper_bound=None, reachable=False, n_calibration=len(p),
-        message=(f"the {len(p)} new rows cannot support accuracy {target_accuracy:g} at delta {delta:g} ({method}): "
-                 "abstaining on every answer until more labelled rows arrive (or lower the target)"),
+        threshold=ABSTAIN_ALL,
+        target_accuracy=target_accuracy,
+        delta=delta,
+        method=method,
+        coverage=0.0,
+        empirical_accuracy=None,
+        risk_upper_bound=None,
+        reachable=False,
+        n_calibration=len(p),
+        message=(
+            f"the {len(p)} new rows cannot support accuracy {target_accuracy:g} at delta {delta:g} ({method}): "
+            "abstaining on every answer until more labelled rows arrive (or lower the target)"
+        ),
     )
 
 
@@ -334,7 +367,9 @@ def recalibrate(
     new_calibrator(kind)  # validates kind before any work
     check_enough_rows(rows, kind, heldout_fraction)
     inherited = _parent_threshold_settings(parent)
-    target_accuracy = target_accuracy if target_accuracy is not None else inherited.get("target_accuracy", 0.9)
+    target_accuracy = (
+        target_accuracy if target_accuracy is not None else inherited.get("target_accuracy", 0.9)
+    )
     delta = delta if delta is not None else inherited.get("delta", 0.1)
     threshold_method = threshold_method or inherited.get("method", "ltt")
 
@@ -342,7 +377,9 @@ def recalibrate(
     fit, check = rows.subset(~held_out), rows.subset(held_out)
     for part, name in ((fit, "fit"), (check, "held-out")):
         if part.y.min() == part.y.max():
-            raise NotEnoughRows(f"{rows.source or 'rows'}: the {name} part holds one class only; label more rows")
+            raise NotEnoughRows(
+                f"{rows.source or 'rows'}: the {name} part holds one class only; label more rows"
+            )
     calibrator = new_calibrator(kind).fit(fit.score, fit.y, categories=fit.domain)
     p_parent = parent_probabilities(parent, check)
     p_new = calibrator.predict(check.score, categories=check.domain)
@@ -352,22 +389,41 @@ def recalibrate(
     notes = []
     if kind in STRICTLY_MONOTONE:
         calibrator = new_calibrator(kind).fit(rows.score, rows.y, categories=rows.domain)
-        threshold = guarded_threshold(calibrator.predict(rows.score, categories=rows.domain), rows.y,
-                                      target_accuracy, delta, threshold_method)
-        notes.append(f"calibrator refit on all {len(rows)} rows ({kind} is strictly monotone: the held-out numbers "
-                     "above are for the fit-part calibrator, a conservative estimate)")
+        threshold = guarded_threshold(
+            calibrator.predict(rows.score, categories=rows.domain),
+            rows.y,
+            target_accuracy,
+            delta,
+            threshold_method,
+        )
+        notes.append(
+            f"calibrator refit on all {len(rows)} rows ({kind} is strictly monotone: the held-out numbers "
+            "above are for the fit-part calibrator, a conservative estimate)"
+        )
     else:
         threshold = guarded_threshold(p_new, check.y, target_accuracy, delta, threshold_method)
-        notes.append(f"calibrator fit on the {len(fit)} fit rows; threshold chosen on the {len(check)} held-out rows")
+        notes.append(
+            f"calibrator fit on the {len(fit)} fit rows; threshold chosen on the {len(check)} held-out rows"
+        )
     if kind == "per_domain":
         domains, counts = np.unique(rows.domain, return_counts=True)
         own = sorted(calibrator.per_category_)
-        short = {str(d): int(MIN_FIT_ROWS[PER_DOMAIN_BASE] - c_fit)
-                 for d in domains if str(d) not in own
-                 for c_fit in [int((fit.domain == d).sum())]}
-        notes.append(f"per-domain calibrators: {', '.join(own) or 'none'}; global fallback for "
-                     + (", ".join(f"{d} ({n} more fit rows needed)" if n > 0 else f"{d} (one class only)"
-                                  for d, n in short.items()) or "unknown domains only"))
+        short = {
+            str(d): int(MIN_FIT_ROWS[PER_DOMAIN_BASE] - c_fit)
+            for d in domains
+            if str(d) not in own
+            for c_fit in [int((fit.domain == d).sum())]
+        }
+        notes.append(
+            f"per-domain calibrators: {', '.join(own) or 'none'}; global fallback for "
+            + (
+                ", ".join(
+                    f"{d} ({n} more fit rows needed)" if n > 0 else f"{d} (one class only)"
+                    for d, n in short.items()
+                )
+                or "unknown domains only"
+            )
+        )
     record = {
         "data_hash": rows.data_hash(),
         "n_rows": len(rows),
@@ -383,13 +439,22 @@ def recalibrate(
     return RecalibrationResult(not reason, reason, calibrator, threshold, comparison, record, artifact, notes)
 
 
-def build_artifact(parent: ProbeArtifact, calibrator, threshold: ThresholdResult, comparison: dict[str, Any],
-                   record: dict[str, Any]) -> ProbeArtifact:
+def build_artifact(
+    parent: ProbeArtifact,
+    calibrator,
+    threshold: ThresholdResult,
+    comparison: dict[str, Any],
+    record: dict[str, Any],
+) -> ProbeArtifact:
     """The parent's probe (same direction, same site) with the new calibrator and threshold; the lineage
     (`parent`: the parent's digest and the recalibration record) is part of the new artifact's metadata."""
     meta = parent.metadata
     return ProbeArtifact.create(
-        parent.probe, calibrator, meta.layer, meta.position, parent.fingerprint,
+        parent.probe,
+        calibrator,
+        meta.layer,
+        meta.position,
+        parent.fingerprint,
         training_data_hash=meta.training_data_hash,
         split_sizes=dict(meta.split_sizes),
         metrics={"recalibration": comparison},
@@ -481,7 +546,9 @@ def read_rows_file(path: str | Path, parent: ProbeArtifact) -> RecalibrationRows
     return make_rows(score, labels, domains, ids, parent_p, source=str(path))
 
 
-def read_feedback_rows(db_path: str | Path, layer: int | None = None, position: str | None = None) -> RecalibrationRows:
+def read_feedback_rows(
+    db_path: str | Path, layer: int | None = None, position: str | None = None
+) -> RecalibrationRows:
     """Labelled responses of the server's feedback database (probes/serving/feedback.py), opened read-only:
     (id, score, p_correct, latest label, domain when the table has that column, else one domain "").
 
@@ -499,11 +566,15 @@ def read_feedback_rows(db_path: str | Path, layer: int | None = None, position: 
         columns = {row[1] for row in conn.execute("PRAGMA table_info(responses)")}
         needed = {"id", "score", "p_correct", "correct", "layer", "position"}
         if not needed <= columns:
-            raise ValueError(f"{path}: table `responses` lacks column(s) {sorted(needed - columns)} "
-                             "(not a probecal feedback database?)")
+            raise ValueError(
+                f"{path}: table `responses` lacks column(s) {sorted(needed - columns)} "
+                "(not a probecal feedback database?)"
+            )
         domain = "domain" if "domain" in columns else "''"
-        query = (f"SELECT id, score, p_correct, correct, COALESCE({domain}, ''), layer, position FROM responses "
-                 "WHERE correct IS NOT NULL ORDER BY label_seq")
+        query = (
+            f"SELECT id, score, p_correct, correct, COALESCE({domain}, ''), layer, position FROM responses "
+            "WHERE correct IS NOT NULL ORDER BY label_seq"
+        )
         fetched = conn.execute(query).fetchall()
     except sqlite3.DatabaseError as err:
         raise ValueError(f"{path}: not a usable feedback database ({err})") from None

@@ -80,7 +80,9 @@ class ProbeScorer:
             self._calibrate = (
                 None
                 if meta.calibrator_kind is None
-                else calibrated_probability(meta.calibrator_kind, meta.calibrator_params, files.calibrator_tensors)
+                else calibrated_probability(
+                    meta.calibrator_kind, meta.calibrator_params, files.calibrator_tensors
+                )
             )
         except InferenceError as err:
             raise ArtifactError(f"{where}: {err}") from None

@@ -219,7 +219,13 @@ UNIT_PAIRS: dict[str, list[tuple[str, str, int]]] = {
 }  # fmt: skip
 UNIT_ALSO_ACCEPTED = {("year", "day"): ["366", "365.25"], ("year", "week"): ["52.14"]}  # leap years
 COUNTING_WORDS = [("a", "dozen", 12), ("a", "baker's dozen", 13), ("a", "score", 20), ("a", "gross", 144)]
-PLURALS = {"foot": "feet", "inch": "inches", "century": "centuries", "stone": "stone", "millennium": "millennia"}
+PLURALS = {
+    "foot": "feet",
+    "inch": "inches",
+    "century": "centuries",
+    "stone": "stone",
+    "millennium": "millennia",
+}
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December"]  # fmt: skip
@@ -273,7 +279,7 @@ COMPARATIVES: dict[str, list[str]] = {
     "happy": ["happier"], "easy": ["easier"], "busy": ["busier"], "heavy": ["heavier"], "funny": ["funnier"],
     "early": ["earlier"], "pretty": ["prettier"], "angry": ["angrier"], "lazy": ["lazier"], "dirty": ["dirtier"],
     "noisy": ["noisier"], "tiny": ["tinier"], "ugly": ["uglier"], "dry": ["drier", "dryer"], "large": ["larger"],
-    "nice": ["nicer"], "wide": ["wider"], "late": ["later"], "safe": ["safer"], "brave": ["braver"], "wise": ["wiser"], "cute": ["cuter"], "strange": ["stranger"],
+    "nice": ["nicer"], "wide": ["wider"], "late": ["later"], "safe": ["safer"], "brave": ["braver"], "wise": ["wiser"], "cute": ["cuter"], "strange": ["stranger"],  # noqa: E501
     "close": ["closer"], "free": ["freer"], "true": ["truer"], "rare": ["rarer"], "pale": ["paler"],
 }  # fmt: skip
 
@@ -345,7 +351,9 @@ def country_rows() -> dict[str, list[dict]]:
             )
     for capital in sorted(by_capital):
         owners = by_capital[capital]
-        answers = unique([n for _, names in owners for n in names])  # a capital shared by two states accepts both
+        answers = unique(
+            [n for _, names in owners for n in names]
+        )  # a capital shared by two states accepts both
         rows["capital_country"].append(
             {
                 "question": f"{capital} is the capital of which country?",
@@ -368,7 +376,12 @@ def city_rows(cities, names_by_iso: dict[str, list[str]], capitals: set[str]) ->
     by_country: dict[str, list[tuple[int, str]]] = {}
     for city in cities:
         name, iso = city["name"].strip(), city["countrycode"]
-        if city["population"] >= CITY_MIN_POPULATION and iso in names_by_iso and name and name not in capitals:
+        if (
+            city["population"] >= CITY_MIN_POPULATION
+            and iso in names_by_iso
+            and name
+            and name not in capitals
+        ):
             by_city.setdefault(name, set()).add(iso)
             by_country.setdefault(iso, []).append((city["population"], name))
     order: dict[str, tuple[int, int, str]] = {}
@@ -392,7 +405,12 @@ def city_rows(cities, names_by_iso: dict[str, list[str]], capitals: set[str]) ->
 def element_rows() -> dict[str, list[dict]]:
     import periodictable
 
-    rows: dict[str, list[dict]] = {"element_symbol": [], "symbol_element": [], "element_number": [], "element_mass": []}
+    rows: dict[str, list[dict]] = {
+        "element_symbol": [],
+        "symbol_element": [],
+        "element_number": [],
+        "element_mass": [],
+    }
     for el in periodictable.elements:
         if not 1 <= el.number <= MAX_ELEMENT_NUMBER:  # 0 is periodictable's "neutron" pseudo-element
             continue
@@ -401,13 +419,25 @@ def element_rows() -> dict[str, list[dict]]:
         meta = {"z": el.number}
         if el.symbol not in AMBIGUOUS_SYMBOLS:
             rows["element_symbol"].append(
-                {"question": f"What is the chemical symbol for {name}?", "answers": [el.symbol], "metadata": meta}
+                {
+                    "question": f"What is the chemical symbol for {name}?",
+                    "answers": [el.symbol],
+                    "metadata": meta,
+                }
             )
         rows["symbol_element"].append(
-            {"question": f"Which chemical element has the symbol {el.symbol}?", "answers": names, "metadata": meta}
+            {
+                "question": f"Which chemical element has the symbol {el.symbol}?",
+                "answers": names,
+                "metadata": meta,
+            }
         )
         rows["element_number"].append(
-            {"question": f"What is the atomic number of {name}?", "answers": [str(el.number)], "metadata": meta}
+            {
+                "question": f"What is the atomic number of {name}?",
+                "answers": [str(el.number)],
+                "metadata": meta,
+            }
         )
         # The weight rounded to a whole number or to 1, 2 or 3 decimals ("1", "1.01", "1.008"). Chlorine's
         # 35.45 is taught as 35.5 and rounds either way: weights within 0.15 of x.5 are left out.
@@ -438,7 +468,9 @@ def arithmetic_rows(rng: random.Random) -> dict[str, list[dict]]:
 
     digits = range(1, 10)
     return {
-        "addition_1digit": every([(a, b) for a in digits for b in digits], "What is {a} + {b}?", operator.add),
+        "addition_1digit": every(
+            [(a, b) for a in digits for b in digits], "What is {a} + {b}?", operator.add
+        ),
         # "x" rather than "times": the 135M model did markedly better with the symbol.
         "multiplication_table": every(
             [(a, b) for a in range(2, 13) for b in range(2, 13)], "What is {a} x {b}?", operator.mul
@@ -453,13 +485,16 @@ def arithmetic_rows(rng: random.Random) -> dict[str, list[dict]]:
 def english_word_rows() -> dict[str, list[dict]]:
     return {
         "irregular_plural": [
-            {"question": f"What is the plural of {word}?", "answers": plurals} for word, plurals in IRREGULAR_PLURALS.items()
+            {"question": f"What is the plural of {word}?", "answers": plurals}
+            for word, plurals in IRREGULAR_PLURALS.items()
         ],
         "irregular_past": [
-            {"question": f"What is the past tense of {verb}?", "answers": pasts} for verb, pasts in IRREGULAR_PASTS.items()
+            {"question": f"What is the past tense of {verb}?", "answers": pasts}
+            for verb, pasts in IRREGULAR_PASTS.items()
         ],
         "comparative": [
-            {"question": f"What is the comparative form of {word}?", "answers": forms} for word, forms in COMPARATIVES.items()
+            {"question": f"What is the comparative form of {word}?", "answers": forms}
+            for word, forms in COMPARATIVES.items()
         ],
     }
 
@@ -503,7 +538,8 @@ def number_theory_rows() -> dict[str, list[dict]]:
     return {
         "square": [{"question": f"What is {n} squared?", "answers": [str(n * n)]} for n in SQUARE_RANGE],
         "square_root": [
-            {"question": f"What is the square root of {n * n}?", "answers": [str(n)]} for n in SQUARE_ROOT_RANGE
+            {"question": f"What is the square root of {n * n}?", "answers": [str(n)]}
+            for n in SQUARE_ROOT_RANGE
         ],
     }
 
@@ -516,7 +552,9 @@ def calendar_rows() -> dict[str, list[dict]]:
     order = []
     for kind, names in (("day", WEEKDAYS), ("month", MONTHS)):
         for i, name in enumerate(names):
-            order.append({"question": f"Which {kind} comes after {name}?", "answers": [names[(i + 1) % len(names)]]})
+            order.append(
+                {"question": f"Which {kind} comes after {name}?", "answers": [names[(i + 1) % len(names)]]}
+            )
             order.append({"question": f"Which {kind} comes before {name}?", "answers": [names[i - 1]]})
     months = []
     for i, month in enumerate(MONTHS):
@@ -528,7 +566,17 @@ def calendar_rows() -> dict[str, list[dict]]:
 
 def to_roman(n: int) -> str:
     out = ""
-    for value, numeral in ((100, "C"), (90, "XC"), (50, "L"), (40, "XL"), (10, "X"), (9, "IX"), (5, "V"), (4, "IV"), (1, "I")):
+    for value, numeral in (
+        (100, "C"),
+        (90, "XC"),
+        (50, "L"),
+        (40, "XL"),
+        (10, "X"),
+        (9, "IX"),
+        (5, "V"),
+        (4, "IV"),
+        (1, "I"),
+    ):
         count, n = divmod(n, value)
         out += numeral * count
     return out
@@ -538,7 +586,8 @@ def roman_rows() -> dict[str, list[dict]]:
     # Only this direction: "What is 14 in Roman numerals?" was 0 of 38 for the 135M model.
     return {
         "from_roman": [
-            {"question": f"What number is the Roman numeral {to_roman(n)}?", "answers": [str(n)]} for n in ROMAN_RANGE
+            {"question": f"What number is the Roman numeral {to_roman(n)}?", "answers": [str(n)]}
+            for n in ROMAN_RANGE
         ],
     }
 

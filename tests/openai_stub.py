@@ -38,8 +38,17 @@ async def complete(request: Request):
     chat = request.url.path.endswith("/chat/completions")
     prompt = _prompt(body)
     if "fail400" in prompt:
-        return JSONResponse({"error": {"message": "stub refuses this prompt", "type": "invalid_request_error",
-                                       "param": "prompt", "code": "stub_refusal"}}, status_code=400)
+        return JSONResponse(
+            {
+                "error": {
+                    "message": "stub refuses this prompt",
+                    "type": "invalid_request_error",
+                    "param": "prompt",
+                    "code": "stub_refusal",
+                }
+            },
+            status_code=400,
+        )
     if "crash" in prompt:
         return PlainTextResponse("engine exploded", status_code=500)
     if "slow" in prompt:
@@ -48,26 +57,58 @@ async def complete(request: Request):
     n = body.get("n") or 1
     kind = "chat.completion" if chat else "text_completion"
     if not body.get("stream"):
-        choices = [{"index": i, "finish_reason": "stop", "logprobs": None,
-                    **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
-                   for i in range(n)]
-        return {"id": "stub-1", "object": kind, "created": int(time.time()), "model": body.get("model"),
-                "choices": choices, "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}
+        choices = [
+            {
+                "index": i,
+                "finish_reason": "stop",
+                "logprobs": None,
+                **({"message": {"role": "assistant", "content": text}} if chat else {"text": text}),
+            }
+            for i in range(n)
+        ]
+        return {
+            "id": "stub-1",
+            "object": kind,
+            "created": int(time.time()),
+            "model": body.get("model"),
+            "choices": choices,
+            "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+        }
 
     async def events():
         words = text.split(" ")
         for k, word in enumerate(words):
             piece = word if k == 0 else " " + word
             for i in range(n):
-                choice = ({"index": i, "delta": {"content": piece}} if chat else {"index": i, "text": piece})
-                yield "data: " + json.dumps({"id": "stub-2", "object": kind + (".chunk" if chat else ""),
-                                             "created": 1, "model": body.get("model"),
-                                             "choices": [{**choice, "finish_reason": None}]}) + "\n\n"
+                choice = {"index": i, "delta": {"content": piece}} if chat else {"index": i, "text": piece}
+                yield (
+                    "data: "
+                    + json.dumps(
+                        {
+                            "id": "stub-2",
+                            "object": kind + (".chunk" if chat else ""),
+                            "created": 1,
+                            "model": body.get("model"),
+                            "choices": [{**choice, "finish_reason": None}],
+                        }
+                    )
+                    + "\n\n"
+                )
         for i in range(n):
             choice = {"index": i, "delta": {}} if chat else {"index": i, "text": ""}
-            yield "data: " + json.dumps({"id": "stub-2", "object": kind + (".chunk" if chat else ""), "created": 1,
-                                         "model": body.get("model"),
-                                         "choices": [{**choice, "finish_reason": "stop"}]}) + "\n\n"
+            yield (
+                "data: "
+                + json.dumps(
+                    {
+                        "id": "stub-2",
+                        "object": kind + (".chunk" if chat else ""),
+                        "created": 1,
+                        "model": body.get("model"),
+                        "choices": [{**choice, "finish_reason": "stop"}],
+                    }
+                )
+                + "\n\n"
+            )
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")

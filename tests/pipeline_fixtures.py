@@ -23,8 +23,13 @@ SPLIT_PATTERN = ("train", "train", "train", "calibration", "test")  # 60 / 20 / 
 
 
 def synthetic_fingerprint(hidden: int, num_layers: int, name: str = "synthetic-model") -> dict:
-    return {"name": name, "source_hash": "synthetic", "architecture": "SyntheticForCausalLM",
-            "hidden_size": hidden, "num_layers": num_layers}
+    return {
+        "name": name,
+        "source_hash": "synthetic",
+        "architecture": "SyntheticForCausalLM",
+        "hidden_size": hidden,
+        "num_layers": num_layers,
+    }
 
 
 def _labels_and_splits(n_rows: int, rng: np.random.Generator) -> tuple[list[str], np.ndarray, list[str]]:
@@ -78,7 +83,9 @@ def write_synthetic_store(
     both labels in every split.
     """
     if signal_site[0] not in layers or signal_site[1] not in positions:
-        raise ValueError(f"signal_site {signal_site} is not among layers {list(layers)} x positions {list(positions)}")
+        raise ValueError(
+            f"signal_site {signal_site} is not among layers {list(layers)} x positions {list(positions)}"
+        )
     rng = np.random.default_rng(seed)
     categories, labels, splits = _labels_and_splits(n_rows, rng)
     direction = rng.normal(size=hidden)
@@ -91,33 +98,63 @@ def write_synthetic_store(
     records = []
     for i in range(n_rows):
         answer = "paris" if labels[i] else "berlin"
-        records.append({
-            "id": f"q{i}", "category": categories[i], "question": f"synthetic question {i}?",
-            "answers": ["paris"], "split": splits[i], "label": int(labels[i]),
-            "grader_rule": "exact" if labels[i] else "none", "matched": "paris" if labels[i] else None,
-            "grade_reason": "" if labels[i] else "no alias found", "f1": float(labels[i]), "verbalized_parsed": None,
-            "model_answer": answer, "raw_generation": answer + "\n", "n_answer_tokens": 1,
-            "truncated": i % 17 == 0, "empty_answer": False, "answer_in_text": True,
-        })
+        records.append(
+            {
+                "id": f"q{i}",
+                "category": categories[i],
+                "question": f"synthetic question {i}?",
+                "answers": ["paris"],
+                "split": splits[i],
+                "label": int(labels[i]),
+                "grader_rule": "exact" if labels[i] else "none",
+                "matched": "paris" if labels[i] else None,
+                "grade_reason": "" if labels[i] else "no alias found",
+                "f1": float(labels[i]),
+                "verbalized_parsed": None,
+                "model_answer": answer,
+                "raw_generation": answer + "\n",
+                "n_answer_tokens": 1,
+                "truncated": i % 17 == 0,
+                "empty_answer": False,
+                "answer_in_text": True,
+            }
+        )
     settings = {
-        "fingerprint": synthetic_fingerprint(hidden, max(layers)), "layers": list(layers),
-        "positions": list(positions), "dtype": "float32", "dataset_hash": f"synthetic-{seed}-{n_rows}",
-        "shard_size": shard_size, "dataset": "synthetic",
+        "fingerprint": synthetic_fingerprint(hidden, max(layers)),
+        "layers": list(layers),
+        "positions": list(positions),
+        "dtype": "float32",
+        "dataset_hash": f"synthetic-{seed}-{n_rows}",
+        "shard_size": shard_size,
+        "dataset": "synthetic",
     }
     writer = StoreWriter(path, settings, n_rows)
     for index in range(writer.num_shards):
         rows = writer.shard_rows(index)
-        writer.write_shard(index, acts[rows.start : rows.stop], records[rows.start : rows.stop],
-                           {k: v[rows.start : rows.stop] for k, v in baselines.items()})
+        writer.write_shard(
+            index,
+            acts[rows.start : rows.stop],
+            records[rows.start : rows.stop],
+            {k: v[rows.start : rows.stop] for k, v in baselines.items()},
+        )
     writer.finalize()
     return open_store(path)
 
 
-def write_synthetic_sweep(store: ActivationStore, path: str | Path, n_folds: int = 3, seed: int = 0) -> SweepResult:
+def write_synthetic_sweep(
+    store: ActivationStore, path: str | Path, n_folds: int = 3, seed: int = 0
+) -> SweepResult:
     """Sweep every stored site on the store's train split (as `probes.cli.pipeline.train_probe` does); write JSON."""
     train = store.column("split") == "train"
     y = store.column("label").astype(int)[train]
-    result = sweep(lambda layer, pos: store.read(layer, pos)[train], y, list(store.layers), list(store.positions),
-                   n_folds=n_folds, seed=seed, categories=store.column("category")[train])
+    result = sweep(
+        lambda layer, pos: store.read(layer, pos)[train],
+        y,
+        list(store.layers),
+        list(store.positions),
+        n_folds=n_folds,
+        seed=seed,
+        categories=store.column("category")[train],
+    )
     result.to_json(path)
     return result

@@ -47,7 +47,9 @@ def word_tokenizer(chat: bool = True, add_bos: bool = False, template_bos: bool 
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
     if add_bos:
-        backend.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+        backend.post_processor = TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+        )
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",
@@ -87,7 +89,14 @@ def tiny_gpt2(seed: int = 0):
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2, pad_token_id=0
+        vocab_size=99,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     return GPT2LMHeadModel(config).eval()
 
@@ -104,8 +113,18 @@ def save_tiny_llama(folder: Path, seed: int = 0) -> Path:
 # One tiny model per supported family (random weights, hidden 32, 2 layers, vocab 99, eager attention)
 # ----------------------------------------------------------------------------------------------
 
-_COMMON = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_COMMON = dict(
+    vocab_size=99,
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 # Small enough that the word-level prompts (10-20 tokens) reach past it: the window must really apply.
 SLIDING_WINDOW = 6
 
@@ -116,12 +135,27 @@ FAMILY_CONFIGS: dict[str, tuple[str, str, dict]] = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {
-        "head_dim": 8, "sliding_window": SLIDING_WINDOW, "query_pre_attn_scalar": 8,
-        "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
-        "head_dim": 8, "sliding_window": SLIDING_WINDOW, "query_pre_attn_scalar": 8,
-        "layer_types": ["sliding_attention", "full_attention"]}),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {
+            "head_dim": 8,
+            "sliding_window": SLIDING_WINDOW,
+            "query_pre_attn_scalar": 8,
+            "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0,
+        },
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {
+            "head_dim": 8,
+            "sliding_window": SLIDING_WINDOW,
+            "query_pre_attn_scalar": 8,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+    ),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {}),
 }
 
@@ -132,8 +166,16 @@ def tiny_family_model(family: str, seed: int = 0):
 
     config_name, model_name, extra = FAMILY_CONFIGS[family]
     if family == "gpt2":
-        kwargs = dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=256, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=0)
+        kwargs = dict(
+            vocab_size=99,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
     else:
         kwargs = {**_COMMON, **extra}
     config = getattr(transformers, config_name)(**kwargs)

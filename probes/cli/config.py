@@ -25,13 +25,25 @@ class TrainSpec:
     n_bins: int = 15  # ECE / reliability bins
     n_bootstrap: int = 1000  # bootstrap resamples for the ECE interval
     # Transfer (probes/evaluation/transfer.py): leave-one-domain-out over the store's domains.
-    select: str = "transfer"  # transfer: site, features and C by the held-out-domain score | cv: in-domain CV sweep
-    transfer: bool = True  # measure the held-out-domain numbers of the probe and every baseline (select=cv too)
-    transfer_layer_step: int = 3  # candidate layers for select=transfer: every Nth stored layer (and the last)
+    select: str = (
+        "transfer"  # transfer: site, features and C by the held-out-domain score | cv: in-domain CV sweep
+    )
+    transfer: bool = (
+        True  # measure the held-out-domain numbers of the probe and every baseline (select=cv too)
+    )
+    transfer_layer_step: int = (
+        3  # candidate layers for select=transfer: every Nth stored layer (and the last)
+    )
     transfer_positions: list[str] | None = None  # candidate positions (None = every stored position)
-    transfer_features: list[str] = field(default_factory=lambda: ["hidden", "hidden+logits"])  # hidden | hidden+logits
-    transfer_Cs: list[float] = field(default_factory=lambda: [0.0001, 0.001, 0.01])  # fixed C grid (the probe's C)
-    logit_weight: float = 3.0  # scale of the standardized logit features (divides their L2 penalty by its square)
+    transfer_features: list[str] = field(
+        default_factory=lambda: ["hidden", "hidden+logits"]
+    )  # hidden | hidden+logits
+    transfer_Cs: list[float] = field(
+        default_factory=lambda: [0.0001, 0.001, 0.01]
+    )  # fixed C grid (the probe's C)
+    logit_weight: float = (
+        3.0  # scale of the standardized logit features (divides their L2 penalty by its square)
+    )
     # heldout: best held-out-domain within-cat AUROC | heldout_then_cv: among candidates within select_tolerance of
     # that best, the best in-domain CV within-cat AUROC (train-split folds, solved in the same batched call)
     select_rule: str = "heldout_then_cv"

@@ -63,12 +63,16 @@ def _extract(cfg: DictConfig):
     if not dist.is_main:
         return loaded, store, splits
     if store.column("split").tolist() != list(splits):
-        log.info("the store at %s was extracted with other splits (data.seed or fractions); using this run's",
-                 store.path)
+        log.info(
+            "the store at %s was extracted with other splits (data.seed or fractions); using this run's",
+            store.path,
+        )
     table = accuracy_table(store)
     (_run_dir() / "store.txt").write_text(f"{store.path}\n")
-    print(f"\nactivation store: {store.path}\n\nModel accuracy by category ({loaded.fingerprint.name}, "
-          f"{data_spec.name}):\n{table}\n")
+    print(
+        f"\nactivation store: {store.path}\n\nModel accuracy by category ({loaded.fingerprint.name}, "
+        f"{data_spec.name}):\n{table}\n"
+    )
     return loaded, store, splits
 
 
@@ -88,42 +92,68 @@ def stage_train(cfg: DictConfig) -> None:
     if not is_main_process():  # under torchrun the other ranks only help with the extraction
         return
     train_spec = OmegaConf.to_object(cfg.train)
-    artifact, sweep_result, extra = train_probe(store, cfg.probe, cfg.calibration, train_spec, seed=cfg.seed,
-                                                splits=splits)
-    table, methods, data, mask = evaluate_on_store(artifact, store, cfg.calibration, train_spec, "test", cfg.seed,
-                                                   splits=splits)
+    artifact, sweep_result, extra = train_probe(
+        store, cfg.probe, cfg.calibration, train_spec, seed=cfg.seed, splits=splits
+    )
+    table, methods, data, mask = evaluate_on_store(
+        artifact, store, cfg.calibration, train_spec, "test", cfg.seed, splits=splits
+    )
     thresholds = threshold_report(extra["threshold"], methods["probe"], data.y[mask])
     artifact = artifact.with_metadata(
         metrics={"test": {k: table.rows["probe"].get(k) for k in table.columns()}},
-        thresholds=[thresholds], extract_settings=store.settings,
+        thresholds=[thresholds],
+        extract_settings=store.settings,
     )
     artifact.save(run_dir / "probe")
     model_name = loaded.fingerprint.name
     notes = {
-        "model": model_name, "data": cfg.data.name, "store": str(store.path),
+        "model": model_name,
+        "data": cfg.data.name,
+        "store": str(store.path),
         "selected site": f"layer {artifact.metadata.layer}, {artifact.metadata.position}",
-        "probe": artifact.metadata.kind, "calibration": artifact.metadata.calibrator_kind,
+        "probe": artifact.metadata.kind,
+        "calibration": artifact.metadata.calibrator_kind,
         "split sizes": json.dumps(data.sizes()),
         "abstention": _threshold_sentence(thresholds),
         "selection": f"train.select={train_spec.select}: {extra['selection']['candidate']} "
-                     f"(by {extra['selection']['by']})",
+        f"(by {extra['selection']['by']})",
     }
     report, headline = write_run_outputs(
-        run_dir, f"probecal: {model_name} on {cfg.data.name}", table, methods, data, mask, train_spec,
-        sweep_result, {**extra, "notes": notes, "thresholds": thresholds, "selected": notes["selected site"],
-                       "model": model_name, "data": cfg.data.name, "seconds": time.perf_counter() - start},
+        run_dir,
+        f"probecal: {model_name} on {cfg.data.name}",
+        table,
+        methods,
+        data,
+        mask,
+        train_spec,
+        sweep_result,
+        {
+            **extra,
+            "notes": notes,
+            "thresholds": thresholds,
+            "selected": notes["selected site"],
+            "model": model_name,
+            "data": cfg.data.name,
+            "seconds": time.perf_counter() - start,
+        },
     )
     print(f"\nselected {notes['selected site']} ({notes['selection']}); {notes['abstention']}\n")
-    where = "Test split" + (" (in domain) and held-out domains (leave-one-domain-out)" if extra.get("transfer") else "")
+    where = "Test split" + (
+        " (in domain) and held-out domains (leave-one-domain-out)" if extra.get("transfer") else ""
+    )
     print(f"{where}, probe vs best baseline:\n{headline}\n\nreport: {report}")
 
 
 def _threshold_sentence(info: dict) -> str:
     if not info.get("reachable"):
-        return (f"target accuracy {info['target_accuracy']:.0%} is not reachable with confidence "
-                f"{1 - info['delta']:.0%} on the calibration split: no abstention threshold")
-    return (f"abstain below p={info['threshold']:.3f} (target {info['target_accuracy']:.0%} at delta "
-            f"{info['delta']}); on test: accuracy {info['test_accuracy']:.3f} at coverage {info['test_coverage']:.3f}")
+        return (
+            f"target accuracy {info['target_accuracy']:.0%} is not reachable with confidence "
+            f"{1 - info['delta']:.0%} on the calibration split: no abstention threshold"
+        )
+    return (
+        f"abstain below p={info['threshold']:.3f} (target {info['target_accuracy']:.0%} at delta "
+        f"{info['delta']}); on test: accuracy {info['test_accuracy']:.3f} at coverage {info['test_coverage']:.3f}"
+    )
 
 
 def stage_evaluate(cfg: DictConfig) -> None:
@@ -143,11 +173,21 @@ def stage_evaluate(cfg: DictConfig) -> None:
     artifact.fingerprint.check_matches(loaded.fingerprint, "probe")
     train_spec = OmegaConf.to_object(cfg.train)
     split = None if cfg.evaluate.split == "all" else cfg.evaluate.split
-    table, methods, data, mask = evaluate_on_store(artifact, store, cfg.calibration, train_spec, split, cfg.seed,
-                                                   splits=splits)
+    table, methods, data, mask = evaluate_on_store(
+        artifact, store, cfg.calibration, train_spec, split, cfg.seed, splits=splits
+    )
     title = f"probecal evaluate: probe {cfg.evaluate.probe_dir} on {cfg.data.name} ({cfg.evaluate.split})"
-    report, headline = write_run_outputs(_run_dir(), title, table, methods, data, mask, train_spec, None,
-                                         {"notes": {"probe": str(cfg.evaluate.probe_dir)}})
+    report, headline = write_run_outputs(
+        _run_dir(),
+        title,
+        table,
+        methods,
+        data,
+        mask,
+        train_spec,
+        None,
+        {"notes": {"probe": str(cfg.evaluate.probe_dir)}},
+    )
     print(f"\n{headline}\n\nreport: {report}")
 
 
@@ -181,8 +221,13 @@ def stage_demo(cfg: DictConfig) -> None:
     for question in DEMO_QUESTIONS:
         ids = encode_prompt(Question(question), tokenizer, loaded.uses_chat_template, prompt_spec)
         input_ids = torch.tensor([ids], device=loaded.device)
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=24,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=24,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         answer = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
         print(f"Q: {question}\nA: {answer.strip().splitlines()[0] if answer.strip() else ''}\n")
 
@@ -193,7 +238,10 @@ STAGES: dict[str, tuple[Callable[[DictConfig], None], str]] = {
     "train": (stage_train, "sweep layers/positions, fit + calibrate the probe, evaluate on test, report"),
     "evaluate": (stage_evaluate, "evaluate a saved probe (evaluate.probe_dir=...) on any data set"),
     "serve": (stage_serve, "OpenAI-compatible HTTP server with confidence, abstention and feedback"),
-    "recalibrate": (stage_recalibrate, "refit a saved probe's calibrator + threshold on new rows (evaluate.probe_dir=...)"),
+    "recalibrate": (
+        stage_recalibrate,
+        "refit a saved probe's calibrator + threshold on new rows (evaluate.probe_dir=...)",
+    ),
     "summarize": (stage_summarize, "collect metrics.json of a multirun (summarize.dir=...) into one table"),
     "demo": (stage_demo, "load the model and answer a few built-in questions"),
 }
@@ -214,7 +262,9 @@ def usage() -> str:
 
 
 DEBUG_HINT = "(PROBECAL_DEBUG=1 shows the traceback)"
-VERIFY_USAGE = "usage: probecal verify PATH [PATH ...] [--rehash]   (an activation store or a probe artifact directory)"
+VERIFY_USAGE = (
+    "usage: probecal verify PATH [PATH ...] [--rehash]   (an activation store or a probe artifact directory)"
+)
 
 
 def _fail(stage: str, message: str) -> int:
@@ -244,10 +294,14 @@ def verify_paths(paths: list[str], rehash: bool = False) -> tuple[int, list[str]
                 else:
                     artifact = ProbeArtifact.load(path)
                     meta = artifact.metadata
-                    lines.append(f"probe artifact {path}: intact (digest {artifact.digest[:16]}..., layer {meta.layer}, "
-                                 f"{meta.position}{', recalibrated from ' + meta.parent['digest'][:16] + '...' if meta.parent else ''})")
+                    lines.append(
+                        f"probe artifact {path}: intact (digest {artifact.digest[:16]}..., layer {meta.layer}, "
+                        f"{meta.position}{', recalibrated from ' + meta.parent['digest'][:16] + '...' if meta.parent else ''})"  # noqa: E501
+                    )
             else:
-                lines.append(f"{path}: neither an activation store ({MANIFEST_FILE}) nor a probe artifact ({METADATA_FILE})")
+                lines.append(
+                    f"{path}: neither an activation store ({MANIFEST_FILE}) nor a probe artifact ({METADATA_FILE})"
+                )
                 code = max(code, 2)
         except (StoreError, ArtifactError, ValueError, OSError) as err:
             lines.append(f"{path}: DAMAGED: {err}")
@@ -260,8 +314,10 @@ def _verify_main(args: list[str]) -> int:
     paths = [a for a in args if a != "--rehash"]
     unknown = [a for a in paths if a.startswith("-")]
     if not paths or unknown:
-        print(f"probecal verify: error: {'unknown option ' + unknown[0] if unknown else 'no path given'}\n{VERIFY_USAGE}",
-              file=sys.stderr)
+        print(
+            f"probecal verify: error: {'unknown option ' + unknown[0] if unknown else 'no path given'}\n{VERIFY_USAGE}",
+            file=sys.stderr,
+        )
         return 2
     code, lines = verify_paths(paths, rehash)
     print("\n".join(lines), file=sys.stdout if code == 0 else sys.stderr)
@@ -306,7 +362,9 @@ def config_error(overrides: list[str]) -> str | None:
                 allowed = "?"
             return f"unknown key {key!r}; {'keys of ' + parent if parent else 'top-level keys'}: {allowed}"
         if isinstance(cause, ValidationError) and key:
-            given = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), "?")
+            given = next(
+                (o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), "?"
+            )
             expected = re.search(r"could not be converted to (\w+)", str(cause))
             detail = f"expected {expected.group(1).lower()}" if expected else str(cause).splitlines()[0]
             return f"{key}={given}: {detail}"
@@ -326,8 +384,10 @@ def check_port(host: str, port) -> None:
         try:
             sock.bind((host, port))
         except OSError as err:
-            raise ValueError(f"serve.port={port}: cannot listen on {host}:{port} ({err.strerror or err}); "
-                             "stop the other server or choose another serve.port") from None
+            raise ValueError(
+                f"serve.port={port}: cannot listen on {host}:{port} ({err.strerror or err}); "
+                "stop the other server or choose another serve.port"
+            ) from None
 
 
 def main(argv: list[str] | None = None) -> int:

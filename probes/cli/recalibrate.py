@@ -49,13 +49,24 @@ def rows_from_data(cfg: DictConfig, parent: ProbeArtifact) -> RecalibrationRows:
     for key in ("prompt", "generation", "grader"):
         trained = meta.extract_settings.get(key)
         if trained is not None and trained != store.settings.get(key):
-            log.warning("extract.%s differs from the settings the probe was trained with (%s vs %s): the "
-                        "recalibrated probe describes answers produced this way", key, store.settings.get(key), trained)
+            log.warning(
+                "extract.%s differs from the settings the probe was trained with (%s vs %s): the "
+                "recalibrated probe describes answers produced this way",
+                key,
+                store.settings.get(key),
+                trained,
+            )
     X = store.read(meta.layer, meta.position)
     domains = store.column("domain")
     p_parent, score = parent.predict(X, categories=domains)
-    return make_rows(score, store.column("label"), domains, store.column("id"), p_parent,
-                     source=f"{data_spec.name} ({store.path})")
+    return make_rows(
+        score,
+        store.column("label"),
+        domains,
+        store.column("id"),
+        p_parent,
+        source=f"{data_spec.name} ({store.path})",
+    )
 
 
 def stage_recalibrate(cfg: DictConfig) -> None:
@@ -64,7 +75,9 @@ def stage_recalibrate(cfg: DictConfig) -> None:
 
     spec: RecalibrateSpec = OmegaConf.to_object(cfg.recalibrate)
     if not cfg.evaluate.probe_dir:
-        raise ValueError("probecal recalibrate needs evaluate.probe_dir=<run dir>/probe (the parent artifact)")
+        raise ValueError(
+            "probecal recalibrate needs evaluate.probe_dir=<run dir>/probe (the parent artifact)"
+        )
     if spec.rows and spec.from_feedback:
         raise ValueError("give recalibrate.rows or recalibrate.from_feedback, not both")
     parent = ProbeArtifact.load(cfg.evaluate.probe_dir)
@@ -75,8 +88,16 @@ def stage_recalibrate(cfg: DictConfig) -> None:
     else:
         rows = rows_from_data(cfg, parent)
     result = recalibrate(
-        parent, rows, spec.kind, spec.heldout_fraction, cfg.seed, spec.target_accuracy, spec.delta,
-        spec.threshold_method, n_bins=cfg.train.n_bins, n_bootstrap=cfg.train.n_bootstrap,
+        parent,
+        rows,
+        spec.kind,
+        spec.heldout_fraction,
+        cfg.seed,
+        spec.target_accuracy,
+        spec.delta,
+        spec.threshold_method,
+        n_bins=cfg.train.n_bins,
+        n_bootstrap=cfg.train.n_bootstrap,
     )
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -94,7 +115,9 @@ def stage_recalibrate(cfg: DictConfig) -> None:
         "domain_accuracy": {str(d): float(np.mean(rows.y[rows.domain == d])) for d in np.unique(rows.domain)},
     }
     atomic_write_text(run_dir / "recalibration.json", json.dumps(report, indent=2, default=json_default))
-    print(f"\nrecalibration of {cfg.evaluate.probe_dir} on {rows.source} ({spec.kind}):\n{result.summary()}\n")
+    print(
+        f"\nrecalibration of {cfg.evaluate.probe_dir} on {rows.source} ({spec.kind}):\n{result.summary()}\n"
+    )
     if not result.accepted:
         raise ValueError(f"no artifact written: {result.reason} (details: {run_dir / 'recalibration.json'})")
     result.artifact.save(output)

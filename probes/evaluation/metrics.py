@@ -84,7 +84,9 @@ class ReliabilityCurve:
     counts: np.ndarray
 
     def to_dict(self) -> dict[str, list]:
-        return {k: getattr(self, k).tolist() for k in ("edges", "centers", "confidence", "accuracy", "counts")}
+        return {
+            k: getattr(self, k).tolist() for k in ("edges", "centers", "confidence", "accuracy", "counts")
+        }
 
 
 def reliability_curve(p, y, n_bins: int = 15, strategy: str = "uniform") -> ReliabilityCurve:

@@ -37,7 +37,9 @@ class ReportInputs:
     notes: list[str] = field(default_factory=list)  # extra Markdown paragraphs (settings, threshold, ...)
     # leave-one-domain-out (metrics.json["transfer"]: rows, per_domain, domains, selection, candidates, ...)
     transfer: dict | None = None
-    in_domain_by_domain: dict[str, dict[str, float]] | None = None  # {method: {domain: within-cat AUROC}} on `y`
+    in_domain_by_domain: dict[str, dict[str, float]] | None = (
+        None  # {method: {domain: within-cat AUROC}} on `y`
+    )
 
 
 def _subplots(*grid: int, figsize: tuple[float, float]):
@@ -70,11 +72,20 @@ def draw_layer_sweep(ax, sweep: SweepResult) -> None:
         std = np.array([r.auroc_std for r in rows])
         (line,) = ax.plot(layers, mean, marker="o", ms=3, label=position)
         ax.fill_between(layers, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-    ax.scatter([sweep.best_layer], [sweep.best_row().auroc_mean], s=120, facecolors="none", edgecolors="k",
-               label=f"selected: layer {sweep.best_layer}, {sweep.best_position}")
+    ax.scatter(
+        [sweep.best_layer],
+        [sweep.best_row().auroc_mean],
+        s=120,
+        facecolors="none",
+        edgecolors="k",
+        label=f"selected: layer {sweep.best_layer}, {sweep.best_position}",
+    )
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.set(xlabel="layer (0 = embeddings)", ylabel="AUROC (train-split CV, mean ± std)",
-           title="Where does the model know it is wrong? AUROC by layer")
+    ax.set(
+        xlabel="layer (0 = embeddings)",
+        ylabel="AUROC (train-split CV, mean ± std)",
+        title="Where does the model know it is wrong? AUROC by layer",
+    )
     ax.legend(fontsize=8)
 
 
@@ -83,11 +94,26 @@ def draw_reliability(ax, p, y, n_bins: int, title: str) -> None:
     curve = reliability_curve(p, y, n_bins)
     filled = curve.counts > 0
     width = np.diff(curve.edges)
-    ax.bar(curve.centers[filled], curve.accuracy[filled], width=width[filled] * 0.9, alpha=0.6,
-           edgecolor="k", label="accuracy in bin")
+    ax.bar(
+        curve.centers[filled],
+        curve.accuracy[filled],
+        width=width[filled] * 0.9,
+        alpha=0.6,
+        edgecolor="k",
+        label="accuracy in bin",
+    )
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    ax.plot(curve.confidence[filled], curve.accuracy[filled], "o-", color="C3", ms=3, label="accuracy at the bin's mean confidence")
-    for x, acc, count in zip(curve.centers[filled], curve.accuracy[filled], curve.counts[filled], strict=True):
+    ax.plot(
+        curve.confidence[filled],
+        curve.accuracy[filled],
+        "o-",
+        color="C3",
+        ms=3,
+        label="accuracy at the bin's mean confidence",
+    )
+    for x, acc, count in zip(
+        curve.centers[filled], curve.accuracy[filled], curve.counts[filled], strict=True
+    ):
         ax.annotate(str(int(count)), (x, min(acc + 0.02, 0.97)), ha="center", fontsize=6)
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted P(correct)", ylabel="fraction correct", title=title)
     ax.legend(fontsize=7, loc="upper left")
@@ -112,8 +138,13 @@ def plot_risk_coverage(inputs: ReportInputs, path: Path) -> Path:
         style = {"lw": 2.2, "color": "k"} if name.startswith("probe") else {"lw": 1.0}
         ax.step(curve.coverage, curve.risk, where="post", label=name, **style)
     ax.axhline(1 - np.mean(inputs.y), color="grey", ls=":", lw=1, label="answer everything")
-    ax.set(xlim=(0, 1), ylim=(0, None), xlabel="coverage (fraction answered)", ylabel="risk (error rate of answered)",
-           title="Risk-coverage: abstain on the least confident first")
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, None),
+        xlabel="coverage (fraction answered)",
+        ylabel="risk (error rate of answered)",
+        title="Risk-coverage: abstain on the least confident first",
+    )
     ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -137,8 +168,14 @@ def plot_categories(inputs: ReportInputs, path: Path) -> Path:
     ax.bar(x + 0.2, [r[3] for r in rows], 0.4, label="mean P(correct), probe")
     if inputs.best_baseline:
         base = inputs.baselines[inputs.best_baseline]
-        ax.scatter(x + 0.2, [float(np.mean(base[inputs.categories == n])) for n in names], marker="_", s=300,
-                   color="k", label=f"mean confidence, {inputs.best_baseline}")
+        ax.scatter(
+            x + 0.2,
+            [float(np.mean(base[inputs.categories == n])) for n in names],
+            marker="_",
+            s=300,
+            color="k",
+            label=f"mean confidence, {inputs.best_baseline}",
+        )
     ax.set_xticks(x, names, rotation=30, ha="right")
     for tick, row in zip(ax.get_xticklabels(), rows, strict=True):
         if row[3] - row[2] > OVERCONFIDENCE_GAP:
@@ -154,7 +191,9 @@ def plot_histogram(inputs: ReportInputs, path: Path) -> Path:
     y = inputs.y.astype(bool)
     ax.hist(inputs.probe[y], bins=bins, alpha=0.6, label=f"correct answers (n={y.sum()})")
     ax.hist(inputs.probe[~y], bins=bins, alpha=0.6, label=f"wrong answers (n={(~y).sum()})")
-    ax.set(xlabel="calibrated probe P(correct)", ylabel="answers", title="Confidence of correct vs wrong answers")
+    ax.set(
+        xlabel="calibrated probe P(correct)", ylabel="answers", title="Confidence of correct vs wrong answers"
+    )
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -172,21 +211,27 @@ TRANSFER_COLUMNS = ("within_cat_auroc", "ece", "brier", "pooled_ece", "ece_floor
 
 def transfer_markdown(transfer: dict) -> str:
     """Held-out-domain table (means over domains) and the candidates the selection compared."""
-    lines = ["| method | " + " | ".join(f"held-out {c}" for c in TRANSFER_COLUMNS) + " |",
-             "|---|" + "---:|" * len(TRANSFER_COLUMNS)]
+    lines = [
+        "| method | " + " | ".join(f"held-out {c}" for c in TRANSFER_COLUMNS) + " |",
+        "|---|" + "---:|" * len(TRANSFER_COLUMNS),
+    ]
     for method, row in transfer["rows"].items():
         lines.append(f"| {method} | " + " | ".join(_number(row.get(c)) for c in TRANSFER_COLUMNS) + " |")
     parts = ["\n".join(lines)]
     domains = transfer.get("domains", [])
-    parts.append(f"Leave-one-domain-out over {len(domains)} domains ({', '.join(domains)}): each domain is scored by a "
-                 "probe fit on the other domains' train rows and calibrated on their calibration rows; numbers are "
-                 "means over the held-out domains. pooled_ece: one ECE over every held-out row; ece_floor: the "
-                 "mean ECE a perfectly calibrated probability reads on the same rows (binning noise of small domains).")
+    parts.append(
+        f"Leave-one-domain-out over {len(domains)} domains ({', '.join(domains)}): each domain is scored by a "
+        "probe fit on the other domains' train rows and calibrated on their calibration rows; numbers are "
+        "means over the held-out domains. pooled_ece: one ECE over every held-out row; ece_floor: the "
+        "mean ECE a perfectly calibrated probability reads on the same rows (binning noise of small domains)."
+    )
     calibrate_on = transfer.get("calibrate_on")
     if calibrate_on and calibrate_on != "calibration":
-        parts.append(f"The probe's calibrator (train.calibrate_on={calibrate_on}) is fit on out-of-domain scores; its "
-                     "held-out numbers are nested: for each held-out domain, the calibrator only saw the other "
-                     "domains, each scored by a probe fit without it and without the held-out domain.")
+        parts.append(
+            f"The probe's calibrator (train.calibrate_on={calibrate_on}) is fit on out-of-domain scores; its "
+            "held-out numbers are nested: for each held-out domain, the calibrator only saw the other "
+            "domains, each scored by a probe fit without it and without the held-out domain."
+        )
     selection = transfer.get("selection") or {}
     if selection:
         parts.append(f"Selected by {selection.get('by')}: {selection.get('candidate')}.")
@@ -195,14 +240,23 @@ def transfer_markdown(transfer: dict) -> str:
     candidates = (transfer.get("candidates") or {}).get("scores") or []
     if candidates:
         by_option: dict[tuple, tuple[float, float]] = {}
-        for c in candidates:  # best held-out AUROC per (features, C) over sites, with that site's in-domain CV
+        for (
+            c
+        ) in candidates:  # best held-out AUROC per (features, C) over sites, with that site's in-domain CV
             key = (c["features"], c["C"])
             value = (np.nan_to_num(c["heldout_auroc"], nan=-1.0), c.get("cv_auroc", np.nan))
             by_option[key] = max(by_option.get(key, (-1.0, np.nan)), value, key=lambda v: v[0])
-        rows = ["| features | C | best held-out within_cat_auroc over sites | in-domain CV within_cat_auroc there |",
-                "|---|---:|---:|---:|"]
-        rows += [f"| {f} | {C:g} | {v:.3f} | {_number(cv)} |" for (f, C), (v, cv) in sorted(by_option.items())]
-        parts += ["Options compared (held-out-domain within-category AUROC, best site for each):", "\n".join(rows)]
+        rows = [
+            "| features | C | best held-out within_cat_auroc over sites | in-domain CV within_cat_auroc there |",
+            "|---|---:|---:|---:|",
+        ]
+        rows += [
+            f"| {f} | {C:g} | {v:.3f} | {_number(cv)} |" for (f, C), (v, cv) in sorted(by_option.items())
+        ]
+        parts += [
+            "Options compared (held-out-domain within-category AUROC, best site for each):",
+            "\n".join(rows),
+        ]
     return "\n\n".join(parts)
 
 
@@ -219,14 +273,18 @@ def plot_transfer(transfer: dict, in_domain: dict[str, dict[str, float]] | None,
     x = np.arange(len(domains))
     width = 0.8 / (2 * len(methods))
     for i, method in enumerate(methods):
-        held = [transfer["per_domain"].get(method, {}).get(d, {}).get("within_cat_auroc", np.nan) for d in domains]
+        held = [
+            transfer["per_domain"].get(method, {}).get(d, {}).get("within_cat_auroc", np.nan) for d in domains
+        ]
         inside = [(in_domain or {}).get(method, {}).get(d, np.nan) for d in domains]
         offset = (2 * i - len(methods) + 0.5) * width
         ax.bar(x + offset, inside, width, color=f"C{i}", alpha=0.45, label=f"{method}: in-domain (test)")
         ax.bar(x + offset + width, held, width, color=f"C{i}", label=f"{method}: held-out domain")
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_xticks(x, domains, rotation=30, ha="right", fontsize=8)
-    ax.set(ylim=(0.3, 1.0), ylabel="within-category AUROC", title="In-domain vs held-out-domain AUROC per domain")
+    ax.set(
+        ylim=(0.3, 1.0), ylabel="within-category AUROC", title="In-domain vs held-out-domain AUROC per domain"
+    )
     ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -246,11 +304,21 @@ def write_report(run_dir: Path, inputs: ReportInputs) -> Path:
         ("Confidence histogram", plot_histogram(inputs, plots / "confidence_hist.png")),
     ]
     if inputs.transfer is not None:
-        figures.append(("In-domain vs held-out domains",
-                        plot_transfer(inputs.transfer, inputs.in_domain_by_domain, plots / "transfer.png")))
-    parts = [f"# {inputs.title}", *inputs.notes, "## Evaluation", inputs.table.to_markdown(),
-             "ECE uses equal-width bins; `ece_low`/`ece_high` are its bootstrap 95% interval.",
-             "## Categories", _category_markdown(inputs)]
+        figures.append(
+            (
+                "In-domain vs held-out domains",
+                plot_transfer(inputs.transfer, inputs.in_domain_by_domain, plots / "transfer.png"),
+            )
+        )
+    parts = [
+        f"# {inputs.title}",
+        *inputs.notes,
+        "## Evaluation",
+        inputs.table.to_markdown(),
+        "ECE uses equal-width bins; `ece_low`/`ece_high` are its bootstrap 95% interval.",
+        "## Categories",
+        _category_markdown(inputs),
+    ]
     if inputs.transfer is not None:
         at = parts.index("## Categories")  # right after the in-domain table
         parts[at:at] = ["## Held-out domains (transfer)", transfer_markdown(inputs.transfer)]
@@ -272,7 +340,11 @@ def markdown_to_html(markdown: str, base: Path) -> str:
             level = len(block) - len(block.lstrip("#"))
             out.append(f"<h{level}>{html.escape(block.lstrip('#').strip())}</h{level}>")
         elif block.startswith("|"):
-            rows = [[html.escape(c.strip()) for c in line.strip("|").split("|")] for line in lines if "---" not in line]
+            rows = [
+                [html.escape(c.strip()) for c in line.strip("|").split("|")]
+                for line in lines
+                if "---" not in line
+            ]
             head = "".join(f"<th>{c}</th>" for c in rows[0])
             body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows[1:])
             out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
@@ -281,6 +353,8 @@ def markdown_to_html(markdown: str, base: Path) -> str:
             out.append(f'<img alt="{html.escape(match.group(1))}" src="data:image/png;base64,{data}">')
         else:
             out.append(f"<p>{html.escape(block)}</p>")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}img{max-width:100%}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>{''.join(out)}</body></html>"
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}img{max-width:100%}"
+    )
+    return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>{''.join(out)}</body></html>"  # noqa: E501

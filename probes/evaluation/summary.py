@@ -17,7 +17,9 @@ def _overrides(job_dir: Path) -> str:
     path = job_dir / ".hydra" / "overrides.yaml"
     if not path.exists():
         return ""
-    items = [line.removeprefix("- ").strip() for line in path.read_text().splitlines() if line.startswith("- ")]
+    items = [
+        line.removeprefix("- ").strip() for line in path.read_text().splitlines() if line.startswith("- ")
+    ]
     return " ".join(items)
 
 

@@ -80,10 +80,14 @@ class SweepResult:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}") from None
+            raise ValueError(
+                f"{path}: not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}"
+            ) from None
         version = data.pop("format_version", None)
         if version != SWEEP_FORMAT_VERSION:
-            raise ValueError(f"{path}: sweep format_version {version!r} is not supported (expected {SWEEP_FORMAT_VERSION})")
+            raise ValueError(
+                f"{path}: sweep format_version {version!r} is not supported (expected {SWEEP_FORMAT_VERSION})"
+            )
         try:
             rows = [SweepRow(**{**r, "fold_aurocs": tuple(r["fold_aurocs"])}) for r in data.pop("rows")]
             return cls(rows=rows, **data)
@@ -101,7 +105,9 @@ def cv_masks(y01: np.ndarray, n_folds: int, seed: int, categories=None, groups=N
     if counts.min() < n_folds:  # a rare stratum cannot be spread over the folds: stratify on the label only
         strata = y01.astype(str)
     if np.bincount(y01, minlength=2).min() < n_folds:
-        raise ValueError(f"n_folds={n_folds} but one class has only {np.bincount(y01, minlength=2).min()} examples")
+        raise ValueError(
+            f"n_folds={n_folds} but one class has only {np.bincount(y01, minlength=2).min()} examples"
+        )
     if groups is not None:
         splitter = StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed)
         splits = splitter.split(np.zeros(len(y01)), strata, groups)
@@ -160,7 +166,13 @@ def _sweep_sites(features, y01, layers, positions, probe_factory, masks, sweep_C
                 )
             scores = _fold_scores(X, y01, masks, probe_factory, sweep_C)
             fold_aurocs = tuple(auroc(scores[f], y01[~masks[f]]) for f in range(n_folds))
-            row = SweepRow(int(layer), str(position), float(np.nanmean(fold_aurocs)), float(np.nanstd(fold_aurocs)), fold_aurocs)
+            row = SweepRow(
+                int(layer),
+                str(position),
+                float(np.nanmean(fold_aurocs)),
+                float(np.nanstd(fold_aurocs)),
+                fold_aurocs,
+            )
             rows.append(row)
             if progress:
                 progress(row.layer, row.position, row.auroc_mean)

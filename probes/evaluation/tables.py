@@ -31,7 +31,7 @@ from probes.inference import oriented, raw_probability
 
 # columns shown by to_markdown (to_csv / to_dict keep every column)
 SUMMARY_COLUMNS = (
-    "auroc", "within_cat_auroc", "auprc", "ece", "within_cat_ece", "ece_low", "ece_high", "ece_quantile", "mce", "brier", "nll",
+    "auroc", "within_cat_auroc", "auprc", "ece", "within_cat_ece", "ece_low", "ece_high", "ece_quantile", "mce", "brier", "nll",  # noqa: E501
     "aurc", "eaurc", "sel_acc@0.5", "sel_acc@0.8", "sel_acc@0.9", "cov@acc0.9",
 )  # fmt: skip
 
@@ -59,9 +59,13 @@ def calibrate_baselines(
         if raw is not None:
             methods[f"{name} (raw)"] = raw
         calibrator = calibrator_factory().fit(
-            oriented(name, calibration_scores[name], directions), y_calibration, categories=categories_calibration
+            oriented(name, calibration_scores[name], directions),
+            y_calibration,
+            categories=categories_calibration,
         )
-        methods[f"{name} ({label})"] = calibrator.predict(oriented(name, test, directions), categories=categories_test)
+        methods[f"{name} ({label})"] = calibrator.predict(
+            oriented(name, test, directions), categories=categories_test
+        )
     return methods
 
 
@@ -120,7 +124,9 @@ def evaluate(
         if p.shape != y.shape:
             raise ValueError(f"method {name!r}: p has shape {p.shape} but y has shape {y.shape}")
         if np.any((p < 0) | (p > 1)):
-            raise ValueError(f"method {name!r}: values outside [0, 1]; pass probabilities (calibrate scores first)")
+            raise ValueError(
+                f"method {name!r}: values outside [0, 1]; pass probabilities (calibrate scores first)"
+            )
         rows[name] = metric_row(p, y, categories, n_bins=n_bins, n_bootstrap=n_bootstrap, seed=seed)
         if categories is not None and with_per_category:
             per_category[name] = per_category_rows(p, y, categories, n_bins=n_bins, n_bootstrap=0, seed=seed)

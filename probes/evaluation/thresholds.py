@@ -7,14 +7,16 @@ calibration split, the risk (1 - accuracy) of the answered set is <= 1 - target_
 
 For a candidate t, the answered set holds n_t examples with e_t errors; given n_t, e_t ~ Binomial(n_t, R(t))
 where R(t) is the true risk of answering {p >= t}. Candidates are a grid of at most `max_candidates`
-thresholds: the scores at which the answered set holds evenly spaced counts of examples. Both methods scan candidate thresholds from the highest
-(safest) down; the guarantee holds for the threshold returned, not merely for each candidate alone:
+thresholds: the scores at which the answered set holds evenly spaced counts of examples.
+Both methods scan candidate thresholds from the highest (safest) down; the guarantee holds for the threshold
+returned, not merely for each candidate alone:
 
 - "ltt" (Learn then Test, Angelopoulos et al. 2021, fixed-sequence testing): test H_t: R(t) > alpha with
   the binomial-tail p-value P(Binomial(n_t, alpha) <= e_t), from high t to low, each at level delta, and
   stop at the first non-rejection. The sequence starts at the first threshold whose answered set is large
-  enough to pass at all (n_t >= log(delta) / log(1 - alpha)). Fixed-sequence testing controls the family-wise error at delta without
-  any correction, so every accepted threshold has R(t) <= alpha with probability >= 1 - delta.
+  enough to pass at all (n_t >= log(delta) / log(1 - alpha)). Fixed-sequence testing controls the
+  family-wise error at delta without any correction, so every accepted threshold has R(t) <= alpha with
+  probability >= 1 - delta.
 - "clopper_pearson": simultaneous Clopper-Pearson upper bounds: the bound of each candidate is computed at
   level delta / m (Bonferroni over the m candidates), and the lowest candidate whose bound is <= alpha is
   returned. Needs no ordering assumption
@@ -124,7 +126,9 @@ def choose_threshold(
     if method == "ltt":
         p_values = binom.cdf(errors, answered, alpha)  # small when the set's risk is clearly below alpha
         failures = np.flatnonzero(p_values > delta)
-        accepted = failures[0] if len(failures) else len(candidates)  # fixed sequence: stop at the first failure
+        accepted = (
+            failures[0] if len(failures) else len(candidates)
+        )  # fixed sequence: stop at the first failure
         level = delta
     else:
         level = delta / len(candidates)

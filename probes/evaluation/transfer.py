@@ -89,8 +89,10 @@ def domain_folds(domains, fit_rows, calibration_rows, y=None) -> DomainFolds:
     domains = np.asarray(domains).astype(str)
     fit_rows, calibration_rows = np.asarray(fit_rows, bool), np.asarray(calibration_rows, bool)
     if not (domains.shape == fit_rows.shape == calibration_rows.shape):
-        raise ValueError(f"domains {domains.shape}, fit_rows {fit_rows.shape} and calibration_rows "
-                         f"{calibration_rows.shape} must have the same shape [n]")
+        raise ValueError(
+            f"domains {domains.shape}, fit_rows {fit_rows.shape} and calibration_rows "
+            f"{calibration_rows.shape} must have the same shape [n]"
+        )
     names, fits, calibrates, helds = [], [], [], []
     for name in np.unique(domains):
         held = domains == name
@@ -106,7 +108,7 @@ def domain_folds(domains, fit_rows, calibration_rows, y=None) -> DomainFolds:
     if len(names) < 2:
         raise ValueError(
             f"leave-one-domain-out needs at least two domains with both correct and wrong answers; the data has "
-            f"{len(np.unique(domains))} domain(s) ({', '.join(map(str, np.unique(domains)[:8]))}), {len(names)} usable. "
+            f"{len(np.unique(domains))} domain(s) ({', '.join(map(str, np.unique(domains)[:8]))}), {len(names)} usable. "  # noqa: E501
             "Give rows a `domain` (a group of related categories) or set train.transfer=false"
         )
     return DomainFolds(tuple(names), np.array(fits), np.array(calibrates), np.array(helds))
@@ -127,8 +129,9 @@ def center_by_group(X: np.ndarray, groups) -> np.ndarray:
     return X
 
 
-def design_matrix(X: np.ndarray, logits: np.ndarray | None, features: str, logit_weight: float = 1.0,
-                  stats_rows=None) -> np.ndarray:
+def design_matrix(
+    X: np.ndarray, logits: np.ndarray | None, features: str, logit_weight: float = 1.0, stats_rows=None
+) -> np.ndarray:
     """Standardized [n, d (+ m)] float32 design: hidden columns, then (for "hidden+logits") the logit columns
     times `logit_weight` (a weight w divides their L2 penalty by w^2: a few strong signals among hundreds of
     hidden columns). stats_rows [n] bool: rows whose column statistics standardize (None = all)."""
@@ -136,14 +139,16 @@ def design_matrix(X: np.ndarray, logits: np.ndarray | None, features: str, logit
     parts = [X]
     if features == "hidden+logits":
         if logits is None or logits.shape[1] == 0:
-            raise ValueError("features='hidden+logits' needs the store's logit signals (baselines); none given")
+            raise ValueError(
+                "features='hidden+logits' needs the store's logit signals (baselines); none given"
+            )
         parts.append(logits)
     full = np.hstack(parts).astype(np.float64) if len(parts) > 1 else np.asarray(X, dtype=np.float64)
     rows = slice(None) if stats_rows is None else np.asarray(stats_rows, bool)
     mean, scale = standardize_stats(full[rows])
     Z = (full - mean) / scale
     if features == "hidden+logits":
-        Z[:, X.shape[1]:] *= logit_weight
+        Z[:, X.shape[1] :] *= logit_weight
     return Z.astype(np.float32)
 
 
@@ -187,24 +192,44 @@ class CandidateSearch:
         top = max(self.scores, key=lambda s: np.nan_to_num(s.heldout_auroc, nan=-1.0))
         if rule == "heldout":
             return top
-        near = [s for s in self.scores if np.nan_to_num(s.heldout_auroc, nan=-1.0) >= top.heldout_auroc - tolerance]
+        near = [
+            s
+            for s in self.scores
+            if np.nan_to_num(s.heldout_auroc, nan=-1.0) >= top.heldout_auroc - tolerance
+        ]
         return max(near, key=lambda s: (np.nan_to_num(s.cv_auroc, nan=-1.0), s.heldout_auroc))
 
     def to_dict(self) -> dict:
-        return {"domains": list(self.domains), "seconds": self.seconds, "settings": self.settings,
-                "scores": [{**asdict(s.candidate), "heldout_auroc": s.heldout_auroc, "cv_auroc": s.cv_auroc,
-                            "per_domain": s.per_domain} for s in self.scores]}
+        return {
+            "domains": list(self.domains),
+            "seconds": self.seconds,
+            "settings": self.settings,
+            "scores": [
+                {
+                    **asdict(s.candidate),
+                    "heldout_auroc": s.heldout_auroc,
+                    "cv_auroc": s.cv_auroc,
+                    "per_domain": s.per_domain,
+                }
+                for s in self.scores
+            ],
+        }
 
 
 def heldout_within_auroc(scores: np.ndarray, y, categories, folds: DomainFolds) -> dict[str, float]:
     """{domain: within-category AUROC of that fold's scores on the domain's rows}; scores [k, n]."""
     y, categories = np.asarray(y), np.asarray(categories).astype(str)
-    return {d: within_category_auroc(scores[f][folds.held_out[f]], y[folds.held_out[f]],
-                                     categories[folds.held_out[f]]).mean
-            for f, d in enumerate(folds.domains)}
+    return {
+        d: within_category_auroc(
+            scores[f][folds.held_out[f]], y[folds.held_out[f]], categories[folds.held_out[f]]
+        ).mean
+        for f, d in enumerate(folds.domains)
+    }
 
 
-def out_of_fold_within_auroc(scores: np.ndarray, fit_masks: np.ndarray, rows: np.ndarray, y, categories) -> float:
+def out_of_fold_within_auroc(
+    scores: np.ndarray, fit_masks: np.ndarray, rows: np.ndarray, y, categories
+) -> float:
     """Within-category AUROC of pooled out-of-fold scores: each row of `rows` scored by the fold that did not
     fit it (scores / fit_masks [j, n]; rows [n] bool = the CV rows)."""
     categories = np.asarray(categories).astype(str)
@@ -221,12 +246,21 @@ def _mean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def fold_logistic_scores(Z: np.ndarray, y01: np.ndarray, fit_masks: np.ndarray, C: float, class_weight="balanced",
-                         init=None, tol: float = 1e-3, max_iter: int = 200,
-                         ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+def fold_logistic_scores(
+    Z: np.ndarray,
+    y01: np.ndarray,
+    fit_masks: np.ndarray,
+    C: float,
+    class_weight="balanced",
+    init=None,
+    tol: float = 1e-3,
+    max_iter: int = 200,
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Decision scores [k, n] of one logistic fit per fold (all folds solved together), and the solution.
     The default tolerance is the layer sweep's: plenty to rank candidates."""
-    coef, intercept, _ = logistic_fold_fit(Z, y01, fit_masks, C, class_weight, tol=tol, max_iter=max_iter, init=init)
+    coef, intercept, _ = logistic_fold_fit(
+        Z, y01, fit_masks, C, class_weight, tol=tol, max_iter=max_iter, init=init
+    )
     return (Z @ coef.T.astype(Z.dtype)).T + intercept[:, None], (coef, intercept)
 
 
@@ -283,18 +317,41 @@ def score_candidates(
                         per = heldout_within_auroc(s[:k], y01, categories, folds)
                         cv = float("nan")
                         if cv_rows is not None:
-                            cv = out_of_fold_within_auroc(s[k:], np.asarray(cv_fit_masks, bool), cv_rows, y01,
-                                                          categories)
-                        scores.append(CandidateScore(Candidate(int(layer), str(position), feature_set, float(C)),
-                                                     _mean(per.values()), per, cv))
-    settings = {"layers": [int(v) for v in layers], "positions": list(positions), "feature_sets": list(feature_sets),
-                "Cs": [float(c) for c in Cs], "logit_weight": logit_weight, "centering": centering}
+                            cv = out_of_fold_within_auroc(
+                                s[k:], np.asarray(cv_fit_masks, bool), cv_rows, y01, categories
+                            )
+                        scores.append(
+                            CandidateScore(
+                                Candidate(int(layer), str(position), feature_set, float(C)),
+                                _mean(per.values()),
+                                per,
+                                cv,
+                            )
+                        )
+    settings = {
+        "layers": [int(v) for v in layers],
+        "positions": list(positions),
+        "feature_sets": list(feature_sets),
+        "Cs": [float(c) for c in Cs],
+        "logit_weight": logit_weight,
+        "centering": centering,
+    }
     return CandidateSearch(scores, folds.domains, time.perf_counter() - start, settings)
 
 
-def add_cv_scores(search: CandidateSearch, features: Callable[[int, str], np.ndarray], logits: np.ndarray | None, y,
-                  categories, cv_fit_masks: np.ndarray, tolerance: float, stats_rows, logit_weight: float = 1.0,
-                  class_weight="balanced", blas_threads: int | None = 1) -> CandidateSearch:
+def add_cv_scores(
+    search: CandidateSearch,
+    features: Callable[[int, str], np.ndarray],
+    logits: np.ndarray | None,
+    y,
+    categories,
+    cv_fit_masks: np.ndarray,
+    tolerance: float,
+    stats_rows,
+    logit_weight: float = 1.0,
+    class_weight="balanced",
+    blas_threads: int | None = 1,
+) -> CandidateSearch:
     """In-domain CV within-category AUROC (`cv_auroc`) for the candidates within `tolerance` of the best
     held-out score only (what select_rule=heldout_then_cv compares): a second, small batched solve per
     candidate instead of CV folds for the whole grid. The others keep cv_auroc = nan."""
@@ -308,10 +365,16 @@ def add_cv_scores(search: CandidateSearch, features: Callable[[int, str], np.nda
         for s in search.scores:
             c = s.candidate
             if np.nan_to_num(s.heldout_auroc, nan=-1.0) >= top - tolerance:
-                Z = design_matrix(np.asarray(features(c.layer, c.position)), logits, c.features, logit_weight, stats_rows)
+                Z = design_matrix(
+                    np.asarray(features(c.layer, c.position)), logits, c.features, logit_weight, stats_rows
+                )
                 cv_scores, _ = fold_logistic_scores(Z, y01, cv_fit_masks, c.C, class_weight)
-                s = CandidateScore(c, s.heldout_auroc, s.per_domain,
-                                   out_of_fold_within_auroc(cv_scores, cv_fit_masks, rows, y01, categories))
+                s = CandidateScore(
+                    c,
+                    s.heldout_auroc,
+                    s.per_domain,
+                    out_of_fold_within_auroc(cv_scores, cv_fit_masks, rows, y01, categories),
+                )
             updated.append(s)
     settings = {**search.settings, "cv_tolerance": tolerance}
     return CandidateSearch(updated, search.domains, search.seconds + time.perf_counter() - start, settings)
@@ -338,12 +401,21 @@ class TransferTable:
     def best(self, prefix_excluded: str) -> str | None:
         """The method not starting with `prefix_excluded` with the highest held-out within-category AUROC."""
         others = [m for m in self.rows if not m.startswith(prefix_excluded)]
-        return max(others, key=lambda m: np.nan_to_num(self.rows[m]["within_cat_auroc"], nan=-1.0)) if others else None
+        return (
+            max(others, key=lambda m: np.nan_to_num(self.rows[m]["within_cat_auroc"], nan=-1.0))
+            if others
+            else None
+        )
 
 
 def _domain_metrics(p, y, categories, n_bins) -> dict[str, float]:
-    return {"within_cat_auroc": within_category_auroc(p, y, categories).mean, "ece": ece(p, y, n_bins),
-            "brier": brier(p, y), "n": int(len(y)), "accuracy": float(np.mean(y))}
+    return {
+        "within_cat_auroc": within_category_auroc(p, y, categories).mean,
+        "ece": ece(p, y, n_bins),
+        "brier": brier(p, y),
+        "n": int(len(y)),
+        "accuracy": float(np.mean(y)),
+    }
 
 
 def transfer_table(
@@ -372,32 +444,42 @@ def transfer_table(
 
     def add(method: str, f: int, p: np.ndarray) -> None:
         held = folds.held_out[f]
-        per_domain.setdefault(method, {})[folds.domains[f]] = _domain_metrics(p, y[held], categories[held], n_bins)
+        per_domain.setdefault(method, {})[folds.domains[f]] = _domain_metrics(
+            p, y[held], categories[held], n_bins
+        )
         pooled.setdefault(method, ([], []))[0].append(p)
         pooled[method][1].append(np.flatnonzero(held))
         floors.setdefault(method, []).append(ece_floor(p, n_bins, seed=f))
 
     sources = {m: (s, True) for m, s in probe_scores.items()}
-    sources |= {f"{name} ({label})": (np.broadcast_to(oriented(name, v), (len(folds.domains), len(y))), True)
-                for name, v in baselines.items()}
+    sources |= {
+        f"{name} ({label})": (np.broadcast_to(oriented(name, v), (len(folds.domains), len(y))), True)
+        for name, v in baselines.items()
+    }
     for f in range(len(folds.domains)):
         held, calib = folds.held_out[f], folds.calibrate[f]
         for method, (scores, _) in sources.items():
             if method in calibration_sets:
                 idx, values = calibration_sets[method][f][0].astype(int), calibration_sets[method][f][1]
                 if held[idx].any():
-                    raise ValueError(f"the calibration set of {method!r} for held-out domain {folds.domains[f]!r} "
-                                     "holds rows of that domain")
+                    raise ValueError(
+                        f"the calibration set of {method!r} for held-out domain {folds.domains[f]!r} "
+                        "holds rows of that domain"
+                    )
                 calibrator = calibrator_factory().fit(values, y[idx], categories=categories[idx])
             else:
-                calibrator = calibrator_factory().fit(scores[f][calib], y[calib], categories=categories[calib])
+                calibrator = calibrator_factory().fit(
+                    scores[f][calib], y[calib], categories=categories[calib]
+                )
             add(method, f, calibrator.predict(scores[f][held], categories=categories[held]))
         for name, values in baselines.items():
             raw = raw_probability(name, np.asarray(values)[held])
             if raw is not None:
                 add(f"{name} (raw)", f, raw)
-    rows = {m: {k: _mean(d[k] for d in by_domain.values()) for k in TRANSFER_METRICS}
-            for m, by_domain in per_domain.items()}
+    rows = {
+        m: {k: _mean(d[k] for d in by_domain.values()) for k in TRANSFER_METRICS}
+        for m, by_domain in per_domain.items()
+    }
     for m, (p, rows_of) in pooled.items():  # one ECE over every held-out row (each from its own fold)
         rows[m]["pooled_ece"] = ece(np.concatenate(p), y[np.concatenate(rows_of)], n_bins)
         rows[m]["ece_floor"] = _mean(floors[m])
@@ -435,8 +517,9 @@ def nested_fit_masks(folds: DomainFolds) -> tuple[np.ndarray, list[tuple[int, in
     return np.array([folds.fit[f] & ~folds.held_out[g] for f, g in pairs]), pairs
 
 
-def nested_cross_domain_sets(inner_scores: np.ndarray, pairs: list[tuple[int, int]], folds: DomainFolds,
-                             rows) -> list[np.ndarray]:
+def nested_cross_domain_sets(
+    inner_scores: np.ndarray, pairs: list[tuple[int, int]], folds: DomainFolds, rows
+) -> list[np.ndarray]:
     """For each outer fold f: the cross-domain calibration set ([2, m]: row index, score) built only from the
     other domains, each scored by the inner probe fit without D_f AND without it; D_f's rows never enter.
     inner_scores [k (k - 1), n] in the order of `pairs` (from `nested_fit_masks`)."""
@@ -444,12 +527,20 @@ def nested_cross_domain_sets(inner_scores: np.ndarray, pairs: list[tuple[int, in
     sets = []
     for f in range(len(folds.domains)):
         parts = [(np.flatnonzero(folds.held_out[g] & rows), m) for m, (ff, g) in enumerate(pairs) if ff == f]
-        sets.append(np.vstack([np.concatenate([i for i, _ in parts]),
-                               np.concatenate([inner_scores[m][i] for i, m in parts])]))
+        sets.append(
+            np.vstack(
+                [
+                    np.concatenate([i for i, _ in parts]),
+                    np.concatenate([inner_scores[m][i] for i, m in parts]),
+                ]
+            )
+        )
     return sets
 
 
-def generic_fold_scores(X: np.ndarray, y, fit_masks: np.ndarray, probe_factory: Callable[[], object]) -> np.ndarray:
+def generic_fold_scores(
+    X: np.ndarray, y, fit_masks: np.ndarray, probe_factory: Callable[[], object]
+) -> np.ndarray:
     """Decision scores [k, n]: a fresh `probe_factory()` fit on each fold's rows (any probe kind; slower)."""
     y = np.asarray(y)
     return np.array([probe_factory().fit(X[m], y[m]).decision_function(X) for m in fit_masks])

@@ -81,8 +81,11 @@ class _MetricsMiddleware:
         try:
             body = await self._read_body(scope, receive)
             if body is None:
-                err = APIError(413, f"The request body is larger than {self.max_bytes} bytes "
-                               "(serve.max_request_bytes).", code="request_too_large")
+                err = APIError(
+                    413,
+                    f"The request body is larger than {self.max_bytes} bytes (serve.max_request_bytes).",
+                    code="request_too_large",
+                )
                 await err.response()(scope, receive, send_and_record)
                 return
             replayed = [False]
@@ -130,8 +133,15 @@ def create_app(probed_model: ProbedModelLike, settings: ServeSettings) -> FastAP
         on_batch=metrics.observe_batch,
         on_error=metrics.observe_model_error,
     )
-    server = serving.Server(probed_model, settings, FeedbackStore(settings.db_path), batcher, metrics,
-                            settings.model_name or probed_model.model_name, probe_dir=settings.probe_dir)
+    server = serving.Server(
+        probed_model,
+        settings,
+        FeedbackStore(settings.db_path),
+        batcher,
+        metrics,
+        settings.model_name or probed_model.model_name,
+        probe_dir=settings.probe_dir,
+    )
     upstream: Upstream | None = None
     started = time.time()
 
@@ -143,7 +153,9 @@ def create_app(probed_model: ProbedModelLike, settings: ServeSettings) -> FastAP
         if digest:
             await asyncio.to_thread(server.store.record_artifact, digest, settings.probe_dir)
         if settings.upstream:
-            upstream = Upstream(settings.upstream, settings.upstream_connect_timeout_s, settings.upstream_timeout_s)
+            upstream = Upstream(
+                settings.upstream, settings.upstream_connect_timeout_s, settings.upstream_timeout_s
+            )
         try:
             yield
         finally:
@@ -154,11 +166,16 @@ def create_app(probed_model: ProbedModelLike, settings: ServeSettings) -> FastAP
 
     app = FastAPI(title="probecal", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings, app.state.store, app.state.batcher, app.state.metrics = (
-        settings, server.store, batcher, metrics)
+        settings,
+        server.store,
+        batcher,
+        metrics,
+    )
     _error_handlers(app)
 
-    async def complete(endpoint: str, body: Any, request: Request, prompt: Any, max_tokens: int | None,
-                       param: str) -> Any:
+    async def complete(
+        endpoint: str, body: Any, request: Request, prompt: Any, max_tokens: int | None, param: str
+    ) -> Any:
         server.check_model(body.model)
         _reject_unsupported(body, settings.max_n)
         sampling = _sampling(body, max_tokens, settings)
@@ -168,14 +185,16 @@ def create_app(probed_model: ProbedModelLike, settings: ServeSettings) -> FastAP
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await complete("completions", body, request, _completion_prompt(body.prompt), body.max_tokens,
-                              "prompt")
+        return await complete(
+            "completions", body, request, _completion_prompt(body.prompt), body.max_tokens, "prompt"
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await complete("chat.completions", body, request, _chat_prompt(body.messages), max_tokens,
-                              "messages")
+        return await complete(
+            "chat.completions", body, request, _chat_prompt(body.messages), max_tokens, "messages"
+        )
 
     @app.post("/v1/score")
     async def score(body: ScoreRequest) -> dict:
@@ -194,15 +213,24 @@ def create_app(probed_model: ProbedModelLike, settings: ServeSettings) -> FastAP
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": int(started),
-                                            "owned_by": "probecal"}]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": server.model_name, "object": "model", "created": int(started), "owned_by": "probecal"}
+            ],
+        }
 
     @app.get("/health")
     async def health() -> JSONResponse:
         ok = batcher.running
-        body = {"status": "ok" if ok else "unavailable", "model": server.model_name, "queue_depth": batcher.depth,
-                "max_batch_size": batcher.max_batch_size, "uptime_s": round(time.time() - started, 3),
-                "upstream": settings.upstream}
+        body = {
+            "status": "ok" if ok else "unavailable",
+            "model": server.model_name,
+            "queue_depth": batcher.depth,
+            "max_batch_size": batcher.max_batch_size,
+            "uptime_s": round(time.time() - started, 3),
+            "upstream": settings.upstream,
+        }
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
@@ -210,8 +238,11 @@ def create_app(probed_model: ProbedModelLike, settings: ServeSettings) -> FastAP
         def read():
             store, window, bins = server.store, settings.calibration_window, settings.calibration_bins
             current, previous = store.artifact_history()
-            domains = {role: store.domain_calibration(digest, window, bins, settings.metrics_max_domains)
-                       for role, digest in (("current", current), ("previous", previous)) if digest}
+            domains = {
+                role: store.domain_calibration(digest, window, bins, settings.metrics_max_domains)
+                for role, digest in (("current", current), ("previous", previous))
+                if digest
+            }
             return store.calibration(window, bins), store.counts(), domains
 
         calib, counts, domains = await asyncio.to_thread(read)
@@ -219,8 +250,9 @@ def create_app(probed_model: ProbedModelLike, settings: ServeSettings) -> FastAP
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     known = {route.path for route in app.routes}
-    app.add_middleware(_MetricsMiddleware, metrics=metrics, known_paths=known,
-                       max_request_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        _MetricsMiddleware, metrics=metrics, known_paths=known, max_request_bytes=settings.max_request_bytes
+    )
     return app
 
 
@@ -236,15 +268,25 @@ def _authorize_admin(request: Request, settings: ServeSettings) -> None:
     client must be on a loopback address and the request must not come through a forwarding proxy, else 403."""
     if settings.admin_token:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.admin_token.encode()):
-            raise APIError(401, "Admin endpoints need 'Authorization: Bearer <serve.admin_token>'.",
-                           type_="authentication_error", code="invalid_admin_token")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), settings.admin_token.encode()
+        ):
+            raise APIError(
+                401,
+                "Admin endpoints need 'Authorization: Bearer <serve.admin_token>'.",
+                type_="authentication_error",
+                code="invalid_admin_token",
+            )
         return
     forwarded = any(h in request.headers for h in ("forwarded", "x-forwarded-for", "x-real-ip"))
     if forwarded or not _is_loopback(request.client.host if request.client else None):
-        raise APIError(403, "Admin endpoints answer loopback clients only when serve.admin_token is not set "
-                       "(set serve.admin_token, or PROBECAL_ADMIN_TOKEN, to call them from elsewhere).",
-                       type_="permission_error", code="admin_loopback_only")
+        raise APIError(
+            403,
+            "Admin endpoints answer loopback clients only when serve.admin_token is not set "
+            "(set serve.admin_token, or PROBECAL_ADMIN_TOKEN, to call them from elsewhere).",
+            type_="permission_error",
+            code="admin_loopback_only",
+        )
 
 
 def _error_handlers(app: FastAPI) -> None:
@@ -267,18 +309,24 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)
-        return APIError(500, f"Internal server error ({type(exc).__name__}).", type_="server_error").response()
+        return APIError(
+            500, f"Internal server error ({type(exc).__name__}).", type_="server_error"
+        ).response()
 
 
 def build_probed_model(model_spec: Any, settings: ServeSettings) -> ProbedModelLike:
     """Load the model `model_spec` names and wrap it with the probe saved in `serve.probe_dir`."""
     if not settings.probe_dir:
-        raise ValueError("serve.probe_dir is required: the folder of a saved probe artifact "
-                         "(e.g. probecal serve serve.probe_dir=outputs/.../probe)")
+        raise ValueError(
+            "serve.probe_dir is required: the folder of a saved probe artifact "
+            "(e.g. probecal serve serve.probe_dir=outputs/.../probe)"
+        )
     from probes.serving.wrapper import DEFAULT_ABSTENTION_MESSAGE, ProbedModel
 
     return ProbedModel.from_config(
-        model_spec, settings.probe_dir, max_batch_size=settings.max_batch_size,
+        model_spec,
+        settings.probe_dir,
+        max_batch_size=settings.max_batch_size,
         abstention_message=settings.abstention_message or DEFAULT_ABSTENTION_MESSAGE,
     )
 

@@ -53,9 +53,15 @@ class _Pending:
 class Batcher:
     """Queue -> batches -> `generate` on one dedicated thread; results go back to each request's future."""
 
-    def __init__(self, model: ProbedModelLike, max_batch_size: int, batch_wait_s: float, max_queue_size: int,
-                 on_batch: Callable[[int], None] = lambda size: None,
-                 on_error: Callable[[], None] = lambda: None):
+    def __init__(
+        self,
+        model: ProbedModelLike,
+        max_batch_size: int,
+        batch_wait_s: float,
+        max_queue_size: int,
+        on_batch: Callable[[int], None] = lambda size: None,
+        on_error: Callable[[], None] = lambda: None,
+    ):
         self.model = model
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
@@ -92,16 +98,23 @@ class Batcher:
     async def submit(self, prompt: Prompt, sampling: Sampling) -> ProbedGeneration:
         return await self.enqueue(prompt, sampling)
 
-    def enqueue(self, prompt: Prompt, sampling: Sampling, on_text: Callable[[str], None] | None = None,
-                domain: str | None = None) -> asyncio.Future:
+    def enqueue(
+        self,
+        prompt: Prompt,
+        sampling: Sampling,
+        on_text: Callable[[str], None] | None = None,
+        domain: str | None = None,
+    ) -> asyncio.Future:
         """Queue a generation; the future resolves to its ProbedGeneration (cancel it to drop the request)."""
         return self._put(_Pending(prompt, ("generate", sampling), self._future(), on_text, domain=domain))
 
-    async def score(self, prompt: Any, completion: Any, stop: tuple[str, ...] | None,
-                    domain: str | None = None) -> Any:
+    async def score(
+        self, prompt: Any, completion: Any, stop: tuple[str, ...] | None, domain: str | None = None
+    ) -> Any:
         """Queue a completion to score (batched with other scoring requests); returns its ProbedScore."""
-        return await self._put(_Pending(prompt, ("score", stop), self._future(), completion=completion,
-                                        domain=domain))
+        return await self._put(
+            _Pending(prompt, ("score", stop), self._future(), completion=completion, domain=domain)
+        )
 
     async def run_on_model_thread(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the model thread, between two batches (hot reload: the artifact swap)."""
@@ -158,19 +171,27 @@ class Batcher:
         tagged = {"domains": [p.domain for p in group]} if any(p.domain is not None for p in group) else {}
         if kind == "score":
             call = lambda: self.model.score(  # noqa: E731 - runs on the model thread
-                [p.prompt for p in group], [p.completion for p in group], stop=list(setting) if setting else None,
-                **tagged)
+                [p.prompt for p in group],
+                [p.completion for p in group],
+                stop=list(setting) if setting else None,
+                **tagged,
+            )
         else:
             extra: dict[str, Any] = dict(tagged)
             if any(p.on_text for p in group):
+
                 def on_text(i: int, piece: str) -> None:  # model thread -> event loop
                     if group[i].on_text is not None and not group[i].gone:
                         loop.call_soon_threadsafe(group[i].on_text, piece)
 
                 extra |= {"on_text": on_text, "cancelled": lambda: all(p.gone for p in group)}
             call = lambda: self.model.generate(  # noqa: E731 - runs on the model thread
-                [p.prompt for p in group], max_new_tokens=setting.max_new_tokens, temperature=setting.temperature,
-                top_p=setting.top_p, stop=list(setting.stop) if setting.stop else None, **extra,
+                [p.prompt for p in group],
+                max_new_tokens=setting.max_new_tokens,
+                temperature=setting.temperature,
+                top_p=setting.top_p,
+                stop=list(setting.stop) if setting.stop else None,
+                **extra,
             )
         try:
             results = await loop.run_in_executor(self._executor, call)

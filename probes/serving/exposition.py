@@ -24,9 +24,11 @@ class _ECEFamily(Collector):
     (prometheus_client's Gauge cannot mix an unlabelled sample with labelled ones)."""
 
     NAME = "probecal_calibration_ece"
-    HELP = ("Expected calibration error (equal-width bins, probes.evaluation.metrics.ece): unlabelled = over the "
-            "rolling window of labelled responses (serve.calibration_window); {domain, artifact} = over the "
-            "labelled responses of that domain scored by the current / previous artifact (last window of each).")
+    HELP = (
+        "Expected calibration error (equal-width bins, probes.evaluation.metrics.ece): unlabelled = over the "
+        "rolling window of labelled responses (serve.calibration_window); {domain, artifact} = over the "
+        "labelled responses of that domain scored by the current / previous artifact (last window of each)."
+    )
 
     def __init__(self) -> None:
         self.window = math.nan
@@ -53,44 +55,86 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("probecal_requests", "HTTP requests by endpoint and status code.",
-                                ["endpoint", "status"], registry=r)
-        self.latency = Histogram("probecal_request_latency_seconds", "Request latency by endpoint.", ["endpoint"],
-                                 buckets=self.LATENCY_BOUNDS, registry=r)
-        self.confidence = Histogram("probecal_confidence", "p_correct of served answers (higher = more likely "
-                                    "correct).", buckets=self.CONFIDENCE_BOUNDS, registry=r)
+        self.requests = Counter(
+            "probecal_requests",
+            "HTTP requests by endpoint and status code.",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "probecal_request_latency_seconds",
+            "Request latency by endpoint.",
+            ["endpoint"],
+            buckets=self.LATENCY_BOUNDS,
+            registry=r,
+        )
+        self.confidence = Histogram(
+            "probecal_confidence",
+            "p_correct of served answers (higher = more likely correct).",
+            buckets=self.CONFIDENCE_BOUNDS,
+            registry=r,
+        )
         self.responses = Counter("probecal_responses", "Answers served since start.", registry=r)
         self.abstentions = Counter("probecal_abstentions", "Answers abstained since start.", registry=r)
-        self.abstention_rate = Gauge("probecal_abstention_rate", "Abstained / served answers since start.",
-                                     registry=r)
-        self.batch_size = Histogram("probecal_batch_size", "Requests per ProbedModel.generate / score call.",
-                                    buckets=self.BATCH_BOUNDS, registry=r)
-        self.model_errors = Counter("probecal_model_errors", "generate / score calls that raised.", registry=r)
+        self.abstention_rate = Gauge(
+            "probecal_abstention_rate", "Abstained / served answers since start.", registry=r
+        )
+        self.batch_size = Histogram(
+            "probecal_batch_size",
+            "Requests per ProbedModel.generate / score call.",
+            buckets=self.BATCH_BOUNDS,
+            registry=r,
+        )
+        self.model_errors = Counter(
+            "probecal_model_errors", "generate / score calls that raised.", registry=r
+        )
         self.queue_depth = Gauge("probecal_queue_depth", "Requests waiting for the model.", registry=r)
-        self.stored = Gauge("probecal_stored_responses", "Responses in the feedback database (all time).", registry=r)
-        self.labelled = Gauge("probecal_labelled_responses", "Responses with feedback in the database (all time).",
-                              registry=r)
-        self.feedback = Gauge("probecal_feedback_total", "Feedback posts in the database, repeats included.",
-                              registry=r)
+        self.stored = Gauge(
+            "probecal_stored_responses", "Responses in the feedback database (all time).", registry=r
+        )
+        self.labelled = Gauge(
+            "probecal_labelled_responses", "Responses with feedback in the database (all time).", registry=r
+        )
+        self.feedback = Gauge(
+            "probecal_feedback_total", "Feedback posts in the database, repeats included.", registry=r
+        )
         about = "over the rolling window of labelled responses (serve.calibration_window)"
-        self.window_labelled = Gauge("probecal_calibration_window_labelled", "Labelled responses in the window.",
-                                     registry=r)
+        self.window_labelled = Gauge(
+            "probecal_calibration_window_labelled", "Labelled responses in the window.", registry=r
+        )
         self.accuracy = Gauge("probecal_calibration_accuracy", f"Fraction correct {about}.", registry=r)
-        self.mean_confidence = Gauge("probecal_calibration_mean_confidence", f"Mean p_correct {about}.", registry=r)
+        self.mean_confidence = Gauge(
+            "probecal_calibration_mean_confidence", f"Mean p_correct {about}.", registry=r
+        )
         self.ece = _ECEFamily()
         r.register(self.ece)
-        self.domain_labelled = Gauge("probecal_calibration_domain_labelled", "Labelled responses per domain scored "
-                                     "by the current / previous artifact (those probecal_calibration_ece{domain, "
-                                     "artifact} is computed over).", ["domain", "artifact"], registry=r)
-        self.reloads = Counter("probecal_reloads", "POST /admin/reload outcomes since start.", ["outcome"],
-                               registry=r)
+        self.domain_labelled = Gauge(
+            "probecal_calibration_domain_labelled",
+            "Labelled responses per domain scored "
+            "by the current / previous artifact (those probecal_calibration_ece{domain, "
+            "artifact} is computed over).",
+            ["domain", "artifact"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "probecal_reloads", "POST /admin/reload outcomes since start.", ["outcome"], registry=r
+        )
         bins = ["lower", "upper"]
-        self.bin_accuracy = Gauge("probecal_calibration_bin_accuracy", f"Fraction correct per p_correct bin {about}.",
-                                  bins, registry=r)
-        self.bin_confidence = Gauge("probecal_calibration_bin_confidence", f"Mean p_correct per bin {about}.", bins,
-                                    registry=r)
-        self.bin_count = Gauge("probecal_calibration_bin_count", f"Labelled responses per p_correct bin {about}.",
-                               bins, registry=r)
+        self.bin_accuracy = Gauge(
+            "probecal_calibration_bin_accuracy",
+            f"Fraction correct per p_correct bin {about}.",
+            bins,
+            registry=r,
+        )
+        self.bin_confidence = Gauge(
+            "probecal_calibration_bin_confidence", f"Mean p_correct per bin {about}.", bins, registry=r
+        )
+        self.bin_count = Gauge(
+            "probecal_calibration_bin_count",
+            f"Labelled responses per p_correct bin {about}.",
+            bins,
+            registry=r,
+        )
         self._served = self._abstained = 0
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
@@ -113,8 +157,14 @@ class ServerMetrics:
     def observe_reload(self, ok: bool) -> None:
         self.reloads.labels("swapped" if ok else "refused").inc()
 
-    def render(self, calib: CalibrationStats, counts: dict[str, int], queue_depth: int, window: int,
-               domains: dict[str, dict[str, CalibrationStats]] | None = None) -> str:
+    def render(
+        self,
+        calib: CalibrationStats,
+        counts: dict[str, int],
+        queue_depth: int,
+        window: int,
+        domains: dict[str, dict[str, CalibrationStats]] | None = None,
+    ) -> str:
         """Prometheus text format; the scrape-time gauges are set from `calib` / `counts` / `domains`
         ({"current" | "previous": {domain: stats}}) first."""
         self.abstention_rate.set(self._abstained / self._served if self._served else math.nan)

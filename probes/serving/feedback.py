@@ -139,7 +139,9 @@ def calibration_stats(p_correct: list[float], correct: list[bool], n_bins: int) 
     curve = reliability_curve(p_correct, labels, n_bins, "uniform")
     bins = tuple(
         CalibrationBin(
-            lower=float(curve.edges[b]), upper=float(curve.edges[b + 1]), count=int(curve.counts[b]),
+            lower=float(curve.edges[b]),
+            upper=float(curve.edges[b + 1]),
+            count=int(curve.counts[b]),
             accuracy=float(curve.accuracy[b]) if curve.counts[b] else math.nan,
             mean_confidence=float(curve.confidence[b]) if curve.counts[b] else math.nan,
         )
@@ -200,8 +202,21 @@ class FeedbackStore:
         """Store served responses in one transaction (ids must be new)."""
         rows = [
             (
-                r.id, r.created, r.endpoint, r.model, r.prompt, r.text, r.p_correct, r.score, r.layer,
-                r.position, int(r.abstained), r.threshold, r.finish_reason, r.domain, r.artifact,
+                r.id,
+                r.created,
+                r.endpoint,
+                r.model,
+                r.prompt,
+                r.text,
+                r.p_correct,
+                r.score,
+                r.layer,
+                r.position,
+                int(r.abstained),
+                r.threshold,
+                r.finish_reason,
+                r.domain,
+                r.artifact,
             )
             for r in records
         ]
@@ -221,7 +236,9 @@ class FeedbackStore:
         """
         with self._lock:
             with self._transaction():
-                row = self._conn.execute("SELECT correct FROM responses WHERE id = ?", (response_id,)).fetchone()
+                row = self._conn.execute(
+                    "SELECT correct FROM responses WHERE id = ?", (response_id,)
+                ).fetchone()
                 if row is None:
                     raise UnknownResponseError(response_id)
                 cur = self._conn.execute(
@@ -275,8 +292,10 @@ class FeedbackStore:
             with self._transaction():
                 row = self._conn.execute("SELECT digest FROM artifacts ORDER BY seq DESC LIMIT 1").fetchone()
                 if row is None or row[0] != digest:
-                    self._conn.execute("INSERT INTO artifacts (digest, probe_dir, created) VALUES (?, ?, ?)",
-                                       (digest, probe_dir, time.time()))
+                    self._conn.execute(
+                        "INSERT INTO artifacts (digest, probe_dir, created) VALUES (?, ?, ?)",
+                        (digest, probe_dir, time.time()),
+                    )
 
     def artifact_history(self) -> tuple[str | None, str | None]:
         """(current, previous): the digest of the last artifact put in service and of the last one before
@@ -287,8 +306,9 @@ class FeedbackStore:
         previous = next((r[0] for r in rows if r[0] != current), None)
         return current, previous
 
-    def domain_calibration(self, digest: str, window: int, n_bins: int,
-                           max_domains: int) -> dict[str, CalibrationStats]:
+    def domain_calibration(
+        self, digest: str, window: int, n_bins: int, max_domains: int
+    ) -> dict[str, CalibrationStats]:
         """{domain: calibration} over the `window` most recently labelled responses of each domain scored by
         the artifact `digest` (responses without a domain under DEFAULT_DOMAIN), for the `max_domains`
         domains with the most labelled responses (bounded metric cardinality)."""
@@ -306,8 +326,10 @@ class FeedbackStore:
                 ).fetchall()
                 for domain, _ in top
             }
-        return {d: calibration_stats([r[0] for r in rows], [bool(r[1]) for r in rows], n_bins)
-                for d, rows in grouped.items()}
+        return {
+            d: calibration_stats([r[0] for r in rows], [bool(r[1]) for r in rows], n_bins)
+            for d, rows in grouped.items()
+        }
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:

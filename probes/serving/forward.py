@@ -41,8 +41,9 @@ def eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
-def finish_text(tokenizer: Any, generated: Sequence[int], max_new_tokens: int | None, eos: set[int],
-                stops: Sequence[str]) -> tuple[str, int, str]:
+def finish_text(
+    tokenizer: Any, generated: Sequence[int], max_new_tokens: int | None, eos: set[int], stops: Sequence[str]
+) -> tuple[str, int, str]:
     """(text returned, completion tokens, finish reason) of one row's generated ids.
 
     OpenAI semantics: the text stops before the first stop string (which is not returned) or before
@@ -76,8 +77,16 @@ class BatchFeed:
     cancelled(): polled every step; True stops the whole generation (raises GenerationCancelled).
     """
 
-    def __init__(self, tokenizer: Any, rows: int, max_new_tokens: int, eos: set[int], stops: Sequence[str],
-                 on_text: Callable[[int, str], None] | None = None, cancelled: Callable[[], bool] | None = None):
+    def __init__(
+        self,
+        tokenizer: Any,
+        rows: int,
+        max_new_tokens: int,
+        eos: set[int],
+        stops: Sequence[str],
+        on_text: Callable[[int, str], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ):
         self.tokenizer, self.max_new_tokens, self.eos = tokenizer, max_new_tokens, eos
         self.stops = [s for s in stops if s]
         self.hold = max((len(s) for s in self.stops), default=1) - 1
@@ -100,7 +109,9 @@ class BatchFeed:
                 self._done[row] = True
                 continue
             self.tokens[row].append(token)
-            if token in self.eos:  # kept, so finish_text sees why the row ended ("stop", EOS counted); no text
+            if (
+                token in self.eos
+            ):  # kept, so finish_text sees why the row ended ("stop", EOS counted); no text
                 self._done[row] = True
                 continue
             if self.on_text is not None:
@@ -126,7 +137,9 @@ class _ReachedLayer(Exception):
     """Raised by the hook on the probe's layer: nothing above it is needed."""
 
 
-def states_up_to_layer(model: Any, sequences: Sequence[Sequence[int]], layer: int, pad_id: int) -> tuple[torch.Tensor, int]:
+def states_up_to_layer(
+    model: Any, sequences: Sequence[Sequence[int]], layer: int, pad_id: int
+) -> tuple[torch.Tensor, int]:
     """Hidden states at probecal `layer` (0 = embeddings, i = block i, last = after the final norm) of
     left-padded `sequences`, from one forward that stops at that layer.
 
@@ -137,15 +150,17 @@ def states_up_to_layer(model: Any, sequences: Sequence[Sequence[int]], layer: in
     return hidden, width
 
 
-def states_and_logits(model: Any, sequences: Sequence[Sequence[int]], layer: int,
-                      pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def states_and_logits(
+    model: Any, sequences: Sequence[Sequence[int]], layer: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """As `states_up_to_layer`, from a whole forward: (hidden `[batch, width, hidden]` float32, logits
     `[batch, width, vocab]` as the model returns them, width)."""
     return _forward(model, sequences, layer, pad_id, stop_at_layer=False)
 
 
-def answer_signals(logits: torch.Tensor, completion: Sequence[int], base: int, start: int, end: int,
-                   empty_token: int | None) -> dict[str, float]:
+def answer_signals(
+    logits: torch.Tensor, completion: Sequence[int], base: int, start: int, end: int, empty_token: int | None
+) -> dict[str, float]:
     """The logit signals of one answer (extract.generation.BASELINE_NAMES), as generation records them.
 
     logits `[width, vocab]`: one row of `states_and_logits`, whose sequence holds the completion's first
@@ -168,8 +183,9 @@ def answer_signals(logits: torch.Tensor, completion: Sequence[int], base: int, s
     return answer_baselines(*as_np, 0, len(tokens))
 
 
-def _forward(model: Any, sequences: Sequence[Sequence[int]], layer: int, pad_id: int,
-             stop_at_layer: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+def _forward(
+    model: Any, sequences: Sequence[Sequence[int]], layer: int, pad_id: int, stop_at_layer: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     layout = find_decoder_blocks(model)
     device = next(model.parameters()).device
     ids, mask = left_pad(sequences, pad_id, device)
@@ -183,12 +199,14 @@ def _forward(model: Any, sequences: Sequence[Sequence[int]], layer: int, pad_id:
 
     if layer == 0:
         handle = layout.blocks[0].register_forward_pre_hook(
-            lambda m, args, kwargs: keep(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+            lambda m, args, kwargs: keep(args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+        )
     else:
         last_with_norm = layer == layout.num_layers and layout.final_norm is not None
         module = layout.final_norm if last_with_norm else layout.blocks[layer - 1]
         handle = module.register_forward_hook(
-            lambda m, args, output: keep(output[0] if isinstance(output, (tuple, list)) else output))
+            lambda m, args, output: keep(output[0] if isinstance(output, (tuple, list)) else output)
+        )
     logits = None
     try:
         with torch.no_grad():

@@ -40,7 +40,12 @@ class ProbedModelLike(Protocol):
     max_batch_size: int
 
     def generate(
-        self, prompts: list[Prompt], *, max_new_tokens: int, temperature: float, top_p: float,
+        self,
+        prompts: list[Prompt],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
         stop: list[str] | None,
     ) -> list[ProbedGeneration]: ...
 
@@ -57,8 +62,15 @@ class ProbedModelLike(Protocol):
 class APIError(Exception):
     """An error returned to the client as OpenAI's {"error": {message, type, param, code}} body."""
 
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
@@ -79,11 +91,19 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if kind == "missing":
         return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_parameter")
     if kind == "extra_forbidden":
-        return APIError(400, f"Unrecognized request argument supplied: '{param}'.", param=param,
-                        code="unrecognized_parameter")
+        return APIError(
+            400,
+            f"Unrecognized request argument supplied: '{param}'.",
+            param=param,
+            code="unrecognized_parameter",
+        )
     got = err.get("input")
-    return APIError(400, f"Invalid value for '{param}': {err['msg']} (got {json.dumps(got)[:80]}).",
-                    param=param, code="invalid_type")
+    return APIError(
+        400,
+        f"Invalid value for '{param}': {err['msg']} (got {json.dumps(got)[:80]}).",
+        param=param,
+        code="invalid_type",
+    )
 
 
 class _Body(BaseModel):
@@ -162,22 +182,38 @@ def _domain(body: _DomainFields) -> str | None:
     """The request's domain tag (None: none given); a clear 400 for a malformed metadata / domain."""
     metadata = body.metadata
     if metadata is not None and not (
-        isinstance(metadata, dict) and len(metadata) <= 16
-        and all(isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
-                for k, v in metadata.items())
+        isinstance(metadata, dict)
+        and len(metadata) <= 16
+        and all(
+            isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
+            for k, v in metadata.items()
+        )
     ):
-        raise APIError(400, "Invalid value for 'metadata': expected an object of at most 16 string keys "
-                       "(<= 64 characters) to string values (<= 512 characters).", param="metadata",
-                       code="invalid_value")
+        raise APIError(
+            400,
+            "Invalid value for 'metadata': expected an object of at most 16 string keys "
+            "(<= 64 characters) to string values (<= 512 characters).",
+            param="metadata",
+            code="invalid_value",
+        )
     tagged = (metadata or {}).get("domain")
     if body.domain is not None and tagged is not None and body.domain != tagged:
-        raise APIError(400, "'domain' and 'metadata.domain' differ: give the domain once.", param="domain",
-                       code="invalid_value")
+        raise APIError(
+            400,
+            "'domain' and 'metadata.domain' differ: give the domain once.",
+            param="domain",
+            code="invalid_value",
+        )
     domain = body.domain if body.domain is not None else tagged
     param = "domain" if body.domain is not None else "metadata.domain"
     if domain is not None and not (isinstance(domain, str) and DOMAIN_PATTERN.fullmatch(domain)):
-        raise APIError(400, f"Invalid value for '{param}': expected 1 to 64 characters of letters, digits and "
-                       "_ . : / - (starting with a letter or digit).", param=param, code="invalid_value")
+        raise APIError(
+            400,
+            f"Invalid value for '{param}': expected 1 to 64 characters of letters, digits and "
+            "_ . : / - (starting with a letter or digit).",
+            param=param,
+            code="invalid_value",
+        )
     return domain
 
 
@@ -207,21 +243,38 @@ _UNSUPPORTED = {
 def _reject_unsupported(body: BaseModel, max_n: int = 1) -> None:
     n = getattr(body, "n", None)
     if n is not None and not 1 <= n <= max_n:
-        raise APIError(400, f"Invalid value for 'n': {n} is outside [1, {max_n}] (serve.max_n).", param="n",
-                       code="invalid_value")
+        raise APIError(
+            400,
+            f"Invalid value for 'n': {n} is outside [1, {max_n}] (serve.max_n).",
+            param="n",
+            code="invalid_value",
+        )
     options = getattr(body, "stream_options", None)
-    if options is not None and not (isinstance(options, dict) and set(options) <= {"include_usage"}
-                                    and isinstance(options.get("include_usage", False), bool)):
-        raise APIError(400, "Invalid value for 'stream_options': expected {'include_usage': true|false}.",
-                       param="stream_options", code="invalid_value")
+    if options is not None and not (
+        isinstance(options, dict)
+        and set(options) <= {"include_usage"}
+        and isinstance(options.get("include_usage", False), bool)
+    ):
+        raise APIError(
+            400,
+            "Invalid value for 'stream_options': expected {'include_usage': true|false}.",
+            param="stream_options",
+            code="invalid_value",
+        )
     if options is not None and not body.stream:
-        raise APIError(400, "stream_options is only allowed with stream=true.", param="stream_options",
-                       code="invalid_value")
+        raise APIError(
+            400,
+            "stream_options is only allowed with stream=true.",
+            param="stream_options",
+            code="invalid_value",
+        )
     for name, why in _UNSUPPORTED.items():
         value = getattr(body, name, None)
         refused = value not in (None, 1) if name == "best_of" else not _is_off(value)
         if refused:
-            raise APIError(400, f"Unsupported value for '{name}': {why}.", param=name, code="unsupported_parameter")
+            raise APIError(
+                400, f"Unsupported value for '{name}': {why}.", param=name, code="unsupported_parameter"
+            )
 
 
 @dataclass(frozen=True)
@@ -237,27 +290,46 @@ class Sampling:
 def _stop(value: Any, param: str = "stop") -> tuple[str, ...] | None:
     stop = [value] if isinstance(value, str) else value
     if stop is not None and (
-        not isinstance(stop, list) or not 1 <= len(stop) <= 4 or not all(isinstance(s, str) and s for s in stop)
+        not isinstance(stop, list)
+        or not 1 <= len(stop) <= 4
+        or not all(isinstance(s, str) and s for s in stop)
     ):
-        raise APIError(400, f"Invalid value for '{param}': expected a non-empty string or a list of 1 to 4 "
-                       "non-empty strings.", param=param, code="invalid_value")
+        raise APIError(
+            400,
+            f"Invalid value for '{param}': expected a non-empty string or a list of 1 to 4 "
+            "non-empty strings.",
+            param=param,
+            code="invalid_value",
+        )
     return tuple(stop) if stop else None
 
 
 def _sampling(body: _SamplingFields, max_tokens: int | None, settings: ServeSettings) -> Sampling:
     max_new = settings.default_max_tokens if max_tokens is None else max_tokens
-    param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
+    param = (
+        "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
+    )
     if not 1 <= max_new <= settings.max_tokens_limit:
-        raise APIError(400, f"Invalid value for '{param}': {max_new} is outside [1, {settings.max_tokens_limit}] "
-                       "(serve.max_tokens_limit).", param=param, code="invalid_value")
+        raise APIError(
+            400,
+            f"Invalid value for '{param}': {max_new} is outside [1, {settings.max_tokens_limit}] "
+            "(serve.max_tokens_limit).",
+            param=param,
+            code="invalid_value",
+        )
     temperature = 0.0 if body.temperature is None else body.temperature
     if not 0.0 <= temperature <= 2.0:
-        raise APIError(400, f"Invalid value for 'temperature': {temperature} is outside [0, 2].",
-                       param="temperature", code="invalid_value")
+        raise APIError(
+            400,
+            f"Invalid value for 'temperature': {temperature} is outside [0, 2].",
+            param="temperature",
+            code="invalid_value",
+        )
     top_p = 1.0 if body.top_p is None else body.top_p
     if not 0.0 < top_p <= 1.0:
-        raise APIError(400, f"Invalid value for 'top_p': {top_p} is outside (0, 1].", param="top_p",
-                       code="invalid_value")
+        raise APIError(
+            400, f"Invalid value for 'top_p': {top_p} is outside (0, 1].", param="top_p", code="invalid_value"
+        )
     return Sampling(max_new, temperature, top_p, _stop(body.stop))
 
 
@@ -265,30 +337,47 @@ def _completion_prompt(prompt: Any) -> str:
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
     if not isinstance(prompt, str):
-        raise APIError(400, "Invalid value for 'prompt': expected a string (one prompt per request; token "
-                       "ids are not supported).", param="prompt", code="invalid_value")
+        raise APIError(
+            400,
+            "Invalid value for 'prompt': expected a string (one prompt per request; token "
+            "ids are not supported).",
+            param="prompt",
+            code="invalid_value",
+        )
     if not prompt:
-        raise APIError(400, "Invalid value for 'prompt': the prompt is empty.", param="prompt", code="invalid_value")
+        raise APIError(
+            400, "Invalid value for 'prompt': the prompt is empty.", param="prompt", code="invalid_value"
+        )
     return prompt
 
 
 def _chat_prompt(messages: list[ChatMessage]) -> list[dict[str, str]]:
     if not messages:
-        raise APIError(400, "Invalid value for 'messages': at least one message is required.", param="messages",
-                       code="invalid_value")
+        raise APIError(
+            400,
+            "Invalid value for 'messages': at least one message is required.",
+            param="messages",
+            code="invalid_value",
+        )
     out = []
     for i, message in enumerate(messages):
         content = message.content
         if isinstance(content, list) and all(
-            isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            isinstance(part, dict)
+            and part.get("type") == "text"
+            and isinstance(part.get("text"), str)
             and set(part) <= {"type", "text"}
             for part in content
         ):
             content = "".join(part["text"] for part in content)
         if not isinstance(content, str):
-            raise APIError(400, f"Invalid value for 'messages.{i}.content': expected a string or a list of "
-                           "{'type': 'text', 'text': ...} parts (images and audio are not supported).",
-                           param=f"messages.{i}.content", code="invalid_value")
+            raise APIError(
+                400,
+                f"Invalid value for 'messages.{i}.content': expected a string or a list of "
+                "{'type': 'text', 'text': ...} parts (images and audio are not supported).",
+                param=f"messages.{i}.content",
+                code="invalid_value",
+            )
         out.append({"role": message.role, "content": content})
     return out
 
@@ -298,22 +387,35 @@ def _token_ids(value: Any, param: str, vocab_size: int | None, allow_empty: bool
     if not isinstance(value, list) or (value and isinstance(value[0], dict)):
         return None
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        raise APIError(400, f"Invalid value for '{param}': expected a string or a list of token ids (integers).",
-                       param=param, code="invalid_value")
+        raise APIError(
+            400,
+            f"Invalid value for '{param}': expected a string or a list of token ids (integers).",
+            param=param,
+            code="invalid_value",
+        )
     if not value and not allow_empty:
-        raise APIError(400, f"Invalid value for '{param}': the token list is empty.", param=param,
-                       code="invalid_value")
+        raise APIError(
+            400, f"Invalid value for '{param}': the token list is empty.", param=param, code="invalid_value"
+        )
     if vocab_size and any(not 0 <= t < vocab_size for t in value):
-        raise APIError(400, f"Invalid value for '{param}': token ids must lie in [0, {vocab_size - 1}].",
-                       param=param, code="invalid_value")
+        raise APIError(
+            400,
+            f"Invalid value for '{param}': token ids must lie in [0, {vocab_size - 1}].",
+            param=param,
+            code="invalid_value",
+        )
     return value
 
 
 def _score_inputs(body: ScoreRequest, vocab_size: int | None) -> tuple[Any, Any, str]:
     """(prompt: text | chat messages | ids, completion: text | ids, the prompt's param name)."""
     if (body.prompt is None) == (body.messages is None):
-        raise APIError(400, "Exactly one of 'prompt' (text or token ids) and 'messages' is required.",
-                       param="prompt", code="invalid_value")
+        raise APIError(
+            400,
+            "Exactly one of 'prompt' (text or token ids) and 'messages' is required.",
+            param="prompt",
+            code="invalid_value",
+        )
     if body.messages is not None:
         prompt, param = _chat_prompt(body.messages), "messages"
     else:
@@ -321,8 +423,12 @@ def _score_inputs(body: ScoreRequest, vocab_size: int | None) -> tuple[Any, Any,
         prompt, param = (ids, "prompt") if ids is not None else (_completion_prompt(body.prompt), "prompt")
     ids = _token_ids(body.completion, "completion", vocab_size, allow_empty=True)
     if ids is None and not isinstance(body.completion, str):
-        raise APIError(400, "Invalid value for 'completion': expected a string or a list of token ids.",
-                       param="completion", code="invalid_value")
+        raise APIError(
+            400,
+            "Invalid value for 'completion': expected a string or a list of token ids.",
+            param="completion",
+            code="invalid_value",
+        )
     return prompt, ids if ids is not None else body.completion, param
 
 

@@ -71,8 +71,12 @@ class Server:
 
     def check_model(self, requested: str | None) -> None:
         if requested is not None and requested != self.model_name:
-            raise APIError(404, f"The model '{echo(requested)}' does not exist; this server serves "
-                           f"'{self.model_name}'.", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model '{echo(requested)}' does not exist; this server serves '{self.model_name}'.",
+                param="model",
+                code="model_not_found",
+            )
 
     async def check_length(self, prompt: Any, new_tokens: int, param: str) -> int:
         """Prompt tokens; 400 when the prompt cannot be encoded or prompt + new tokens exceed the context."""
@@ -82,8 +86,9 @@ class Server:
             try:
                 prompt_tokens = await asyncio.to_thread(self.model.count_tokens, prompt)
             except (ValueError, TypeError) as err:  # e.g. a chat template refusing the message order
-                raise APIError(400, f"Invalid value for '{param}': {err}", param=param,
-                               code="invalid_value") from None
+                raise APIError(
+                    400, f"Invalid value for '{param}': {err}", param=param, code="invalid_value"
+                ) from None
         limit = self.model.max_context_tokens
         if prompt_tokens + new_tokens > limit:
             raise APIError(
@@ -91,21 +96,38 @@ class Server:
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{prompt_tokens + new_tokens} tokens ({prompt_tokens} in the {param}, {new_tokens} in the "
                 f"completion). Please reduce the {param} or max_tokens.",
-                param=param, code="context_length_exceeded",
+                param=param,
+                code="context_length_exceeded",
             )
         return prompt_tokens
 
-    async def record(self, endpoint: str, response_id: str, prompt: Any, items: list[tuple[str, Any, str]],
-                     domain: str | None = None) -> None:
+    async def record(
+        self,
+        endpoint: str,
+        response_id: str,
+        prompt: Any,
+        items: list[tuple[str, Any, str]],
+        domain: str | None = None,
+    ) -> None:
         """Store served choices (text, generation or score, finish reason) with the request's domain and the
         digest of the artifact that scored each; choice i > 0 is `<id>:<i>`."""
         keep = self.settings.store_text
         records = [
             ResponseRecord(
-                id=response_id if i == 0 else f"{response_id}:{i}", endpoint=endpoint, model=self.model_name,
-                prompt=json.dumps(prompt) if keep else None, text=text if keep else None, p_correct=g.p_correct,
-                score=g.score, layer=g.layer, position=g.position, abstained=g.abstained, threshold=g.threshold,
-                finish_reason=finish, created=time.time(), domain=domain,
+                id=response_id if i == 0 else f"{response_id}:{i}",
+                endpoint=endpoint,
+                model=self.model_name,
+                prompt=json.dumps(prompt) if keep else None,
+                text=text if keep else None,
+                p_correct=g.p_correct,
+                score=g.score,
+                layer=g.layer,
+                position=g.position,
+                abstained=g.abstained,
+                threshold=g.threshold,
+                finish_reason=finish,
+                created=time.time(),
+                domain=domain,
                 artifact=getattr(g, "artifact", None) or getattr(self.model, "artifact_digest", None),
             )
             for i, (text, g, finish) in enumerate(items)
@@ -120,8 +142,14 @@ class Server:
 
 
 def confidence(gen: Any) -> dict[str, Any]:
-    out = {"p_correct": gen.p_correct, "abstained": gen.abstained, "threshold": gen.threshold,
-           "score": gen.score, "layer": gen.layer, "position": gen.position}
+    out = {
+        "p_correct": gen.p_correct,
+        "abstained": gen.abstained,
+        "threshold": gen.threshold,
+        "score": gen.score,
+        "layer": gen.layer,
+        "position": gen.position,
+    }
     chars = getattr(gen, "answer_chars", None)
     out["answer_chars"] = list(chars) if chars is not None else None
     return out
@@ -148,16 +176,21 @@ def _choice_body(endpoint: str, text: str) -> dict:
 
 def _failure(err: Exception) -> APIError:
     if isinstance(err, QueueFullError):
-        return APIError(503, f"The server is overloaded: {err}. Retry later.", type_="server_error", code="overloaded")
-    return APIError(500, f"The model failed while generating: {err}", type_="server_error", code="model_error")
+        return APIError(
+            503, f"The server is overloaded: {err}. Retry later.", type_="server_error", code="overloaded"
+        )
+    return APIError(
+        500, f"The model failed while generating: {err}", type_="server_error", code="model_error"
+    )
 
 
 def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-async def generate(server: Server, endpoint: str, body: Any, prompt: Prompt, sampling: Sampling,
-                   param: str) -> Any:
+async def generate(
+    server: Server, endpoint: str, body: Any, prompt: Prompt, sampling: Sampling, param: str
+) -> Any:
     """A completion / chat completion: the JSON body, or a StreamingResponse when `body.stream`."""
     domain = _domain(body)
     await server.check_length(prompt, sampling.max_new_tokens, param)
@@ -165,9 +198,12 @@ async def generate(server: Server, endpoint: str, body: Any, prompt: Prompt, sam
     if body.stream:
         events: asyncio.Queue = asyncio.Queue()
         try:
-            futures = [server.batcher.enqueue(prompt, sampling, on_text=lambda piece, i=i: events.put_nowait((i, piece)),
-                                              domain=domain)
-                       for i in range(n)]
+            futures = [
+                server.batcher.enqueue(
+                    prompt, sampling, on_text=lambda piece, i=i: events.put_nowait((i, piece)), domain=domain
+                )
+                for i in range(n)
+            ]
         except QueueFullError as err:
             raise _failure(err) from None
         return stream_response(server, endpoint, prompt, futures, events, body, domain)
@@ -179,24 +215,59 @@ async def generate(server: Server, endpoint: str, body: Any, prompt: Prompt, sam
     return await respond(server, endpoint, prompt, gens, domain, metadata_echo(body, domain))
 
 
-async def respond(server: Server, endpoint: str, prompt: Any, gens: list[ProbedGeneration],
-                  domain: str | None = None, echo_metadata: dict | None = None) -> dict:
+async def respond(
+    server: Server,
+    endpoint: str,
+    prompt: Any,
+    gens: list[ProbedGeneration],
+    domain: str | None = None,
+    echo_metadata: dict | None = None,
+) -> dict:
     prefix, kind = OBJECTS[endpoint]
     response_id = f"{prefix}-{uuid.uuid4().hex}"
     texts = [server.shown_text(g) for g in gens]
-    await server.record(endpoint, response_id, prompt, [(t, g, g.finish_reason) for t, g in zip(texts, gens, strict=True)],
-                        domain)
-    choices = [{"index": i, **_choice_body(endpoint, t), "finish_reason": client_finish(g), "confidence": confidence(g)}
-               for i, (t, g) in enumerate(zip(texts, gens, strict=True))]
+    await server.record(
+        endpoint,
+        response_id,
+        prompt,
+        [(t, g, g.finish_reason) for t, g in zip(texts, gens, strict=True)],
+        domain,
+    )
+    choices = [
+        {
+            "index": i,
+            **_choice_body(endpoint, t),
+            "finish_reason": client_finish(g),
+            "confidence": confidence(g),
+        }
+        for i, (t, g) in enumerate(zip(texts, gens, strict=True))
+    ]
     completion_tokens = sum(g.completion_tokens for g in gens)
-    usage = {"prompt_tokens": gens[0].prompt_tokens, "completion_tokens": completion_tokens,
-             "total_tokens": gens[0].prompt_tokens + completion_tokens}
-    return {"id": response_id, "object": kind, "created": int(time.time()), "model": server.model_name,
-            "choices": choices, "usage": usage, **(echo_metadata or {})}
+    usage = {
+        "prompt_tokens": gens[0].prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": gens[0].prompt_tokens + completion_tokens,
+    }
+    return {
+        "id": response_id,
+        "object": kind,
+        "created": int(time.time()),
+        "model": server.model_name,
+        "choices": choices,
+        "usage": usage,
+        **(echo_metadata or {}),
+    }
 
 
-def stream_response(server: Server, endpoint: str, prompt: Any, futures: list[asyncio.Future],
-                    events: asyncio.Queue, body: Any, domain: str | None = None) -> StreamingResponse:
+def stream_response(
+    server: Server,
+    endpoint: str,
+    prompt: Any,
+    futures: list[asyncio.Future],
+    events: asyncio.Queue,
+    body: Any,
+    domain: str | None = None,
+) -> StreamingResponse:
     """SSE for `futures` (one per choice); text pieces arrive on `events` as (choice, piece)."""
     prefix, kind = OBJECTS[endpoint]
     response_id, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
@@ -206,21 +277,44 @@ def stream_response(server: Server, endpoint: str, prompt: Any, futures: list[as
         future.add_done_callback(lambda f, i=i: events.put_nowait((i, None)))
 
     def chunk(choices: list[dict], **extra: Any) -> str:
-        return _sse({"id": response_id, "object": f"{kind}.chunk" if endpoint != "completions" else kind,
-                     "created": created, "model": server.model_name, "choices": choices, **extra, **echoed})
+        return _sse(
+            {
+                "id": response_id,
+                "object": f"{kind}.chunk" if endpoint != "completions" else kind,
+                "created": created,
+                "model": server.model_name,
+                "choices": choices,
+                **extra,
+                **echoed,
+            }
+        )
 
     def piece(i: int, text: str, finish: str | None = None, **extra: Any) -> dict:
         if endpoint == "completions":
             return {"index": i, "text": text, "logprobs": None, "finish_reason": finish, **extra}
-        return {"index": i, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish,
-                **extra}
+        return {
+            "index": i,
+            "delta": {"content": text} if text else {},
+            "logprobs": None,
+            "finish_reason": finish,
+            **extra,
+        }
 
     async def events_stream() -> AsyncIterator[str]:
         sent, done, gens = [""] * len(futures), 0, {}
         try:
             if endpoint != "completions":
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None} for i in range(len(futures))])
+                yield chunk(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                        for i in range(len(futures))
+                    ]
+                )
             while done < len(futures):
                 i, text = await events.get()
                 if text is not None:
@@ -233,28 +327,44 @@ def stream_response(server: Server, endpoint: str, prompt: Any, futures: list[as
                     continue
                 if future.exception() is not None:
                     err = _failure(future.exception())
-                    yield _sse({"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}})
+                    yield _sse(
+                        {"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}}
+                    )
                     return
                 gen = gens[i] = future.result()
                 final = server.shown_text(gen)
-                rest = final[len(sent[i]):] if final.startswith(sent[i]) else ""
+                rest = final[len(sent[i]) :] if final.startswith(sent[i]) else ""
                 if rest:
                     yield chunk([piece(i, rest)])
                 yield chunk([piece(i, "", client_finish(gen), confidence=confidence(gen))])
             ordered = [gens[i] for i in range(len(futures))]
-            await server.record(endpoint, response_id, prompt,
-                                [(server.shown_text(g), g, g.finish_reason) for g in ordered], domain)
+            await server.record(
+                endpoint,
+                response_id,
+                prompt,
+                [(server.shown_text(g), g, g.finish_reason) for g in ordered],
+                domain,
+            )
             if include_usage:
                 tokens = sum(g.completion_tokens for g in ordered)
-                yield chunk([], usage={"prompt_tokens": ordered[0].prompt_tokens, "completion_tokens": tokens,
-                                       "total_tokens": ordered[0].prompt_tokens + tokens})
+                yield chunk(
+                    [],
+                    usage={
+                        "prompt_tokens": ordered[0].prompt_tokens,
+                        "completion_tokens": tokens,
+                        "total_tokens": ordered[0].prompt_tokens + tokens,
+                    },
+                )
             yield _sse("[DONE]")
         finally:  # the client went away (or we are done): queued requests are dropped, a batch can stop
             for future in futures:
                 future.cancel()
 
-    return StreamingResponse(events_stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events_stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 async def score(server: Server, body: ScoreRequest) -> dict:
@@ -276,12 +386,22 @@ async def score(server: Server, body: ScoreRequest) -> dict:
     response_id = f"score-{uuid.uuid4().hex}"
     text = completion if isinstance(completion, str) else None
     await server.record("score", response_id, prompt, [(text, result, "scored")], domain)
-    return {"id": response_id, "object": "score", "created": int(time.time()), "model": server.model_name,
-            "p_correct": result.p_correct, "abstained": result.abstained, "threshold": result.threshold,
-            "score": result.score, "layer": result.layer, "position": result.position,
-            "answer_tokens": list(result.answer_tokens), "answer_text": result.answer_text,
-            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
-            **metadata_echo(body, domain)}
+    return {
+        "id": response_id,
+        "object": "score",
+        "created": int(time.time()),
+        "model": server.model_name,
+        "p_correct": result.p_correct,
+        "abstained": result.abstained,
+        "threshold": result.threshold,
+        "score": result.score,
+        "layer": result.layer,
+        "position": result.position,
+        "answer_tokens": list(result.answer_tokens),
+        "answer_text": result.answer_text,
+        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+        **metadata_echo(body, domain),
+    }
 
 
 async def feedback(server: Server, body: FeedbackRequest) -> dict:
@@ -289,18 +409,32 @@ async def feedback(server: Server, body: FeedbackRequest) -> dict:
     try:
         previous = await asyncio.to_thread(server.store.record_feedback, response_id, body.correct)
     except UnknownResponseError:
-        raise APIError(404, f"No response with id '{echo(body.id)}' (choice {body.index}) was served by this "
-                       "server.", param="id", code="response_not_found") from None
-    return {"object": "feedback", "id": body.id, "index": body.index, "correct": body.correct, "replaced": previous}
+        raise APIError(
+            404,
+            f"No response with id '{echo(body.id)}' (choice {body.index}) was served by this server.",
+            param="id",
+            code="response_not_found",
+        ) from None
+    return {
+        "object": "feedback",
+        "id": body.id,
+        "index": body.index,
+        "correct": body.correct,
+        "replaced": previous,
+    }
 
 
 def _artifact_summary(artifact: Any, probe_dir: str | None) -> dict[str, Any]:
     meta = getattr(artifact, "metadata", None)
     calibrator = getattr(artifact, "calibrator", None)
-    return {"probe_dir": probe_dir, "digest": getattr(artifact, "digest", None),
-            "layer": getattr(meta, "layer", None), "position": getattr(meta, "position", None),
-            "calibrator": getattr(meta, "calibrator_kind", None),
-            "domains": sorted(getattr(calibrator, "per_category_", {}) or {})}
+    return {
+        "probe_dir": probe_dir,
+        "digest": getattr(artifact, "digest", None),
+        "layer": getattr(meta, "layer", None),
+        "position": getattr(meta, "position", None),
+        "calibrator": getattr(meta, "calibrator_kind", None),
+        "domains": sorted(getattr(calibrator, "per_category_", {}) or {}),
+    }
 
 
 async def reload(server: Server, probe_dir: Any) -> dict:
@@ -309,23 +443,39 @@ async def reload(server: Server, probe_dir: Any) -> dict:
     that cannot reload."""
     model = server.model
     if not all(hasattr(model, name) for name in ("load_artifact", "swap_artifact")):
-        raise APIError(501, "This model cannot reload its probe artifact.", type_="server_error",
-                       code="reload_unsupported")
+        raise APIError(
+            501,
+            "This model cannot reload its probe artifact.",
+            type_="server_error",
+            code="reload_unsupported",
+        )
     if not isinstance(probe_dir, str) or not probe_dir:
-        raise APIError(400, "Missing required parameter: 'probe_dir' (the folder of a saved probe artifact).",
-                       param="probe_dir", code="missing_parameter")
+        raise APIError(
+            400,
+            "Missing required parameter: 'probe_dir' (the folder of a saved probe artifact).",
+            param="probe_dir",
+            code="missing_parameter",
+        )
     if server.reload_lock.locked():
-        raise APIError(409, "Another reload is in progress; retry when it has finished.", code="reload_in_progress")
+        raise APIError(
+            409, "Another reload is in progress; retry when it has finished.", code="reload_in_progress"
+        )
     async with server.reload_lock:
         started = time.perf_counter()
         try:  # reads, hashes and rebuilds the artifact in a worker thread: requests keep being served
             artifact = await asyncio.to_thread(model.load_artifact, probe_dir)
             await asyncio.to_thread(_smoke_test, artifact)
-        except Exception as err:  # ArtifactError, FileNotFoundError, a fingerprint mismatch, a broken calibrator
+        except (
+            Exception
+        ) as err:  # ArtifactError, FileNotFoundError, a fingerprint mismatch, a broken calibrator
             server.metrics.observe_reload(False)
-            raise APIError(400, f"The artifact in '{echo(probe_dir, 200)}' was refused; the previous one keeps "
-                           f"serving: {type(err).__name__}: {err}", param="probe_dir",
-                           code="artifact_refused") from None
+            raise APIError(
+                400,
+                f"The artifact in '{echo(probe_dir, 200)}' was refused; the previous one keeps "
+                f"serving: {type(err).__name__}: {err}",
+                param="probe_dir",
+                code="artifact_refused",
+            ) from None
         previous_dir = server.probe_dir
         try:
             old = await server.batcher.run_on_model_thread(lambda: model.swap_artifact(artifact))
@@ -334,9 +484,13 @@ async def reload(server: Server, probe_dir: Any) -> dict:
         server.probe_dir = probe_dir
         await asyncio.to_thread(server.store.record_artifact, artifact.digest, probe_dir)
         server.metrics.observe_reload(True)
-    return {"object": "reload", "changed": getattr(old, "digest", None) != artifact.digest,
-            "current": _artifact_summary(artifact, probe_dir), "previous": _artifact_summary(old, previous_dir),
-            "seconds": round(time.perf_counter() - started, 4)}
+    return {
+        "object": "reload",
+        "changed": getattr(old, "digest", None) != artifact.digest,
+        "current": _artifact_summary(artifact, probe_dir),
+        "previous": _artifact_summary(old, previous_dir),
+        "seconds": round(time.perf_counter() - started, 4),
+    }
 
 
 def _smoke_test(artifact: Any) -> None:
@@ -351,4 +505,6 @@ def _smoke_test(artifact: Any) -> None:
         p, _ = predict(X, categories=categories)
         p = np.asarray(p, dtype=float)
         if p.shape != (2,) or not np.all(np.isfinite(p)) or np.any((p < 0) | (p > 1)):
-            raise ValueError(f"the artifact's probabilities on a test vector are not finite values in [0, 1]: {p}")
+            raise ValueError(
+                f"the artifact's probabilities on a test vector are not finite values in [0, 1]: {p}"
+            )

@@ -28,12 +28,26 @@ class ServeSettings:
     upstream: str | None = None  # proxy mode: an OpenAI-compatible engine's base URL (http://host:port/v1)
     upstream_connect_timeout_s: float = 5.0  # unreachable upstream -> 502 after this long
     upstream_timeout_s: float = 120.0  # no response / no next chunk from the upstream for this long -> 504
-    admin_token: str | None = None  # POST /admin/reload needs "Authorization: Bearer <token>" (None: loopback only)
-    metrics_max_domains: int = 20  # /metrics shows per-domain ECE for at most this many domains (most labelled)
+    admin_token: str | None = (
+        None  # POST /admin/reload needs "Authorization: Bearer <token>" (None: loopback only)
+    )
+    metrics_max_domains: int = (
+        20  # /metrics shows per-domain ECE for at most this many domains (most labelled)
+    )
 
     def validate(self) -> None:
-        positive = ("port", "max_batch_size", "max_queue_size", "default_max_tokens", "max_tokens_limit",
-                    "max_request_bytes", "calibration_window", "calibration_bins", "max_n", "metrics_max_domains")
+        positive = (
+            "port",
+            "max_batch_size",
+            "max_queue_size",
+            "default_max_tokens",
+            "max_tokens_limit",
+            "max_request_bytes",
+            "calibration_window",
+            "calibration_bins",
+            "max_n",
+            "metrics_max_domains",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -46,13 +60,19 @@ class ServeSettings:
                 f"serve.max_tokens_limit={self.max_tokens_limit}"
             )
         if self.upstream is not None and not str(self.upstream).startswith(("http://", "https://")):
-            raise ValueError(f"serve.upstream must be an http(s) URL such as http://127.0.0.1:8001/v1, "
-                             f"got {self.upstream!r}")
+            raise ValueError(
+                f"serve.upstream must be an http(s) URL such as http://127.0.0.1:8001/v1, "
+                f"got {self.upstream!r}"
+            )
         for name in ("upstream_connect_timeout_s", "upstream_timeout_s"):
             if not 0 < getattr(self, name) <= 3600:
                 raise ValueError(f"serve.{name} must be in (0, 3600] seconds, got {getattr(self, name)!r}")
-        if self.admin_token is not None and (not isinstance(self.admin_token, str) or len(self.admin_token) < 16):
-            raise ValueError("serve.admin_token must be a string of at least 16 characters (or null: /admin/reload "
-                             "then answers loopback clients only)")
+        if self.admin_token is not None and (
+            not isinstance(self.admin_token, str) or len(self.admin_token) < 16
+        ):
+            raise ValueError(
+                "serve.admin_token must be a string of at least 16 characters (or null: /admin/reload "
+                "then answers loopback clients only)"
+            )
         if not self.db_path:
             raise ValueError("serve.db_path must name a SQLite file")

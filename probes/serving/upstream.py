@@ -44,9 +44,11 @@ class Upstream:
 
     def __init__(self, base_url: str, connect_timeout_s: float, timeout_s: float):
         self.base_url = base_url.rstrip("/")
-        self.client = httpx.AsyncClient(base_url=self.base_url,
-                                        timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-                                        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+        self.client = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -54,10 +56,19 @@ class Upstream:
 
 def _transport_error(err: httpx.HTTPError, base_url: str) -> APIError:
     if isinstance(err, (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout)):
-        return APIError(504, f"The upstream engine at {base_url} did not answer in time ({type(err).__name__}; "
-                        "serve.upstream_timeout_s).", type_="server_error", code="upstream_timeout")
-    return APIError(502, f"The upstream engine at {base_url} is unreachable ({type(err).__name__}: {err}).",
-                    type_="server_error", code="upstream_unreachable")
+        return APIError(
+            504,
+            f"The upstream engine at {base_url} did not answer in time ({type(err).__name__}; "
+            "serve.upstream_timeout_s).",
+            type_="server_error",
+            code="upstream_timeout",
+        )
+    return APIError(
+        502,
+        f"The upstream engine at {base_url} is unreachable ({type(err).__name__}: {err}).",
+        type_="server_error",
+        code="upstream_unreachable",
+    )
 
 
 def _upstream_error(status: int, content: bytes) -> APIError:
@@ -66,15 +77,21 @@ def _upstream_error(status: int, content: bytes) -> APIError:
         error = json.loads(content)["error"]
         if isinstance(error, str):
             error = {"message": error}
-        return APIError(status, str(error.get("message", "upstream error")), type_=error.get("type") or "upstream_error",
-                        param=error.get("param"), code=error.get("code"))
+        return APIError(
+            status,
+            str(error.get("message", "upstream error")),
+            type_=error.get("type") or "upstream_error",
+            param=error.get("param"),
+            code=error.get("code"),
+        )
     except (ValueError, KeyError, TypeError, AttributeError):
         text = content.decode("utf-8", "replace")[:200]
         return APIError(status, f"The upstream engine answered {status}: {text}", type_="upstream_error")
 
 
-async def _scores(server: Server, prompt: Prompt, texts: list[str], stop: tuple[str, ...] | None,
-                  domain: str | None = None) -> list[Any]:
+async def _scores(
+    server: Server, prompt: Prompt, texts: list[str], stop: tuple[str, ...] | None, domain: str | None = None
+) -> list[Any]:
     try:
         return list(await asyncio.gather(*(server.batcher.score(prompt, t, stop, domain) for t in texts)))
     except (QueueFullError, ModelError) as err:
@@ -82,14 +99,24 @@ async def _scores(server: Server, prompt: Prompt, texts: list[str], stop: tuple[
 
 
 def _as_generation(result: Any, text: str, finish: str, completion_tokens: int) -> ProbedGeneration:
-    return ProbedGeneration(text=text, p_correct=result.p_correct, score=result.score, layer=result.layer,
-                            position=result.position, abstained=result.abstained, threshold=result.threshold,
-                            finish_reason=finish, prompt_tokens=result.prompt_tokens,
-                            completion_tokens=completion_tokens, artifact=getattr(result, "artifact", None))
+    return ProbedGeneration(
+        text=text,
+        p_correct=result.p_correct,
+        score=result.score,
+        layer=result.layer,
+        position=result.position,
+        abstained=result.abstained,
+        threshold=result.threshold,
+        finish_reason=finish,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=completion_tokens,
+        artifact=getattr(result, "artifact", None),
+    )
 
 
-async def _abstains_before_generating(server: Server, prompt: Prompt, n: int,
-                                      domain: str | None) -> list[ProbedGeneration] | None:
+async def _abstains_before_generating(
+    server: Server, prompt: Prompt, n: int, domain: str | None
+) -> list[ProbedGeneration] | None:
     model = server.model
     if not getattr(model, "abstain_before_generating", False) or getattr(model, "threshold", None) is None:
         return None
@@ -100,8 +127,9 @@ async def _abstains_before_generating(server: Server, prompt: Prompt, n: int,
     return [_as_generation(result, message, "abstained", 0)] * n
 
 
-async def proxy(server: Server, upstream: Upstream, endpoint: str, body: Any, raw: dict, prompt: Prompt,
-                param: str) -> Any:
+async def proxy(
+    server: Server, upstream: Upstream, endpoint: str, body: Any, raw: dict, prompt: Prompt, param: str
+) -> Any:
     """Forward one completion / chat completion to the upstream and add confidences."""
     domain = _domain(body)
     echoed = metadata_echo(body, domain)
@@ -120,7 +148,10 @@ async def proxy(server: Server, upstream: Upstream, endpoint: str, body: Any, ra
         return stream_response(server, endpoint, prompt, futures, events, body, domain)
     path = "/completions" if endpoint == "completions" else "/chat/completions"
     # the top-level "domain" is probecal's own field; metadata (OpenAI's) goes on to the engine
-    forwarded = {**{k: v for k, v in raw.items() if k != "domain"}, "model": raw.get("model") or server.model_name}
+    forwarded = {
+        **{k: v for k, v in raw.items() if k != "domain"},
+        "model": raw.get("model") or server.model_name,
+    }
     if not body.stream:
         try:
             reply = await upstream.client.post(path, json=forwarded)
@@ -130,16 +161,25 @@ async def proxy(server: Server, upstream: Upstream, endpoint: str, body: Any, ra
             raise _upstream_error(reply.status_code, reply.content)
         data = reply.json()
         choices = data.get("choices") or []
-        texts = [(c.get("text") if endpoint == "completions" else (c.get("message") or {}).get("content")) or ""
-                 for c in choices]
+        texts = [
+            (c.get("text") if endpoint == "completions" else (c.get("message") or {}).get("content")) or ""
+            for c in choices
+        ]
         results = await _scores(server, prompt, texts, stop, domain)
         for choice, result in zip(choices, results, strict=True):
             choice["confidence"] = confidence(result) | {"answer_chars": None}
         # our own id (the one /v1/feedback knows): upstream ids need not be unique across engines
         response_id = data["id"] = f"{OBJECTS[endpoint][0]}-{uuid.uuid4().hex}"
-        await server.record(endpoint, response_id, prompt, [(t, r, c.get("finish_reason") or "stop")
-                                                            for t, r, c in zip(texts, results, choices, strict=True)],
-                            domain)
+        await server.record(
+            endpoint,
+            response_id,
+            prompt,
+            [
+                (t, r, c.get("finish_reason") or "stop")
+                for t, r, c in zip(texts, results, choices, strict=True)
+            ],
+            domain,
+        )
         return JSONResponse(data | echoed)
     try:
         request = upstream.client.build_request("POST", path, json=forwarded)
@@ -150,13 +190,23 @@ async def proxy(server: Server, upstream: Upstream, endpoint: str, body: Any, ra
         content = await reply.aread()
         await reply.aclose()
         raise _upstream_error(reply.status_code, content)
-    return StreamingResponse(_pass_through(server, upstream, endpoint, reply, prompt, stop, domain, echoed),
-                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(
+        _pass_through(server, upstream, endpoint, reply, prompt, stop, domain, echoed),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
 
 
-async def _pass_through(server: Server, upstream: Upstream, endpoint: str, reply: httpx.Response, prompt: Prompt,
-                        stop: tuple[str, ...] | None, domain: str | None = None,
-                        echoed: dict | None = None) -> AsyncIterator[str]:
+async def _pass_through(
+    server: Server,
+    upstream: Upstream,
+    endpoint: str,
+    reply: httpx.Response,
+    prompt: Prompt,
+    stop: tuple[str, ...] | None,
+    domain: str | None = None,
+    echoed: dict | None = None,
+) -> AsyncIterator[str]:
     texts: dict[int, str] = {}
     finishes: dict[int, str] = {}
     last: dict[str, Any] = {}
@@ -182,32 +232,68 @@ async def _pass_through(server: Server, upstream: Upstream, endpoint: str, reply
                 last = chunk
                 for choice in chunk.get("choices") or []:
                     i = choice.get("index", 0)
-                    piece = choice.get("text") if endpoint == "completions" else (choice.get("delta") or {}).get("content")
+                    piece = (
+                        choice.get("text")
+                        if endpoint == "completions"
+                        else (choice.get("delta") or {}).get("content")
+                    )
                     texts[i] = texts.get(i, "") + (piece or "")
                     if choice.get("finish_reason"):
                         finishes[i] = choice["finish_reason"]
         except httpx.HTTPError as err:
             failure = _transport_error(err, upstream.base_url)
-            yield _sse({"error": {"message": failure.message, "type": failure.type, "param": None,
-                                  "code": failure.code}})
+            yield _sse(
+                {
+                    "error": {
+                        "message": failure.message,
+                        "type": failure.type,
+                        "param": None,
+                        "code": failure.code,
+                    }
+                }
+            )
             return
         indices = sorted(texts)
         try:
             results = await _scores(server, prompt, [texts[i] for i in indices], stop, domain)
         except APIError as failure:
-            yield _sse({"error": {"message": failure.message, "type": failure.type, "param": None,
-                                  "code": failure.code}})
+            yield _sse(
+                {
+                    "error": {
+                        "message": failure.message,
+                        "type": failure.type,
+                        "param": None,
+                        "code": failure.code,
+                    }
+                }
+            )
             return
         kind = OBJECTS[endpoint][1] + ("" if endpoint == "completions" else ".chunk")
         for i, result in zip(indices, results, strict=True):
-            choice = {"index": i, "logprobs": None, "finish_reason": finishes.get(i, "stop"),
-                      "confidence": confidence(result) | {"answer_chars": None}}
+            choice = {
+                "index": i,
+                "logprobs": None,
+                "finish_reason": finishes.get(i, "stop"),
+                "confidence": confidence(result) | {"answer_chars": None},
+            }
             choice |= {"text": ""} if endpoint == "completions" else {"delta": {}}
-            yield _sse({"id": response_id, "object": kind, "created": last.get("created", int(time.time())),
-                        "model": last.get("model", server.model_name), "choices": [choice], **(echoed or {})})
-        await server.record(endpoint, response_id, prompt,
-                            [(texts[i], r, finishes.get(i, "stop")) for i, r in zip(indices, results, strict=True)],
-                            domain)
+            yield _sse(
+                {
+                    "id": response_id,
+                    "object": kind,
+                    "created": last.get("created", int(time.time())),
+                    "model": last.get("model", server.model_name),
+                    "choices": [choice],
+                    **(echoed or {}),
+                }
+            )
+        await server.record(
+            endpoint,
+            response_id,
+            prompt,
+            [(texts[i], r, finishes.get(i, "stop")) for i, r in zip(indices, results, strict=True)],
+            domain,
+        )
         yield _sse("[DONE]")
     finally:
         await reply.aclose()

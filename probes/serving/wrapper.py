@@ -54,7 +54,9 @@ def _prompt_spec(saved: dict[str, Any]) -> PromptSpec:
     known = {f.name for f in fields(PromptSpec)}
     unknown = sorted(set(saved) - known)
     if unknown:
-        log.warning("probe artifact prompt settings %s are unknown to this probecal version: ignored", unknown)
+        log.warning(
+            "probe artifact prompt settings %s are unknown to this probecal version: ignored", unknown
+        )
     return saved_prompt_spec(saved)  # a field missing there keeps its meaning of then (num_chat_shots=0)
 
 
@@ -74,7 +76,9 @@ class ProbedGeneration:
     completion_tokens: int  # tokens generated, up to and including the one completing the stop string / EOS
     completion_ids: tuple[int, ...] = ()  # those tokens (empty when abstained before generating)
     answer_chars: tuple[int, int] | None = None  # [start, end) of `text` the probe scored (None: prompt_last)
-    artifact: str | None = None  # digest of the probe artifact that scored it (hot reload: which one served it)
+    artifact: str | None = (
+        None  # digest of the probe artifact that scored it (hot reload: which one served it)
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,7 +135,9 @@ class ProbedModel:
         self._threshold_setting = threshold
         self._abstain_before_generating_setting = abstain_before_generating
         self._install(artifact)
-        self._lock = threading.Lock()  # one generate / tokenizer call at a time (fast tokenizers are not re-entrant)
+        self._lock = (
+            threading.Lock()
+        )  # one generate / tokenizer call at a time (fast tokenizers are not re-entrant)
 
     def _install(self, artifact: ProbeArtifact) -> None:
         """Every attribute derived from the artifact (the hooks are registered per call, so a new layer or
@@ -143,11 +149,16 @@ class ProbedModel:
         self.threshold = artifact.abstention_threshold() if threshold == "artifact" else threshold
         # a hybrid probe's logit signals come from the answer: empty for hidden-only probes
         self.logit_features = tuple(artifact.metadata.params.get("logit_features") or ())
-        self.abstain_before_generating = (self._abstain_before_generating_setting and self.position == "prompt_last"
-                                          and not self.logit_features)
+        self.abstain_before_generating = (
+            self._abstain_before_generating_setting
+            and self.position == "prompt_last"
+            and not self.logit_features
+        )
         if self._abstain_before_generating_setting and self.position == "prompt_last" and self.logit_features:
-            log.info("hybrid prompt_last probe: it reads the answer's logit signals, so it scores after generation "
-                     "(no pre-generation abstention)")
+            log.info(
+                "hybrid prompt_last probe: it reads the answer's logit signals, so it scores after generation "
+                "(no pre-generation abstention)"
+            )
         settings = artifact.metadata.extract_settings or {}
         self.prompt_spec = _prompt_spec(settings.get("prompt", {}))
         self.default_stop = list(settings.get("generation", {}).get("stop_strings", ["\n"]))
@@ -167,8 +178,9 @@ class ProbedModel:
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_transformers(cls, model: Any, tokenizer: Any, probe_dir: str | Path, name: str | None = None,
-                          **kwargs: Any) -> ProbedModel:
+    def from_transformers(
+        cls, model: Any, tokenizer: Any, probe_dir: str | Path, name: str | None = None, **kwargs: Any
+    ) -> ProbedModel:
         """Wrap objects the caller already loaded; the artifact must match the model (name, sizes)."""
         artifact = ProbeArtifact.load(probe_dir)
         loaded = from_transformers(model, tokenizer, name=name or artifact.fingerprint.name)
@@ -200,18 +212,26 @@ class ProbedModel:
         """The one encoder training uses too (`extract.prompts.encode_prompt`): a Question gets exactly
         the ids the probe was trained on; BOS exactly once for every kind of prompt."""
         try:
-            return encode_prompt(prompt, self.loaded.tokenizer, self.loaded.uses_chat_template, self.prompt_spec)
+            return encode_prompt(
+                prompt, self.loaded.tokenizer, self.loaded.uses_chat_template, self.prompt_spec
+            )
         except ValueError as err:
             raise ValueError(f"{self.model_name}: {err}") from None
 
     def question_prompt(self, question: str) -> str:
         """The prompt text the probe was trained on, for one question (for display; `ask` and
         `generate(Question(q))` encode the question itself, which is what the probe saw)."""
-        return render_prompt(question, self.loaded.tokenizer, self.loaded.uses_chat_template, self.prompt_spec)
+        return render_prompt(
+            question, self.loaded.tokenizer, self.loaded.uses_chat_template, self.prompt_spec
+        )
 
     # -- scoring -----------------------------------------------------------------------------------
-    def _score(self, vectors: np.ndarray, domains: Sequence[str] | None = None,
-               signals: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _score(
+        self,
+        vectors: np.ndarray,
+        domains: Sequence[str] | None = None,
+        signals: dict[str, np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """vectors [n, hidden], domains [n] or None, signals: the answers' logit signals (name -> [n], as
         extract.generation records them; a hybrid probe needs them) -> (p_correct [n], raw score [n])."""
         X = probe_input(vectors, self.logit_features, signals)
@@ -223,19 +243,23 @@ class ProbedModel:
         # a Python bool: numpy's would not serialize in a /v1/score response
         return bool(self.threshold is not None and p < self.threshold)
 
-    def score_prompts(self, prompt_ids: Sequence[Sequence[int]],
-                      domains: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def score_prompts(
+        self, prompt_ids: Sequence[Sequence[int]], domains: Sequence[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """prompt_last probe only: one prefill forward per batch, hooks on the probe's layer."""
         if self.logit_features:
-            raise ValueError(f"this hybrid probe reads the answer's logit signals {list(self.logit_features)}: it "
-                             "cannot score a prompt before generation; use generate or score")
+            raise ValueError(
+                f"this hybrid probe reads the answer's logit signals {list(self.logit_features)}: it "
+                "cannot score a prompt before generation; use generate or score"
+            )
         model, tok = self.loaded.model, self.loaded.tokenizer
         vectors = []
         with capture_hidden_states(model, [self.layer]) as recorder, torch.no_grad():
             for begin in range(0, len(prompt_ids), self.max_batch_size):
                 recorder.clear()
-                ids, mask = left_pad(prompt_ids[begin : begin + self.max_batch_size], tok.pad_token_id,
-                                      self.loaded.device)
+                ids, mask = left_pad(
+                    prompt_ids[begin : begin + self.max_batch_size], tok.pad_token_id, self.loaded.device
+                )
                 # Positions as generate() counts them (pads skipped): with absolute position embeddings
                 # (GPT-2) a left-padded row would otherwise be scored at shifted positions.
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -244,11 +268,19 @@ class ProbedModel:
         return self._score(np.concatenate(vectors), domains)
 
     # -- generation --------------------------------------------------------------------------------
-    def generate(self, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, stop: list[str] | None = None, streamer: Any = None,
-                 on_text: Callable[[int, str], None] | None = None,
-                 cancelled: Callable[[], bool] | None = None,
-                 domains: Sequence[str | None] | None = None) -> list[ProbedGeneration]:
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        streamer: Any = None,
+        on_text: Callable[[int, str], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        domains: Sequence[str | None] | None = None,
+    ) -> list[ProbedGeneration]:
         # on_text(i, piece): text pieces of prompt i as they are generated (a whole batch at once); the
         # pieces of a prompt concatenate to a prefix of its final `text`. cancelled(): polled every step,
         # True stops the generation (raises probes.serving.forward.GenerationCancelled). The returned text
@@ -257,7 +289,8 @@ class ProbedModel:
         """Generate for each prompt (a completion string, a chat message list or a `Question`) with its
         confidence."""
         single = isinstance(prompts, (str, Question)) or (
-            isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)
+        )
         batch: list[Prompt] = [prompts] if single else list(prompts)
         if domains is not None and len(domains) != len(batch):
             raise ValueError(f"{len(batch)} prompts but {len(domains)} domains")
@@ -269,36 +302,70 @@ class ProbedModel:
                 p_pre, s_pre = self.score_prompts(prompt_ids, domains)
                 for i in range(len(batch)):
                     if self._abstains(p_pre[i]):
-                        results[i] = self._result(self.abstention_message, p_pre[i], s_pre[i], True, "abstained",
-                                                  len(prompt_ids[i]), 0)
+                        results[i] = self._result(
+                            self.abstention_message,
+                            p_pre[i],
+                            s_pre[i],
+                            True,
+                            "abstained",
+                            len(prompt_ids[i]),
+                            0,
+                        )
                 todo = [i for i in todo if results[i] is None]
             if todo and streamer is not None and len(todo) > 1:
                 raise ValueError("a transformers streamer takes one prompt; use on_text for several")
             if todo:
-                spec = GenerationSpec(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                                      temperature=temperature if temperature > 0 else 1.0, top_p=top_p,
-                                      batch_size=self.max_batch_size,
-                                      stop_strings=self.default_stop if stop is None else list(stop))
+                spec = GenerationSpec(
+                    max_new_tokens=max_new_tokens,
+                    do_sample=temperature > 0,
+                    temperature=temperature if temperature > 0 else 1.0,
+                    top_p=top_p,
+                    batch_size=self.max_batch_size,
+                    stop_strings=self.default_stop if stop is None else list(stop),
+                )
                 eos = eos_ids(self.loaded.model, self.loaded.tokenizer)
-                feed = BatchFeed(self.loaded.tokenizer, len(todo), max_new_tokens, eos, spec.stop_strings,
-                                 on_text=None if on_text is None else (lambda k, piece: on_text(todo[k], piece)),
-                                 cancelled=cancelled)
+                feed = BatchFeed(
+                    self.loaded.tokenizer,
+                    len(todo),
+                    max_new_tokens,
+                    eos,
+                    spec.stop_strings,
+                    on_text=None if on_text is None else (lambda k, piece: on_text(todo[k], piece)),
+                    cancelled=cancelled,
+                )
                 capture = generate_and_capture(
-                    self.loaded.model, self.loaded.tokenizer, [prompt_ids[i] for i in todo], [self.layer],
-                    [self.position], spec, partial(cut_answer, stop_sequences=spec.stop_strings),
+                    self.loaded.model,
+                    self.loaded.tokenizer,
+                    [prompt_ids[i] for i in todo],
+                    [self.layer],
+                    [self.position],
+                    spec,
+                    partial(cut_answer, stop_sequences=spec.stop_strings),
                     streamer=_Tee(feed, streamer) if streamer is not None else feed,
                 )
-                p, score = self._score(capture.activations[:, 0, 0, :],
-                                       None if domains is None else [domains[i] for i in todo], capture.baselines)
+                p, score = self._score(
+                    capture.activations[:, 0, 0, :],
+                    None if domains is None else [domains[i] for i in todo],
+                    capture.baselines,
+                )
                 for k, i in enumerate(todo):
-                    text, n_tokens, finish = finish_text(self.loaded.tokenizer, feed.tokens[k], max_new_tokens, eos,
-                                                         spec.stop_strings)
+                    text, n_tokens, finish = finish_text(
+                        self.loaded.tokenizer, feed.tokens[k], max_new_tokens, eos, spec.stop_strings
+                    )
                     answer = capture.answers[k]
                     at = text.find(answer) if answer and not capture.empty_answer[k] else -1
                     chars = None if self.position == "prompt_last" or at < 0 else (at, at + len(answer))
-                    results[i] = self._result(text, p[k], score[k], self._abstains(p[k]), finish,
-                                              len(prompt_ids[i]), n_tokens,
-                                              completion_ids=tuple(feed.tokens[k][:n_tokens]), answer_chars=chars)
+                    results[i] = self._result(
+                        text,
+                        p[k],
+                        score[k],
+                        self._abstains(p[k]),
+                        finish,
+                        len(prompt_ids[i]),
+                        n_tokens,
+                        completion_ids=tuple(feed.tokens[k][:n_tokens]),
+                        answer_chars=chars,
+                    )
         return results  # type: ignore[return-value]
 
     # -- scoring completions another engine generated ----------------------------------------------
@@ -309,13 +376,19 @@ class ProbedModel:
         with self._lock:
             return self._encode(prompt)
 
-    def score(self, prompts: Sequence[Prompt | Sequence[int]], completions: Sequence[str | Sequence[int]],
-              stop: list[str] | None = None, domains: Sequence[str | None] | None = None) -> list[ProbedScore]:
+    def score(
+        self,
+        prompts: Sequence[Prompt | Sequence[int]],
+        completions: Sequence[str | Sequence[int]],
+        stop: list[str] | None = None,
+        domains: Sequence[str | None] | None = None,
+    ) -> list[ProbedScore]:
         """The confidence `generate` would give had the model generated `completions` itself.
 
         One forward per batch over prompt + completion, up to the end of the graded answer and up to the
         probe's layer only; for a hybrid probe the whole forward, to the LM head (its logit signals are the
-        answer tokens' log-probabilities and entropies, computed as generation computes them). The completion is cut as `generate` cuts it: at EOS, at the first stop string
+        answer tokens' log-probabilities and entropies, computed as generation computes them).
+        The completion is cut as `generate` cuts it: at EOS, at the first stop string
         (`stop`, default: the probe's training stop strings), then to its first line. Token ids in and out
         avoid tokenizer drift; a text completion is encoded without special tokens.
         """
@@ -329,7 +402,9 @@ class ProbedModel:
         out: list[ProbedScore] = []
         with self._lock:
             ids = [list(p) if _is_ids(p) and p else self._encode(p) for p in prompts]
-            comp = [list(c) if _is_ids(c) else tok(c, add_special_tokens=False)["input_ids"] for c in completions]
+            comp = [
+                list(c) if _is_ids(c) else tok(c, add_special_tokens=False)["input_ids"] for c in completions
+            ]
             spans = [self._answer_span(c, stops, eos) for c in comp]
             hybrid = bool(self.logit_features)
             for begin in range(0, len(ids), self.max_batch_size):
@@ -341,15 +416,25 @@ class ProbedModel:
                     sequences.append(ids[i] + comp[i][:end] if use_answer else ids[i])
                 signals = None
                 if hybrid:  # the whole forward: the logit signals need the LM head
-                    hidden, logits, width = states_and_logits(self.loaded.model, sequences, self.layer,
-                                                              tok.pad_token_id)
-                    rows = [answer_signals(logits[r], comp[i], width - len(sequences[r]) + len(ids[i]),
-                                           spans[i][0], spans[i][1], tok.eos_token_id if tok.eos_token_id is not None
-                                           else min(eos, default=None))
-                            for r, i in enumerate(chunk)]
+                    hidden, logits, width = states_and_logits(
+                        self.loaded.model, sequences, self.layer, tok.pad_token_id
+                    )
+                    rows = [
+                        answer_signals(
+                            logits[r],
+                            comp[i],
+                            width - len(sequences[r]) + len(ids[i]),
+                            spans[i][0],
+                            spans[i][1],
+                            tok.eos_token_id if tok.eos_token_id is not None else min(eos, default=None),
+                        )
+                        for r, i in enumerate(chunk)
+                    ]
                     signals = {name: np.array([row[name] for row in rows]) for name in rows[0]}
                 else:  # stops at the probe's layer
-                    hidden, width = states_up_to_layer(self.loaded.model, sequences, self.layer, tok.pad_token_id)
+                    hidden, width = states_up_to_layer(
+                        self.loaded.model, sequences, self.layer, tok.pad_token_id
+                    )
                 vectors = []
                 for r, i in enumerate(chunk):
                     start, end, _ = spans[i]
@@ -360,16 +445,28 @@ class ProbedModel:
                         vectors.append(hidden[r, base + end - 1])
                     else:
                         vectors.append(hidden[r, base + start : base + end].mean(0))
-                p, score = self._score(torch.stack(vectors).cpu().numpy(),
-                                       None if domains is None else [domains[i] for i in chunk], signals)
+                p, score = self._score(
+                    torch.stack(vectors).cpu().numpy(),
+                    None if domains is None else [domains[i] for i in chunk],
+                    signals,
+                )
                 for r, i in enumerate(chunk):
                     start, end, answer = spans[i]
-                    out.append(ProbedScore(
-                        p_correct=float(p[r]), score=float(score[r]), layer=self.layer, position=self.position,
-                        abstained=self._abstains(p[r]), threshold=self.threshold, prompt_tokens=len(ids[i]),
-                        completion_tokens=len(comp[i]), answer_tokens=(start, end), answer_text=answer,
-                        artifact=self.artifact_digest,
-                    ))
+                    out.append(
+                        ProbedScore(
+                            p_correct=float(p[r]),
+                            score=float(score[r]),
+                            layer=self.layer,
+                            position=self.position,
+                            abstained=self._abstains(p[r]),
+                            threshold=self.threshold,
+                            prompt_tokens=len(ids[i]),
+                            completion_tokens=len(comp[i]),
+                            answer_tokens=(start, end),
+                            answer_text=answer,
+                            artifact=self.artifact_digest,
+                        )
+                    )
         return out
 
     def _answer_span(self, completion: list[int], stops: list[str], eos: set[int]) -> tuple[int, int, str]:
@@ -398,7 +495,9 @@ class ProbedModel:
 
         def work():
             try:
-                outcome["result"] = self.generate(prompt, on_text=lambda i, piece: pieces.put(piece), **kwargs)[0]
+                outcome["result"] = self.generate(
+                    prompt, on_text=lambda i, piece: pieces.put(piece), **kwargs
+                )[0]
             except BaseException as err:  # re-raised in the caller's thread
                 outcome["error"] = err
             pieces.put(None)
@@ -417,20 +516,41 @@ class ProbedModel:
             yield result.text[len(sent) :]
         yield result
 
-    def _result(self, text, p, score, abstained, finish, prompt_tokens, completion_tokens,
-                completion_ids=(), answer_chars=None) -> ProbedGeneration:
+    def _result(
+        self,
+        text,
+        p,
+        score,
+        abstained,
+        finish,
+        prompt_tokens,
+        completion_tokens,
+        completion_ids=(),
+        answer_chars=None,
+    ) -> ProbedGeneration:
         if abstained and finish != "abstained":
             text, answer_chars = self.abstention_message, None
         return ProbedGeneration(
-            text=text, p_correct=float(p), score=float(score), layer=self.layer, position=self.position,
-            abstained=bool(abstained), threshold=self.threshold, finish_reason=finish,
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, completion_ids=completion_ids,
-            answer_chars=answer_chars, artifact=self.artifact_digest,
+            text=text,
+            p_correct=float(p),
+            score=float(score),
+            layer=self.layer,
+            position=self.position,
+            abstained=bool(abstained),
+            threshold=self.threshold,
+            finish_reason=finish,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            completion_ids=completion_ids,
+            answer_chars=answer_chars,
+            artifact=self.artifact_digest,
         )
 
 
 def _is_ids(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value
+    )
 
 
 class _Tee:

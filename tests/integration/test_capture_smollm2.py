@@ -34,13 +34,16 @@ def test_captured_states_equal_a_plain_forward(smollm2):
     assert not result.empty_answer.any()
     for i, prompt in enumerate(prompts):
         n = int(result.n_answer_tokens[i])
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n + 2, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
-        tokens = out[0, len(prompt):].tolist()
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=n + 2, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+        tokens = out[0, len(prompt) :].tolist()
         # The answer's tokens (BPE: leading spaces merged into words) decode to the graded answer.
         assert tok.decode(tokens[:n], skip_special_tokens=True).strip() == result.answers[i]
         with torch.no_grad():
-            hidden = model(input_ids=torch.tensor([prompt + tokens[:n]]), output_hidden_states=True).hidden_states
+            hidden = model(
+                input_ids=torch.tensor([prompt + tokens[:n]]), output_hidden_states=True
+            ).hidden_states
         P = len(prompt)
         for li, layer in enumerate(layers):
             h = hidden[layer][0]

@@ -46,8 +46,15 @@ def _artifact(probe, fingerprint, position: str) -> ProbeArtifact:
     calibrator = PerCategoryCalibrator(base="platt")
     calibrator.global_ = _platt(0.3, 0.1)
     calibrator.per_category_ = {"med": _platt(0.2, -0.5)}
-    return ProbeArtifact.create(probe, calibrator, LAYER, position, fingerprint, training_data_hash="synthetic",
-                                split_sizes={"train": 64})
+    return ProbeArtifact.create(
+        probe,
+        calibrator,
+        LAYER,
+        position,
+        fingerprint,
+        training_data_hash="synthetic",
+        split_sizes={"train": 64},
+    )
 
 
 @pytest.mark.parametrize("position", ["answer_mean", "answer_last", "prompt_last"])
@@ -71,4 +78,3 @@ def test_score_equals_generation_score(smollm2, probe, position):
     unscoped = pm.score(prompts, completions, stop=STOP)
     assert unscoped[0].p_correct != pytest.approx(scores[0].p_correct, abs=1e-6)
     assert unscoped[2].p_correct == pytest.approx(scores[2].p_correct, abs=1e-12)
-

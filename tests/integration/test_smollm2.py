@@ -19,7 +19,9 @@ def test_answers_capital_of_france(smollm2):
     tok, model = smollm2.tokenizer, smollm2.model
     assert smollm2.uses_chat_template
     messages = [{"role": "user", "content": "What is the capital of France? Answer briefly."}]
-    batch = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    batch = tok.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = model.generate(**batch, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
     answer = tok.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer

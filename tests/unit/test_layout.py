@@ -6,7 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.paths import ROOT
+
 PACKAGES = ("probecal", "extract", "probes")
 
 
@@ -42,7 +43,14 @@ def _roots(names: set[str], prefix: str) -> list[str]:
     return sorted(n for n in names if n == prefix or n.startswith(prefix + "."))
 
 
-CORE = ["probes", "probes.inference", "probes.estimators", "probes.calibration", "probes.artifact", "probes.scorer"]
+CORE = [
+    "probes",
+    "probes.inference",
+    "probes.estimators",
+    "probes.calibration",
+    "probes.artifact",
+    "probes.scorer",
+]
 
 
 def test_probe_core_and_evaluation_import_neither_torch_transformers_nor_extract():
@@ -54,7 +62,6 @@ def test_probe_core_and_evaluation_import_neither_torch_transformers_nor_extract
 
 def test_probe_core_does_not_lean_on_evaluation():
     assert not _roots(loaded_after_import(CORE), "probes.evaluation")
-
 
 
 def test_scorer_loads_and_scores_with_numpy_and_safetensors_only(tmp_path):
@@ -89,6 +96,7 @@ def test_scorer_loads_and_scores_with_numpy_and_safetensors_only(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["heavy"] == [], f"ProbeScorer pulled in {result['heavy'][:5]}"
     np.testing.assert_allclose(result["p"], expected, rtol=0, atol=1e-12)
+
 
 def test_extract_never_imports_probes():
     extract = [m for m in project_modules() if m.startswith("extract")]
@@ -130,7 +138,7 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         on_stack.add(node)
         for nxt in sorted(graph[node]):
             if nxt in on_stack:
-                cycles.append(stack[stack.index(nxt):] + [nxt])
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in done:
                 visit(nxt, stack, on_stack)
         on_stack.discard(stack.pop())

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import nbformat
 import pytest
 
+from tests.paths import ROOT
 from tests.pipeline_fixtures import SIGNAL_SITE, write_synthetic_store, write_synthetic_sweep
 
-NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "layers.ipynb"
+NOTEBOOK = ROOT / "notebooks" / "layers.ipynb"
 
 
 def _code_cells(nb):
@@ -35,7 +34,9 @@ def executed(tmp_path_factory):
         monkeypatch.setenv("PROBECAL_STORE", str(tmp / "store"))
         monkeypatch.setenv("PROBECAL_SWEEP", str(tmp / "run" / "sweep.json"))
         # the kernel starts in tmp: a stray default path cannot reach the repository's outputs/
-        NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp)}}).execute()
+        NotebookClient(
+            nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp)}}
+        ).execute()
     return nb, tmp
 
 
@@ -65,6 +66,10 @@ def test_notebook_rejects_a_sweep_from_another_store(tmp_path):
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("PROBECAL_STORE", str(tmp_path / "other"))
         monkeypatch.setenv("PROBECAL_SWEEP", str(tmp_path / "sweep.json"))
-        client = NotebookClient(nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
-        with pytest.raises(CellExecutionError, match=f"selected layer {sweep.best_layer}, .* which the store"):
+        client = NotebookClient(
+            nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        )
+        with pytest.raises(
+            CellExecutionError, match=f"selected layer {sweep.best_layer}, .* which the store"
+        ):
             client.execute()
