@@ -78,7 +78,7 @@ class SleepingScorer:
         raise RuntimeError("proxy mode does not generate here")
 
     def score(self, prompts, completions, stop=None, domains=None):
-        from probes.serving.wrapper import ProbedScore
+        from probes.runtime.wrapper import ProbedScore
 
         time.sleep(self.score_s)
         return [

@@ -20,7 +20,7 @@ from extract.models import ModelSpec, load_model
 from probes.artifact import ProbeArtifact
 from probes.calibration import PlattCalibrator
 from probes.estimators import LogisticProbe
-from probes.serving.wrapper import ProbedModel
+from probes.runtime.wrapper import ProbedModel
 
 
 def random_probe(loaded, layer: int, position: str, directory: str) -> None:

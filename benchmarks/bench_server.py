@@ -43,7 +43,7 @@ class SleepingFakeModel:
         return len(text.split())
 
     def generate(self, prompts, *, max_new_tokens=64, temperature=0.0, top_p=1.0, stop=None):
-        from probes.serving.wrapper import ProbedGeneration
+        from probes.runtime.wrapper import ProbedGeneration
 
         time.sleep(self.latency_s)
         return [
@@ -68,7 +68,7 @@ def build_probed_model(args: argparse.Namespace):
     if args.fake_latency_ms is not None:
         return SleepingFakeModel(args.fake_latency_ms / 1000, args.max_batch_size)
     from extract.models import ModelSpec, load_model
-    from probes.serving.wrapper import ProbedModel
+    from probes.runtime.wrapper import ProbedModel
 
     if not args.probe_dir:
         raise SystemExit(

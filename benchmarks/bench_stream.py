@@ -55,7 +55,7 @@ class SteppingFakeModel:
         cancelled=None,
         domains=None,
     ):
-        from probes.serving.wrapper import ProbedGeneration
+        from probes.runtime.wrapper import ProbedGeneration
 
         words = [f"w{k} " for k in range(max_new_tokens)]
         for k in range(max_new_tokens):
@@ -84,7 +84,7 @@ def _synthetic_smollm2(tmp: str, max_batch_size: int):
     from extract.models import ModelSpec, load_model
     from probes.artifact import ProbeArtifact
     from probes.estimators import PROBES
-    from probes.serving.wrapper import ProbedModel
+    from probes.runtime.wrapper import ProbedModel
 
     loaded = load_model(ModelSpec(name="smollm2-135m-instruct", device="cpu"))
     rng = np.random.default_rng(0)

@@ -45,7 +45,7 @@ def main() -> None:
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
 
-    from probes.evaluation.sweep import sweep
+    from probes.selection.sweep import sweep
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=3000)

@@ -20,9 +20,10 @@ import torch
 from bench_capture import questions  # same question pool as the capture benchmark
 from transformers import StoppingCriteriaList
 
-from extract.generation import _eos_ids, _StopWhenAnswerFed
+from extract.generation import StopWhenAnswerFed
 from extract.models import ModelSpec
-from probes.serving.wrapper import ProbedModel
+from extract.tokens import eos_token_ids
+from probes.runtime.wrapper import ProbedModel
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
                     "max_new_tokens": args.max_new_tokens,
                 }
             else:
-                criterion = _StopWhenAnswerFed(tok, wrapped.default_stop, enc["input_ids"].shape[1], set(eos))
+                criterion = StopWhenAnswerFed(tok, wrapped.default_stop, enc["input_ids"].shape[1], set(eos))
                 stopping = {
                     "stopping_criteria": StoppingCriteriaList([criterion]),
                     "max_new_tokens": args.max_new_tokens + 1,
@@ -68,7 +69,7 @@ def main() -> None:
         for batch in batches:
             wrapped.generate(batch, max_new_tokens=args.max_new_tokens)
 
-    eos = _eos_ids(model, tok)
+    eos = eos_token_ids(model, tok)
     modes = {
         "plain model.generate (same stopping)": plain,
         "ProbedModel.generate": probed,

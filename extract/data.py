@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from probecal.splits import SPLITS
+
 log = logging.getLogger(__name__)
 
 SOURCES = ("facts", "jsonl", "csv", "triviaqa", "sciq", "nq_open")
-SPLITS = ("train", "calibration", "test")
 FACTS_PATH = Path(__file__).resolve().parent / "data" / "facts.jsonl"
 DEFAULT_CATEGORY = "default"
 # Hub ids and configs, and the split used when `hf_split` is not set (TriviaQA's test answers are hidden).
@@ -415,6 +416,12 @@ def load_rows_report(spec: DataSpec) -> LoadReport:
     if spec.limit is not None and spec.limit < len(rows):
         rows = _stratified_subset(rows, spec.limit, spec.seed)
     return LoadReport(rows, skipped, source)
+
+
+def load_questions(name: str = "facts", **fields: Any) -> list[QARow]:
+    """The rows of a data set by name, e.g. `load_questions("facts", limit=200)` or
+    `load_questions("jsonl", path="my.jsonl")`; `fields` are `DataSpec` fields."""
+    return load_rows(DataSpec(name=name, **fields))
 
 
 def load_rows(spec: DataSpec) -> list[QARow]:

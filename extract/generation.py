@@ -13,7 +13,7 @@ Step bookkeeping (the classic off-by-one): forward call 0 is the prefill; its la
 last prompt token (`prompt_last`). Forward call t >= 1 feeds generated token t-1, so the hidden state
 of generated token j is the last position of call j+1. A token's state therefore exists only once the
 token has been fed back. A row is kept running until every token of its graded answer has been fed
-(`_StopWhenAnswerFed`), and generation runs for `max_new_tokens + 1` tokens, so the last answer token's
+(`StopWhenAnswerFed`), and generation runs for `max_new_tokens + 1` tokens, so the last answer token's
 state always exists; the extra token never enters the answer text.
 
 Graded answer -> tokens: `cut_answer` gets the generation up to the first stop string / EOS and
@@ -44,6 +44,7 @@ from extract.hooks import (
     resolve_layers,
 )
 from extract.settings import GenerationSpec
+from extract.tokens import cut_generation, decode, eos_token_ids, find_stop, left_pad, pool_states
 
 log = logging.getLogger(__name__)
 
@@ -108,59 +109,11 @@ class _TokenStats:
 
 
 # ----------------------------------------------------------------------------------------------
-# Text <-> tokens
+# Stopping once the answer has been fed back
 # ----------------------------------------------------------------------------------------------
 
 
-def find_stop(text: str, stop_strings: Sequence[str]) -> tuple[int, int] | None:
-    """(start, end) of the earliest stop string in `text` (the longest one on a tie), or None."""
-    best = None
-    for stop in stop_strings:
-        if not stop:
-            continue
-        start = text.find(stop)
-        if start >= 0 and (best is None or (start, -len(stop)) < (best[0], best[0] - best[1])):
-            best = (start, start + len(stop))
-    return best
-
-
-def _decode(tokenizer: Any, tokens: Sequence[int]) -> str:
-    return tokenizer.decode(list(tokens), skip_special_tokens=True)
-
-
-def answer_token_span(tokenizer: Any, tokens: Sequence[int], text: str, answer: str) -> tuple[int, int, bool]:
-    """Token span `[start, end)` of `answer` within `text`, where `text` is a prefix of
-    `decode(tokens)` (the generation before its stop string).
-
-    `end` = the fewest tokens whose decoded prefix covers the answer; `start` = the most tokens whose
-    decoded prefix lies entirely before the answer. Decoding prefixes (rather than summing per-token
-    lengths) stays right for tokenizers that merge spaces or split characters across tokens.
-    Returns (start, end, found): found=False when `answer` is not in `text` (the whole stripped
-    text is used then); an empty answer gives (0, 0, True).
-    """
-    target = answer.strip()
-    if not target:
-        return 0, 0, True
-    pos = text.find(target)
-    found = pos >= 0
-    if not found:
-        target = text.strip()
-        if not target:
-            return 0, 0, False
-        pos = text.find(target)
-    head, upto = text[:pos], text[: pos + len(target)]
-    start, end = 0, len(tokens)
-    for k in range(1, len(tokens) + 1):
-        prefix = _decode(tokenizer, tokens[:k])
-        if prefix.startswith(upto):
-            end = k
-            break
-        if head.startswith(prefix):
-            start = k
-    return start, end, found
-
-
-class _StopWhenAnswerFed(StoppingCriteria):
+class StopWhenAnswerFed(StoppingCriteria):
     """Stopping criterion: a row is done once its generation contains a stop string AND every token
     before that stop string has been fed back to the model (so its hidden state was captured).
 
@@ -187,7 +140,7 @@ class _StopWhenAnswerFed(StoppingCriteria):
                     self.done[row] = True
                     continue
                 stop = find_stop(text, self.stop_strings)
-                if stop is not None and _decode(self.tokenizer, tokens[:-1]).startswith(text[: stop[0]]):
+                if stop is not None and decode(self.tokenizer, tokens[:-1]).startswith(text[: stop[0]]):
                     self.done[row] = True
         return torch.as_tensor(self.done, device=input_ids.device)
 
@@ -273,37 +226,13 @@ def _finish_row(
 ) -> _Row:
     """Turn one row's generated tokens into raw text, graded answer and its token span."""
     window = generated[:max_new_tokens]  # the extra (+1) token never enters the answer
-    eos_at = next((i for i, t in enumerate(window) if t in eos_ids), None)
-    tokens = window if eos_at is None else window[:eos_at]
-    text = _decode(tokenizer, tokens)
-    stop = find_stop(text, stops)
-    before = text if stop is None else text[: stop[0]]
-    answer = cut_answer(before)
-    if not isinstance(answer, str):
-        raise CaptureError(f"cut_answer returned {type(answer).__name__}, expected str")
-    start, end, found = answer_token_span(tokenizer, tokens, before, answer)
-    raw = text if stop is None else text[: stop[1]]
-    return _Row(answer, raw, start, end, truncated=stop is None and eos_at is None, found=found)
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
-def left_pad(
-    prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        ids[i, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
-        mask[i, width - len(prompt) :] = 1
-    return ids.to(device), mask.to(device)
+    try:
+        cut = cut_generation(tokenizer, window, eos_ids, stops, cut_answer)
+    except TypeError as err:
+        raise CaptureError(str(err)) from None
+    raw = cut.text if cut.stop is None else cut.text[: cut.stop[1]]
+    truncated = cut.stop is None and cut.eos_at is None
+    return _Row(cut.answer, raw, cut.start, cut.end, truncated=truncated, found=cut.found)
 
 
 def _check_prompts(prompt_ids: Sequence[Sequence[int]], vocab_size: int | None) -> None:
@@ -379,7 +308,7 @@ def generate_and_capture(
         raise CaptureError(
             f"a streamer sees one batch: at most {generation.batch_size} prompts, got {len(prompt_ids)}"
         )
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_token_ids(model, tokenizer)
     device = next(model.parameters()).device
 
     parts = []
@@ -412,7 +341,7 @@ def _generate_batch(
 ) -> CaptureResult:
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id, device)
     prompt_len = input_ids.shape[1]
-    stop = _StopWhenAnswerFed(tokenizer, spec.stop_strings, prompt_len, set(eos))
+    stop = StopWhenAnswerFed(tokenizer, spec.stop_strings, prompt_len, set(eos))
     stats = _TokenStats()
     sampling = {"temperature": spec.temperature, "top_p": spec.top_p} if spec.do_sample else {}
     handle = model.register_forward_hook(stats.hook, with_kwargs=True)
@@ -459,13 +388,8 @@ def _generate_batch(
             )
             row.end = steps - 1
         empty = row.end <= row.start
-        by_position = {
-            "prompt_last": states[0, r],
-            "answer_last": states[0, r] if empty else states[row.end, r],
-            "answer_mean": states[0, r] if empty else states[row.start + 1 : row.end + 1, r].mean(0),
-        }
-        for p, position in enumerate(positions):
-            vectors[r, :, p] = by_position[position]
+        for p, position in enumerate(positions):  # states[0] = the last prompt token's state
+            vectors[r, :, p] = pool_states(states[:, r], 0, row.start, row.end, position)
         span = (0, 1) if empty else (row.start, row.end)
         for name, value in answer_baselines(logprob[:, r], entropy[:, r], max_prob[:, r], *span).items():
             baselines[name][r] = value

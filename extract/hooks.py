@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -227,12 +228,26 @@ def _first_tensor(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def hook_layer(layout: DecoderLayout, layer: int, receive: Callable[[torch.Tensor], None]) -> Any:
+    """Register the hook that hands `receive` the hidden state of probecal `layer` on every forward call; returns
+    the handle (call `.remove()`). The ONE layer -> module rule, shared by capture and the scoring forward:
+    layer 0 = the input of the first block (HF `hidden_states[0]`), layer i < num_layers = the output of block i,
+    layer num_layers = the final norm's output (block num_layers's output when the model has no final norm)."""
+    if layer == 0:
+        return layout.blocks[0].register_forward_pre_hook(
+            lambda module, args, kwargs: receive(args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True,
+        )
+    last_with_norm = layer == layout.num_layers and layout.final_norm is not None
+    module = layout.final_norm if last_with_norm else layout.blocks[layer - 1]
+    return module.register_forward_hook(lambda module, args, output: receive(_first_tensor(output)))
+
+
 @contextmanager
 def capture_hidden_states(model: nn.Module, layers: str | Sequence[int] | None = "all") -> Iterator[Recorder]:
-    """Hook `layers` of `model` for the duration of the block; the hooks are always removed.
+    """Hook `layers` of `model` for the duration of the block (`hook_layer`); the hooks are always removed.
 
-    Layer 0 hooks the input of the first block (HF `hidden_states[0]`), layer i < num_layers the
-    output of block i, layer num_layers the final norm's output. Example (runtime wrapper):
+    Example (runtime wrapper):
         with capture_hidden_states(model, [12]) as rec:
             model.generate(...)
         vectors = rec.last_token(12)  # [calls, batch, hidden]
@@ -243,20 +258,7 @@ def capture_hidden_states(model: nn.Module, layers: str | Sequence[int] | None =
     handles = []
     try:
         for layer in resolved:
-            if layer == 0:
-
-                def pre_hook(module, args, kwargs, _layer=layer):
-                    recorder.record(_layer, args[0] if args else kwargs["hidden_states"])
-
-                handles.append(layout.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
-                continue
-            last_with_norm = layer == layout.num_layers and layout.final_norm is not None
-            module = layout.final_norm if last_with_norm else layout.blocks[layer - 1]
-
-            def hook(module, args, output, _layer=layer):
-                recorder.record(_layer, _first_tensor(output))
-
-            handles.append(module.register_forward_hook(hook))
+            handles.append(hook_layer(layout, layer, partial(recorder.record, layer)))
         yield recorder
     finally:
         for handle in handles:

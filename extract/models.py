@@ -288,10 +288,12 @@ def from_transformers(
     )
 
 
-def load_model(spec: ModelSpec | Any) -> LoadedModel:
-    """Load the model a config names. `spec` is a ModelSpec or any object with its fields."""
+def load_model(spec: ModelSpec | str | Any) -> LoadedModel:
+    """Load the model a config names. `spec` is a ModelSpec, any object with its fields, or a model name
+    (a packaged short name such as "smollm2-135m-instruct", or a local folder / hub id)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    spec = ModelSpec(name=spec) if isinstance(spec, str) else spec
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     cache = cache_root(spec.cache_dir)

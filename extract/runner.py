@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from extract.data import QARow, assign_splits, dataset_hash
+from extract.data import DataSpec, QARow, assign_splits, dataset_hash
 from extract.distributed import DistContext, DistributedError
 from extract.generation import generate_and_capture
 from extract.grading import cut_answer, grade
@@ -69,18 +69,22 @@ def store_settings(loaded: LoadedModel, rows: Sequence[QARow], spec: ExtractSpec
 def extract_to_store(
     loaded: LoadedModel,
     rows: Sequence[QARow],
-    splits: Sequence[str],
-    spec: ExtractSpec,
-    data_name: str,
+    splits: Sequence[str] | None = None,
+    spec: ExtractSpec | None = None,
+    data_name: str = "custom",
     store_root: str | Path | None = None,
     dist: DistContext | None = None,
 ) -> ActivationStore:
     """Generate, grade and capture every row into a store under `store_root` (default spec.store_root).
 
+    splits: [n] "train" | "calibration" | "test" per row (None = `assign_splits` with DataSpec's default
+    fractions); spec: None = `ExtractSpec()` (every layer, all three positions, greedy decoding).
     A complete store with the same settings is reused; an interrupted one resumes.
     dist: this process's place in a data-parallel launch (extract.distributed.distributed_context);
     every rank passes the same rows and spec, computes its share of the shards, and gets the store.
     """
+    spec = ExtractSpec() if spec is None else spec
+    splits = assign_splits(rows, DataSpec()) if splits is None else splits
     spec.check()
     settings = store_settings(loaded, rows, spec, data_name)
     store_dir = store_dir_for(store_root or spec.store_root, settings)

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.generation import left_pad
 from extract.prompts import encode_prompt
+from extract.tokens import left_pad, position_ids
 
 P_TRUE_PROMPT = (
     "Question: {question}\nProposed answer: {answer}\n"
@@ -78,10 +78,9 @@ def p_true_confidence(
     scores = np.empty(len(prompts))
     for begin in range(0, len(prompts), batch_size):
         ids, mask = left_pad(prompts[begin : begin + batch_size], tokenizer.pad_token_id, device)
-        # Explicit positions: with left padding, a plain forward would otherwise count the pads.
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, -1]
+        logits = logits.float()
         probs = torch.softmax(logits, dim=-1)
         p_true = probs[:, true_ids].sum(-1)
         p_false = probs[:, false_ids].sum(-1)

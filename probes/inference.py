@@ -13,8 +13,8 @@ registered probe or calibrator kind needs an entry here before ProbeScorer can s
 
 A hybrid probe reads X = [hidden state, logit features]: `logit_feature_matrix` turns the model's raw logit
 signals (extract.generation.BASELINE_NAMES, as generation records them per answer) into its feature columns,
-and `probe_input` joins them to the hidden state. Training (probes.cli.pipeline, probes.evaluation.transfer)
-and serving (probes.serving.wrapper, ProbeScorer) all build a hybrid's input through these two functions.
+and `probe_input` joins them to the hidden state. Training (probes.training, probes.evaluation.transfer)
+and serving (probes.runtime.wrapper, ProbeScorer) all build a hybrid's input through these two functions.
 """
 
 from __future__ import annotations

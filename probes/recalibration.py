@@ -21,7 +21,7 @@ Protocol (one seeded split, stratified by domain x label, `heldout_fraction` of 
    is chosen on all rows. Isotonic (merges scores into steps) and per-domain (reorders rows across
    domains) calibrators could adapt the answered sets to the labels they were fit on: the fit-part
    calibrator is kept and the threshold is chosen on the held-out part only, so its guarantee holds.
-5. the threshold: probes.evaluation.thresholds.choose_threshold (LTT or Clopper-Pearson) at the parent's
+5. the threshold: probes.selection.thresholds.choose_threshold (LTT or Clopper-Pearson) at the parent's
    target accuracy and delta. When the new rows cannot support the target, the artifact abstains on
    every answer (threshold ABSTAIN_ALL, reachable False, a message saying so) instead of dropping the
    threshold: answering nothing is the only policy the data guarantees.
@@ -53,7 +53,7 @@ from probes.calibration import (
     TemperatureCalibrator,
 )
 from probes.evaluation.metrics import auroc, bootstrap_ci, brier, ece
-from probes.evaluation.thresholds import ThresholdResult, choose_threshold
+from probes.selection.thresholds import ThresholdResult, choose_threshold
 
 KINDS = ("platt", "temperature", "isotonic", "per_domain")
 

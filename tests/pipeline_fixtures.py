@@ -15,7 +15,7 @@ import numpy as np
 
 from extract.generation import BASELINE_NAMES
 from extract.store import ActivationStore, StoreWriter, open_store
-from probes.evaluation.sweep import SweepResult, sweep
+from probes.selection.sweep import SweepResult, sweep
 
 SIGNAL_SITE = (2, "answer_last")
 CATEGORY_ACCURACY = {"capitals": 0.7, "arithmetic": 0.35}  # different difficulty, as in real data sets
@@ -144,7 +144,7 @@ def write_synthetic_store(
 def write_synthetic_sweep(
     store: ActivationStore, path: str | Path, n_folds: int = 3, seed: int = 0
 ) -> SweepResult:
-    """Sweep every stored site on the store's train split (as `probes.cli.pipeline.train_probe` does); write JSON."""
+    """Sweep every stored site on the store's train split (as `probes.training.train_probe` does); write JSON."""
     train = store.column("split") == "train"
     y = store.column("label").astype(int)[train]
     result = sweep(

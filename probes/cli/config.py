@@ -10,47 +10,7 @@ from hydra.core.config_store import ConfigStore
 from extract.data import DataSpec
 from extract.models import ModelSpec
 from extract.settings import ExtractSpec
-
-
-@dataclass
-class TrainSpec:
-    """`train`: layer sweep, selection, abstention target (probes/cli/pipeline.py uses it)."""
-
-    n_folds: int = 5  # CV folds of the training split for the layer x position sweep
-    layers: list[int] | None = None  # restrict the sweep (None = every stored layer)
-    positions: list[str] | None = None  # restrict the sweep (None = every stored position)
-    target_accuracy: float = 0.9  # abstain below the threshold that keeps answered accuracy >= this ...
-    delta: float = 0.1  # ... with probability >= 1 - delta (finite-sample bound on the calibration split)
-    threshold_method: str = "ltt"  # ltt (Learn-then-Test) | clopper_pearson (simultaneous bounds)
-    n_bins: int = 15  # ECE / reliability bins
-    n_bootstrap: int = 1000  # bootstrap resamples for the ECE interval
-    # Transfer (probes/evaluation/transfer.py): leave-one-domain-out over the store's domains.
-    select: str = (
-        "transfer"  # transfer: site, features and C by the held-out-domain score | cv: in-domain CV sweep
-    )
-    transfer: bool = (
-        True  # measure the held-out-domain numbers of the probe and every baseline (select=cv too)
-    )
-    transfer_layer_step: int = (
-        3  # candidate layers for select=transfer: every Nth stored layer (and the last)
-    )
-    transfer_positions: list[str] | None = None  # candidate positions (None = every stored position)
-    transfer_features: list[str] = field(
-        default_factory=lambda: ["hidden", "hidden+logits"]
-    )  # hidden | hidden+logits
-    transfer_Cs: list[float] = field(
-        default_factory=lambda: [0.0001, 0.001, 0.01]
-    )  # fixed C grid (the probe's C)
-    logit_weight: float = (
-        3.0  # scale of the standardized logit features (divides their L2 penalty by its square)
-    )
-    # heldout: best held-out-domain within-cat AUROC | heldout_then_cv: among candidates within select_tolerance of
-    # that best, the best in-domain CV within-cat AUROC (train-split folds, solved in the same batched call)
-    select_rule: str = "heldout_then_cv"
-    select_tolerance: float = 0.01
-    # what the final calibrator is fit on: calibration (the probe's scores on the calibration split) |
-    # cross_domain (each domain's calibration rows scored by the leave-one-domain-out probe fit without it) | both
-    calibrate_on: str = "calibration"
+from probes.training.spec import TrainSpec
 
 
 @dataclass

@@ -84,7 +84,8 @@ def stage_extract(cfg: DictConfig) -> None:
 def stage_train(cfg: DictConfig) -> None:
     """Extract (or reuse the store), sweep layers x positions, fit + calibrate the probe, evaluate, report."""
     from extract.distributed import is_main_process
-    from probes.cli.pipeline import evaluate_on_store, threshold_report, train_probe, write_run_outputs
+    from probes.evaluation.outputs import threshold_report, write_run_outputs
+    from probes.training import evaluate_probe, train_probe
 
     start = time.perf_counter()
     run_dir = _run_dir()
@@ -92,11 +93,11 @@ def stage_train(cfg: DictConfig) -> None:
     if not is_main_process():  # under torchrun the other ranks only help with the extraction
         return
     train_spec = OmegaConf.to_object(cfg.train)
-    artifact, sweep_result, extra = train_probe(
-        store, cfg.probe, cfg.calibration, train_spec, seed=cfg.seed, splits=splits
-    )
-    table, methods, data, mask = evaluate_on_store(
-        artifact, store, cfg.calibration, train_spec, "test", cfg.seed, splits=splits
+    calibrator = _build(cfg.calibration)
+    trained = train_probe(store, _build(cfg.probe), calibrator, train_spec, seed=cfg.seed, splits=splits)
+    artifact, sweep_result, extra = trained.artifact, trained.sweep, trained.outputs()
+    table, methods, data, mask = evaluate_probe(
+        artifact, store, calibrator, train_spec, "test", cfg.seed, splits=splits
     )
     thresholds = threshold_report(extra["threshold"], methods["probe"], data.y[mask])
     artifact = artifact.with_metadata(
@@ -159,8 +160,10 @@ def _threshold_sentence(info: dict) -> str:
 def stage_evaluate(cfg: DictConfig) -> None:
     """Evaluate a saved probe (evaluate.probe_dir=...) on the configured data set."""
     from extract.distributed import is_main_process
+    from probecal.splits import SPLITS
     from probes.artifact import ProbeArtifact
-    from probes.cli.pipeline import SPLITS, evaluate_on_store, write_run_outputs
+    from probes.evaluation.outputs import write_run_outputs
+    from probes.training import evaluate_probe
 
     if not cfg.evaluate.probe_dir:
         raise SystemExit("probecal evaluate needs evaluate.probe_dir=<run dir>/probe")
@@ -173,8 +176,8 @@ def stage_evaluate(cfg: DictConfig) -> None:
     artifact.fingerprint.check_matches(loaded.fingerprint, "probe")
     train_spec = OmegaConf.to_object(cfg.train)
     split = None if cfg.evaluate.split == "all" else cfg.evaluate.split
-    table, methods, data, mask = evaluate_on_store(
-        artifact, store, cfg.calibration, train_spec, split, cfg.seed, splits=splits
+    table, methods, data, mask = evaluate_probe(
+        artifact, store, _build(cfg.calibration), train_spec, split, cfg.seed, splits=splits
     )
     title = f"probecal evaluate: probe {cfg.evaluate.probe_dir} on {cfg.data.name} ({cfg.evaluate.split})"
     report, headline = write_run_outputs(

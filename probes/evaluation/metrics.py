@@ -191,7 +191,7 @@ def selective_accuracy(p, y, coverage: float) -> float:
 
 def coverage_at_accuracy(p, y, target: float) -> float:
     """Largest coverage of an answered set {p >= t} whose accuracy is >= target (0.0 if none).
-    Empirical, no guarantee: see probes/evaluation/thresholds.py for a threshold with a confidence bound."""
+    Empirical, no guarantee: see probes/selection/thresholds.py for a threshold with a confidence bound."""
     curve = risk_coverage_curve(p, y)
     ok = 1.0 - curve.risk >= target - 1e-12
     return float(curve.coverage[ok].max()) if ok.any() else 0.0

@@ -16,8 +16,8 @@ from matplotlib.figure import Figure
 
 from probecal.files import atomic_write_text
 from probes.evaluation.metrics import reliability_curve, risk_coverage_curve
-from probes.evaluation.sweep import SweepResult
 from probes.evaluation.tables import EvalTable
+from probes.selection.sweep import SweepResult
 
 OVERCONFIDENCE_GAP = 0.10  # mean confidence above accuracy by more than this is flagged
 

@@ -30,6 +30,12 @@ from probes.evaluation.metrics import metric_row, per_category_rows
 from probes.inference import oriented, raw_probability
 
 # columns shown by to_markdown (to_csv / to_dict keep every column)
+PROBE_METHOD = "probe"  # the method name of the calibrated probe in every table
+PROBE_RAW_METHOD = "probe (uncalibrated)"
+OPTIMISM_NOTE = (
+    "the held-out AUROC of the selected candidate is optimistic: the candidate was chosen on that same "
+    "score (the other candidates' scores show the spread)"
+)
 SUMMARY_COLUMNS = (
     "auroc", "within_cat_auroc", "auprc", "ece", "within_cat_ece", "ece_low", "ece_high", "ece_quantile", "mce", "brier", "nll",  # noqa: E501
     "aurc", "eaurc", "sel_acc@0.5", "sel_acc@0.8", "sel_acc@0.9", "cov@acc0.9",

@@ -321,7 +321,7 @@ def build_probed_model(model_spec: Any, settings: ServeSettings) -> ProbedModelL
             "serve.probe_dir is required: the folder of a saved probe artifact "
             "(e.g. probecal serve serve.probe_dir=outputs/.../probe)"
         )
-    from probes.serving.wrapper import DEFAULT_ABSTENTION_MESSAGE, ProbedModel
+    from probes.runtime.wrapper import DEFAULT_ABSTENTION_MESSAGE, ProbedModel
 
     return ProbedModel.from_config(
         model_spec,

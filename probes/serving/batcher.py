@@ -21,9 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from probes.serving.forward import GenerationCancelled
+from extract.streaming import GenerationCancelled
+from probes.runtime.wrapper import ProbedGeneration
 from probes.serving.protocol import ProbedModelLike, Prompt, Sampling
-from probes.serving.wrapper import ProbedGeneration
 
 log = logging.getLogger("probecal.serve")
 

@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from probes.runtime.wrapper import ProbedGeneration
 from probes.serving.feedback import CalibrationStats
-from probes.serving.wrapper import ProbedGeneration
 
 
 class _ECEFamily(Collector):

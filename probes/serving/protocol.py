@@ -26,14 +26,14 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("probecal serve needs the `serve` extra: pip install 'probecal[serve]'") from err
 
+from probes.runtime.wrapper import ProbedGeneration
 from probes.serving.settings import ServeSettings
-from probes.serving.wrapper import ProbedGeneration
 
 Prompt = str | list[dict[str, str]]  # completion text, or chat messages [{"role", "content"}]
 
 
 class ProbedModelLike(Protocol):
-    """What the server needs from `probes.serving.wrapper.ProbedModel` (tests pass a small double)."""
+    """What the server needs from `probes.runtime.wrapper.ProbedModel` (tests pass a small double)."""
 
     model_name: str
     max_context_tokens: int

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from fastapi.responses import StreamingResponse
 
+from probes.runtime.wrapper import ProbedGeneration
 from probes.serving.batcher import Batcher, ModelError, QueueFullError
 from probes.serving.exposition import ServerMetrics
 from probes.serving.feedback import FeedbackStore, ResponseRecord, UnknownResponseError
@@ -46,7 +47,6 @@ from probes.serving.protocol import (
     _stop,
 )
 from probes.serving.settings import ServeSettings
-from probes.serving.wrapper import ProbedGeneration
 
 OBJECTS = {"completions": ("cmpl", "text_completion"), "chat.completions": ("chatcmpl", "chat.completion")}
 

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from probes.runtime.wrapper import ProbedGeneration
 from probes.serving.batcher import ModelError, QueueFullError
 from probes.serving.protocol import APIError, Prompt, _domain
 from probes.serving.protocol import _stop as parse_stop
@@ -36,7 +37,6 @@ from probes.serving.serving import (
     respond,
     stream_response,
 )
-from probes.serving.wrapper import ProbedGeneration
 
 
 class Upstream:

@@ -12,7 +12,7 @@ from extract.prompts import Question
 from probes.artifact import ProbeArtifact
 from probes.calibration import PerCategoryCalibrator, PlattCalibrator
 from probes.estimators import PROBES
-from probes.serving.wrapper import ProbedModel
+from probes.runtime.wrapper import ProbedModel
 
 pytestmark = pytest.mark.integration
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.paths import ROOT
 
 PACKAGES = ("probecal", "extract", "probes")
@@ -53,11 +55,18 @@ CORE = [
 ]
 
 
-def test_probe_core_and_evaluation_import_neither_torch_transformers_nor_extract():
-    evaluation = [m for m in project_modules() if m.startswith("probes.evaluation")]
-    loaded = loaded_after_import(CORE + evaluation)
+def test_probe_core_training_selection_and_evaluation_import_neither_torch_transformers_nor_extract():
+    library = [
+        m
+        for m in project_modules()
+        if m.startswith(("probes.evaluation", "probes.selection", "probes.training"))
+    ]
+    assert {"probes.training.train", "probes.selection.sweep", "probes.evaluation.outputs"} <= set(library)
+    loaded = loaded_after_import(CORE + library)
     for forbidden in ("torch", "transformers", "extract", "fastapi", "hydra"):
-        assert not _roots(loaded, forbidden), f"probe core/evaluation pulled in {forbidden}"
+        assert not _roots(loaded, forbidden), (
+            f"probe core/training/selection/evaluation pulled in {forbidden}"
+        )
 
 
 def test_probe_core_does_not_lean_on_evaluation():
@@ -105,8 +114,27 @@ def test_extract_never_imports_probes():
 
 
 def test_shared_helpers_are_torch_free():
-    loaded = loaded_after_import(["probecal", "probecal.files", "probecal.fingerprint"])
-    assert not _roots(loaded, "torch") and not _roots(loaded, "extract") and not _roots(loaded, "probes")
+    loaded = loaded_after_import(["probecal", "probecal.files", "probecal.fingerprint", "probecal.splits"])
+    for heavy in ("torch", "transformers", "sklearn", "extract", "probes"):
+        assert not _roots(loaded, heavy), f"import probecal pulled in {heavy}"
+
+
+def test_the_lazy_public_api_resolves_every_name_from_its_home_module():
+    import importlib
+
+    import probecal
+
+    assert sorted(probecal.__all__) == sorted(probecal.MODULE_ATTRS)
+    for name, module in probecal.MODULE_ATTRS.items():
+        assert getattr(probecal, name) is getattr(importlib.import_module(module), name), name
+    with pytest.raises(AttributeError, match="no attribute 'train_probes'"):
+        probecal.train_probes  # noqa: B018 - a typo is an AttributeError, not None
+
+
+def test_runtime_and_serving_stay_out_of_the_library():
+    """The in-process runtime (probes.runtime) and HTTP (probes.serving) sit on top: training never loads them."""
+    loaded = loaded_after_import(["probes.training", "probes.selection.sweep", "probes.evaluation.outputs"])
+    assert not _roots(loaded, "probes.runtime") and not _roots(loaded, "probes.serving")
 
 
 def test_nothing_outside_the_cli_imports_it():

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from extract.generation import BASELINE_NAMES, answer_token_span, find_stop, generate_and_capture
+from extract.generation import BASELINE_NAMES, generate_and_capture
 from extract.hooks import CaptureError, capture_hidden_states, find_decoder_blocks
 from extract.self_eval import p_true_confidence, parse_confidence, verbalized_confidence
 from extract.settings import POSITIONS, GenerationSpec
+from extract.tokens import answer_token_span, find_stop
 from tests import tiny_models
 from tests.capture_reference import check_against_plain_forward, greedy, reference, rel_err
 

@@ -119,7 +119,7 @@ def test_wrapper_prompt_scores_equal_training_capture(family, prompts, tmp_path)
     from probes.artifact import ProbeArtifact
     from probes.calibration import PlattCalibrator
     from probes.estimators import LogisticProbe
-    from probes.serving.wrapper import ProbedModel
+    from probes.runtime.wrapper import ProbedModel
 
     tok, ids = prompts
     model = tiny_models.tiny_family_model(family)

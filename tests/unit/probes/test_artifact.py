@@ -21,7 +21,7 @@ from probes.artifact import (
 )
 from probes.calibration import CALIBRATORS, PerCategoryCalibrator
 from probes.estimators import PROBES
-from probes.evaluation.thresholds import choose_threshold
+from probes.selection.thresholds import choose_threshold
 
 HIDDEN = 32
 FINGERPRINT = ModelFingerprint("tiny-llama", "f" * 64, "LlamaForCausalLM", HIDDEN, 3)

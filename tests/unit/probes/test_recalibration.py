@@ -15,7 +15,6 @@ from probes.artifact import ProbeArtifact
 from probes.calibration import PerCategoryCalibrator, PlattCalibrator
 from probes.estimators import PROBES
 from probes.evaluation.metrics import auroc, ece
-from probes.evaluation.thresholds import realised
 from probes.recalibration import (
     ABSTAIN_ALL,
     MIN_FIT_ROWS,
@@ -28,6 +27,7 @@ from probes.recalibration import (
     recalibrate,
     split_rows,
 )
+from probes.selection.thresholds import realised
 from probes.serving.feedback import FeedbackStore, ResponseRecord
 
 HIDDEN = 16

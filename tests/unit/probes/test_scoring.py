@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from extract.models import from_transformers
+from extract.streaming import BatchFeed, finish_text
 from probes.artifact import ProbeArtifact
 from probes.calibration import PlattCalibrator
 from probes.estimators import LogisticProbe
-from probes.serving.forward import BatchFeed, finish_text
-from probes.serving.wrapper import ProbedModel
+from probes.runtime.wrapper import ProbedModel
 
 PROMPTS = ["what is the capital of france ?", "what is 12 + 30 ?", "which city is in asia ?"]
 NEVER = [

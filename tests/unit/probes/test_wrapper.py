@@ -13,8 +13,8 @@ from extract.models import from_transformers
 from probes.artifact import ProbeArtifact
 from probes.calibration import PlattCalibrator
 from probes.estimators import LogisticProbe
+from probes.runtime.wrapper import ProbedModel
 from probes.scorer import ProbeScorer
-from probes.serving.wrapper import ProbedModel
 
 LAYER = 2
 QUESTIONS = ["what is the capital of france ?", "what is 12 + 30 ?", "which city is in asia ?"]

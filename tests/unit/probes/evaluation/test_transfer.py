@@ -1,4 +1,5 @@
-"""Leave-one-domain-out: split logic, candidate scoring and the transfer table (probes/evaluation/transfer.py)."""
+"""Leave-one-domain-out: split logic, the transfer table (probes/evaluation/transfer.py) and candidate
+scoring (probes/selection/candidates.py)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,14 @@ import pytest
 from probes.calibration import PlattCalibrator
 from probes.evaluation.metrics import within_category_auroc
 from probes.evaluation.transfer import (
-    Candidate,
-    center_by_group,
     design_matrix,
     domain_folds,
     fold_logistic_scores,
     generic_fold_scores,
-    score_candidates,
     transfer_table,
 )
 from probes.inference import logit_feature_matrix
+from probes.selection.candidates import Candidate, center_by_group, score_candidates
 
 
 def _synthetic(n_per_category: int = 60, seed: int = 0):
@@ -247,7 +246,7 @@ def test_cross_domain_set_scores_each_domain_with_the_fold_that_left_it_out():
 
 
 def test_select_rule_heldout_then_cv_prefers_in_domain_among_near_ties():
-    from probes.evaluation.transfer import CandidateScore, CandidateSearch
+    from probes.selection.candidates import CandidateScore, CandidateSearch
 
     def score(C, held, cv):
         return CandidateScore(Candidate(1, "answer_last", "hidden", C), held, {}, cv)
@@ -263,7 +262,7 @@ def test_select_rule_heldout_then_cv_prefers_in_domain_among_near_ties():
 
 
 def test_score_candidates_adds_in_domain_cv_auroc_from_the_same_solve():
-    from probes.evaluation.sweep import cv_masks
+    from probes.selection.sweep import cv_masks
 
     X, y, cat, dom, split = _synthetic()
     folds = domain_folds(dom, split == "train", split == "calibration", y)
@@ -281,8 +280,8 @@ def test_score_candidates_adds_in_domain_cv_auroc_from_the_same_solve():
 
 
 def test_add_cv_scores_only_for_the_near_best_and_matches_the_joint_solve():
-    from probes.evaluation.sweep import cv_masks
-    from probes.evaluation.transfer import add_cv_scores
+    from probes.selection.candidates import add_cv_scores
+    from probes.selection.sweep import cv_masks
 
     X, y, cat, dom, split = _synthetic()
     folds = domain_folds(dom, split == "train", split == "calibration", y)

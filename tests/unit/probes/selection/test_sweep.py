@@ -8,7 +8,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from probes.estimators import MassMeanProbe
-from probes.evaluation.sweep import SweepResult, cv_masks, sweep
+from probes.selection.sweep import SweepResult, cv_masks, sweep
 
 POSITIONS = ("prompt_last", "answer_last")
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from probes.evaluation.metrics import risk_coverage_curve
-from probes.evaluation.thresholds import (
+from probes.selection.thresholds import (
     METHODS,
     ThresholdResult,
     choose_threshold,

@@ -16,11 +16,11 @@ from probes.artifact import ProbeArtifact
 from probes.calibration import PlattCalibrator
 from probes.estimators import HybridProbe, LogisticProbe
 from probes.inference import logit_feature_matrix, probe_input
+from probes.runtime.wrapper import ProbedModel
 from probes.scorer import ProbeScorer
 from probes.serving.app import create_app
 from probes.serving.serving import _smoke_test
 from probes.serving.settings import ServeSettings
-from probes.serving.wrapper import ProbedModel
 from tests.paths import ROOT
 from tests.unit.probes.serving.test_server_openai import running, sdk, stub_upstream  # noqa: F401 (the upstream engine fixture)
 
@@ -231,9 +231,9 @@ def test_hybrid_scorer_loads_numpy_and_safetensors_only(tmp_path, tiny_llama, wo
 
 
 def test_logit_feature_matrix_is_the_one_training_uses():
-    from probes.cli import pipeline  # builds the hybrid's training features
+    from probes.training import splits  # builds the hybrid's training features
 
-    assert pipeline.logit_feature_matrix is logit_feature_matrix
+    assert splits.logit_feature_matrix is logit_feature_matrix
 
 
 def test_proxy_scores_upstream_answers_with_a_hybrid_probe(

@@ -23,10 +23,10 @@ from probes.artifact import ProbeArtifact
 from probes.calibration import PerCategoryCalibrator, PlattCalibrator
 from probes.estimators import PROBES
 from probes.recalibration import read_feedback_rows
+from probes.runtime.wrapper import ProbedGeneration, ProbedScore
 from probes.serving.app import create_app
 from probes.serving.feedback import SCHEMA_VERSION, FeedbackStore
 from probes.serving.settings import ServeSettings
-from probes.serving.wrapper import ProbedGeneration, ProbedScore
 
 HIDDEN = 12
 FINGERPRINT = ModelFingerprint("tiny-double", "e" * 64, "LlamaForCausalLM", HIDDEN, 3)

@@ -19,9 +19,9 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
+from probes.runtime.wrapper import ProbedGeneration, ProbedScore
 from probes.serving.app import create_app
 from probes.serving.settings import ServeSettings
-from probes.serving.wrapper import ProbedGeneration, ProbedScore
 
 
 class FakeProbedModel:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from extract.data import DataSpec
 from extract.generation import BASELINE_NAMES
@@ -19,18 +18,14 @@ from extract.grading import ARTICLES, CONTRAST_WORDS
 from extract.runner import rows_and_splits
 from extract.store import open_store
 from probes.artifact import ProbeArtifact, hash_arrays
-from probes.cli.config import TrainSpec
-from probes.cli.pipeline import (
-    PROBE_METHOD,
-    evaluate_on_store,
-    probe_features,
-    train_probe,
-    write_run_outputs,
-)
+from probes.calibration import PlattCalibrator
+from probes.estimators import LogisticProbe
 from probes.evaluation.metrics import auroc
-from probes.evaluation.sweep import SweepResult
+from probes.evaluation.outputs import write_run_outputs
+from probes.evaluation.tables import PROBE_METHOD
+from probes.selection.sweep import SweepResult
+from probes.training import TrainSpec, evaluate_probe, probe_features, train_probe
 from tests import tiny_models
-from tests.paths import CONF
 from tests.pipeline_fixtures import SIGNAL_SITE, write_synthetic_store
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -46,10 +41,6 @@ PLOTS = (
 SPEC = TrainSpec(n_folds=3, n_bootstrap=50, select="cv")
 
 
-def _group(path: str):
-    return OmegaConf.load(CONF / path)
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     return write_synthetic_store(tmp_path_factory.mktemp("store") / "synthetic")
@@ -57,14 +48,11 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(store, tmp_path_factory):
-    """train_probe -> evaluate_on_store (test split) -> write_run_outputs, once for the module."""
+    """train_probe -> evaluate_probe (test split) -> write_run_outputs, once for the module."""
     run_dir = tmp_path_factory.mktemp("run")
-    artifact, sweep_result, extra = train_probe(
-        store, _group("probe/logistic.yaml"), _group("calibration/platt.yaml"), SPEC, seed=0
-    )
-    table, methods, data, mask = evaluate_on_store(
-        artifact, store, _group("calibration/platt.yaml"), SPEC, "test"
-    )
+    result = train_probe(store, LogisticProbe(), PlattCalibrator(), SPEC, seed=0)
+    artifact, sweep_result, extra = result.artifact, result.sweep, result.outputs()
+    table, methods, data, mask = evaluate_probe(artifact, store, PlattCalibrator(), SPEC, "test")
     report, headline = write_run_outputs(
         run_dir,
         "synthetic run",
@@ -217,9 +205,8 @@ def test_transfer_numbers_in_metrics_headline_and_report(trained, store):
 
 def test_select_transfer_picks_the_signal_site_by_held_out_domains(store):
     spec = TrainSpec(n_folds=3, n_bootstrap=50, transfer_layer_step=1, transfer_features=["hidden"])
-    artifact, _, extra = train_probe(
-        store, _group("probe/logistic.yaml"), _group("calibration/platt.yaml"), spec
-    )
+    result = train_probe(store, LogisticProbe(), PlattCalibrator(), spec)
+    artifact, extra = result.artifact, result.outputs()
     meta = artifact.metadata
     assert (meta.layer, meta.position) == SIGNAL_SITE and meta.kind == "logistic"
     assert (
@@ -238,16 +225,15 @@ def test_hybrid_probe_reads_logit_signals_and_round_trips(store, tmp_path):
         transfer_features=["hidden+logits"],
         transfer_Cs=[0.01],
     )
-    artifact, _, extra = train_probe(
-        store, _group("probe/logistic.yaml"), _group("calibration/platt.yaml"), spec
-    )
+    result = train_probe(store, LogisticProbe(), PlattCalibrator(), spec)
+    artifact, extra = result.artifact, result.outputs()
     assert artifact.metadata.kind == "hybrid"
     assert list(artifact.probe.logit_features) == sorted(BASELINE_NAMES)
     X = probe_features(artifact.probe, store, artifact.metadata.layer, artifact.metadata.position)
     assert X.shape == (len(store), 12 + len(BASELINE_NAMES))
     loaded = ProbeArtifact.load(artifact.save(tmp_path / "probe"))
     np.testing.assert_allclose(loaded.predict(X)[0], artifact.predict(X)[0])
-    table, *_ = evaluate_on_store(loaded, store, _group("calibration/platt.yaml"), spec, "test")
+    table, *_ = evaluate_probe(loaded, store, PlattCalibrator(), spec, "test")
     assert table.rows[PROBE_METHOD]["auroc"] > 0.7
     assert extra["transfer"].rows[PROBE_METHOD]["within_cat_auroc"] > 0.7
 
@@ -282,7 +268,7 @@ def test_hybrid_probe_reads_logit_signals_and_round_trips(store, tmp_path):
 def test_train_spec_transfer_options_are_validated(store, changes, message):
     spec = TrainSpec(n_folds=3, n_bootstrap=50, **changes)
     with pytest.raises(ValueError, match=message):
-        train_probe(store, _group("probe/logistic.yaml"), _group("calibration/platt.yaml"), spec)
+        train_probe(store, LogisticProbe(), PlattCalibrator(), spec)
 
 
 # ------------------------------------------------------------------------------- splits and bad input
@@ -293,41 +279,36 @@ def test_split_with_one_class_is_a_clear_error(store):
     # the calibration split keeps only its correct answers; its wrong ones move to test
     splits = np.where((split == "calibration") & (label == 0), "test", split)
     with pytest.raises(ValueError, match=r"the calibration split has \d+ rows with labels \[1\]"):
-        train_probe(
-            store, _group("probe/logistic.yaml"), _group("calibration/platt.yaml"), SPEC, splits=splits
-        )
+        train_probe(store, LogisticProbe(), PlattCalibrator(), SPEC, splits=splits)
 
 
 def test_splits_override_the_recorded_ones(store, trained):
     split = store.column("split")
     splits = np.where(split == "test", "train", split)  # no test rows left
-    artifact, _, _ = train_probe(
-        store, _group("probe/logistic.yaml"), _group("calibration/platt.yaml"), SPEC, splits=splits
-    )
+    result = train_probe(store, LogisticProbe(), PlattCalibrator(), SPEC, splits=splits)
+    artifact = result.artifact
     assert artifact.metadata.split_sizes == {
         "train": int((split != "calibration").sum()),
         "calibration": int((split == "calibration").sum()),
         "test": 0,
     }
     with pytest.raises(ValueError, match="no rows in the 'test' split"):
-        evaluate_on_store(artifact, store, _group("calibration/platt.yaml"), SPEC, "test", splits=splits)
+        evaluate_probe(artifact, store, PlattCalibrator(), SPEC, "test", splits=splits)
     with pytest.raises(ValueError, match=r"unknown split name\(s\) \['validation'\]"):
-        evaluate_on_store(
+        evaluate_probe(
             artifact,
             store,
-            _group("calibration/platt.yaml"),
+            PlattCalibrator(),
             SPEC,
             "test",
             splits=np.where(split == "test", "validation", split),
         )
     with pytest.raises(ValueError, match="split='validation'; allowed: train, calibration, test"):
-        evaluate_on_store(trained["artifact"], store, _group("calibration/platt.yaml"), SPEC, "validation")
+        evaluate_probe(trained["artifact"], store, PlattCalibrator(), SPEC, "validation")
 
 
 def test_evaluate_all_rows_shows_raw_baselines(trained, store):
-    table, methods, _, mask = evaluate_on_store(
-        trained["artifact"], store, _group("calibration/platt.yaml"), SPEC, None
-    )
+    table, methods, _, mask = evaluate_probe(trained["artifact"], store, PlattCalibrator(), SPEC, None)
     assert mask.all()
     assert {
         "probe",
@@ -543,11 +524,13 @@ def test_accuracy_table_reports_unparseable_verbalized_replies(tmp_path, monkeyp
 def test_calibrate_on_cross_domain_fits_the_final_calibrator_on_out_of_domain_scores(store, monkeypatch):
     """Three domains (rows dealt round-robin): the final calibrator sees each domain's calibration rows scored by
     the leave-one-domain-out probe fit without it; the held-out numbers say how they were calibrated."""
-    import probes.cli.pipeline as pipeline
-    from probes.calibration import PlattCalibrator
-    from probes.evaluation.transfer import cross_domain_set
+    import probes.training.splits as splits_module
+    from probes.evaluation.transfer import cross_domain_set, domain_folds
+    from probes.training import SplitData, measure_transfer
 
-    monkeypatch.setattr(pipeline, "row_domains", lambda s: np.array(["a", "b", "c"])[np.arange(len(s)) % 3])
+    monkeypatch.setattr(
+        splits_module, "row_domains", lambda s: np.array(["a", "b", "c"])[np.arange(len(s)) % 3]
+    )
     spec = TrainSpec(
         n_folds=3,
         n_bootstrap=50,
@@ -555,26 +538,16 @@ def test_calibrate_on_cross_domain_fits_the_final_calibrator_on_out_of_domain_sc
         transfer_features=["hidden"],
         calibrate_on="cross_domain",
     )
-    artifact, _, extra = train_probe(
-        store, _group("probe/logistic.yaml"), _group("calibration/platt.yaml"), spec
-    )
+    result = train_probe(store, LogisticProbe(), PlattCalibrator(), spec)
+    artifact, extra = result.artifact, result.outputs()
     selection = extra["selection"]
     assert selection["calibrate_on"] == "cross_domain" and selection["rule"] == "heldout_then_cv"
     assert selection["by"].startswith("train.select_rule=heldout_then_cv") and selection["cv_auroc"] > 0.5
     assert "optimistic" in selection["heldout_auroc_note"]
-    data = pipeline.SplitData.from_store(store)
-    folds = pipeline.domain_folds(data.domains, data.masks["train"], data.masks["calibration"], data.y)
+    data = SplitData.from_store(store)
+    folds = domain_folds(data.domains, data.masks["train"], data.masks["calibration"], data.y)
     X = probe_features(artifact.probe, store, artifact.metadata.layer, artifact.metadata.position)
-    _, outer = pipeline.measure_transfer(
-        artifact.probe,
-        X,
-        store.baselines,
-        data,
-        folds,
-        _group("calibration/platt.yaml"),
-        _group("probe/logistic.yaml"),
-        spec,
-    )
+    _, outer = measure_transfer(artifact.probe, X, store.baselines, data, folds, PlattCalibrator(), spec)
     idx, values = cross_domain_set(outer, folds, data.masks["calibration"])
     expected = PlattCalibrator().fit(values, data.y[idx.astype(int)])
     np.testing.assert_allclose(

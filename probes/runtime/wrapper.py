@@ -27,23 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.generation import answer_token_span, find_stop, generate_and_capture, left_pad
+from extract.forward import answer_signals, states_and_logits, states_up_to_layer
+from extract.generation import generate_and_capture
 from extract.grading import cut_answer
 from extract.hooks import capture_hidden_states
 from extract.models import LoadedModel, from_transformers, load_model
 from extract.prompts import PromptSpec, Question, encode_prompt, render_prompt, saved_prompt_spec
 from extract.settings import GenerationSpec
+from extract.streaming import BatchFeed, finish_text
+from extract.tokens import cut_generation, eos_token_ids, left_pad, pool_states, position_ids
 from probes.artifact import ProbeArtifact
 from probes.inference import probe_input
-from probes.serving.forward import (
-    BatchFeed,
-    answer_signals,
-    decode,
-    eos_ids,
-    finish_text,
-    states_and_logits,
-    states_up_to_layer,
-)
 
 DEFAULT_ABSTENTION_MESSAGE = "I don't know."
 log = logging.getLogger(__name__)
@@ -260,10 +254,7 @@ class ProbedModel:
                 ids, mask = left_pad(
                     prompt_ids[begin : begin + self.max_batch_size], tok.pad_token_id, self.loaded.device
                 )
-                # Positions as generate() counts them (pads skipped): with absolute position embeddings
-                # (GPT-2) a left-padded row would otherwise be scored at shifted positions.
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+                model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
                 vectors.append(recorder.last_token(self.layer)[0].float().cpu().numpy())
         return self._score(np.concatenate(vectors), domains)
 
@@ -283,7 +274,7 @@ class ProbedModel:
     ) -> list[ProbedGeneration]:
         # on_text(i, piece): text pieces of prompt i as they are generated (a whole batch at once); the
         # pieces of a prompt concatenate to a prefix of its final `text`. cancelled(): polled every step,
-        # True stops the generation (raises probes.serving.forward.GenerationCancelled). The returned text
+        # True stops the generation (raises extract.streaming.GenerationCancelled). The returned text
         # stops before the stop string; `answer_chars` says which part the probe scored: the graded
         # answer (the text cut at the first stop string or line break, stripped).
         """Generate for each prompt (a completion string, a chat message list or a `Question`) with its
@@ -323,7 +314,7 @@ class ProbedModel:
                     batch_size=self.max_batch_size,
                     stop_strings=self.default_stop if stop is None else list(stop),
                 )
-                eos = eos_ids(self.loaded.model, self.loaded.tokenizer)
+                eos = set(eos_token_ids(self.loaded.model, self.loaded.tokenizer))
                 feed = BatchFeed(
                     self.loaded.tokenizer,
                     len(todo),
@@ -398,7 +389,7 @@ class ProbedModel:
             raise ValueError(f"{len(prompts)} prompts but {len(domains)} domains")
         tok = self.loaded.tokenizer
         stops = self.default_stop if stop is None else list(stop)
-        eos = eos_ids(self.loaded.model, tok)
+        eos = set(eos_token_ids(self.loaded.model, tok))
         out: list[ProbedScore] = []
         with self._lock:
             ids = [list(p) if _is_ids(p) and p else self._encode(p) for p in prompts]
@@ -438,13 +429,8 @@ class ProbedModel:
                 vectors = []
                 for r, i in enumerate(chunk):
                     start, end, _ = spans[i]
-                    base = width - len(sequences[r]) + len(ids[i])  # index of the first completion token
-                    if self.position == "prompt_last" or end <= start:
-                        vectors.append(hidden[r, base - 1])
-                    elif self.position == "answer_last":
-                        vectors.append(hidden[r, base + end - 1])
-                    else:
-                        vectors.append(hidden[r, base + start : base + end].mean(0))
+                    prompt_last = width - len(sequences[r]) + len(ids[i]) - 1
+                    vectors.append(pool_states(hidden[r], prompt_last, start, end, self.position))
                 p, score = self._score(
                     torch.stack(vectors).cpu().numpy(),
                     None if domains is None else [domains[i] for i in chunk],
@@ -471,14 +457,10 @@ class ProbedModel:
 
     def _answer_span(self, completion: list[int], stops: list[str], eos: set[int]) -> tuple[int, int, str]:
         """[start, end) of the graded answer within `completion` and its text, cut as generation cuts it."""
-        eos_at = next((k for k, t in enumerate(completion) if t in eos), None)
-        tokens = completion if eos_at is None else completion[:eos_at]
-        text = decode(self.loaded.tokenizer, tokens)
-        found = find_stop(text, stops)
-        before = text if found is None else text[: found[0]]
-        answer = cut_answer(before, stop_sequences=stops)
-        start, end, _ = answer_token_span(self.loaded.tokenizer, tokens, before, answer)
-        return start, end, answer
+        cut = cut_generation(
+            self.loaded.tokenizer, completion, eos, stops, partial(cut_answer, stop_sequences=stops)
+        )
+        return cut.start, cut.end, cut.answer
 
     def ask(self, questions: str | Sequence[str], **kwargs: Any) -> list[ProbedGeneration]:
         """Generate answers to questions formatted with the prompt the probe was trained on."""
