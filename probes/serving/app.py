@@ -17,45 +17,32 @@ Endpoints
   `serve.admin_token` set, the request must carry `Authorization: Bearer <token>` (401 otherwise); without a
   token only loopback clients may call it, and never through a forwarding proxy (403).
 With `serve.upstream` set, the two completion endpoints forward to that engine (`upstream.py`).
-Routes only route: the work is in `serving.py` / `upstream.py`, the schemas in `protocol.py`.
+The routes (`api_router.py`) only route: the work is in `serving.Server` / `upstream.UpstreamProxy`, the
+schemas in `protocol.py`; this module assembles the app (middleware, error shapes, lifespan).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import ipaddress
 import logging
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from probes.serving import serving
+from probes.serving.api_router import router
 from probes.serving.batcher import Batcher
 from probes.serving.exposition import ServerMetrics
 from probes.serving.feedback import FeedbackStore
-from probes.serving.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    FeedbackRequest,
-    ProbedModelLike,
-    ReloadRequest,
-    ScoreRequest,
-    _chat_prompt,
-    _completion_prompt,
-    _reject_unsupported,
-    _sampling,
-    _validation_error,
-)
+from probes.serving.protocol import APIError, ProbedModelLike, validation_error
+from probes.serving.serving import Server, echo
 from probes.serving.settings import ServeSettings
-from probes.serving.upstream import Upstream, proxy
+from probes.serving.upstream import UpstreamProxy
 
 log = logging.getLogger("probecal.serve")
 
@@ -133,7 +120,7 @@ def create_app(probed_model: ProbedModelLike, settings: ServeSettings) -> FastAP
         on_batch=metrics.observe_batch,
         on_error=metrics.observe_model_error,
     )
-    server = serving.Server(
+    server = Server(
         probed_model,
         settings,
         FeedbackStore(settings.db_path),
@@ -142,29 +129,27 @@ def create_app(probed_model: ProbedModelLike, settings: ServeSettings) -> FastAP
         settings.model_name or probed_model.model_name,
         probe_dir=settings.probe_dir,
     )
-    upstream: Upstream | None = None
-    started = time.time()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        nonlocal upstream
         await batcher.start()
         digest = getattr(probed_model, "artifact_digest", None)
         if digest:
             await asyncio.to_thread(server.store.record_artifact, digest, settings.probe_dir)
         if settings.upstream:
-            upstream = Upstream(
-                settings.upstream, settings.upstream_connect_timeout_s, settings.upstream_timeout_s
+            app.state.proxy = UpstreamProxy(
+                server, settings.upstream, settings.upstream_connect_timeout_s, settings.upstream_timeout_s
             )
         try:
             yield
         finally:
-            if upstream is not None:
-                await upstream.close()
+            if app.state.proxy is not None:
+                await app.state.proxy.close()
             await batcher.stop()
             server.store.close()
 
     app = FastAPI(title="probecal", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server, app.state.proxy = server, None  # the proxy is opened by the lifespan (proxy mode)
     app.state.settings, app.state.store, app.state.batcher, app.state.metrics = (
         settings,
         server.store,
@@ -172,121 +157,14 @@ def create_app(probed_model: ProbedModelLike, settings: ServeSettings) -> FastAP
         metrics,
     )
     _error_handlers(app)
+    app.include_router(router)
 
-    async def complete(
-        endpoint: str, body: Any, request: Request, prompt: Any, max_tokens: int | None, param: str
-    ) -> Any:
-        server.check_model(body.model)
-        _reject_unsupported(body, settings.max_n)
-        sampling = _sampling(body, max_tokens, settings)
-        if upstream is not None:
-            return await proxy(server, upstream, endpoint, body, await request.json(), prompt, param)
-        return await serving.generate(server, endpoint, body, prompt, sampling, param)
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await complete(
-            "completions", body, request, _completion_prompt(body.prompt), body.max_tokens, "prompt"
-        )
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await complete(
-            "chat.completions", body, request, _chat_prompt(body.messages), max_tokens, "messages"
-        )
-
-    @app.post("/v1/score")
-    async def score(body: ScoreRequest) -> dict:
-        return await serving.score(server, body)
-
-    @app.post("/v1/feedback")
-    async def feedback(body: FeedbackRequest) -> dict:
-        return await serving.feedback(server, body)
-
-    def admin_only(request: Request) -> None:  # a dependency: runs before the body is even validated
-        _authorize_admin(request, settings)
-
-    @app.post("/admin/reload", dependencies=[Depends(admin_only)])
-    async def admin_reload(body: ReloadRequest) -> dict:
-        return await serving.reload(server, body.probe_dir)
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {"id": server.model_name, "object": "model", "created": int(started), "owned_by": "probecal"}
-            ],
-        }
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        ok = batcher.running
-        body = {
-            "status": "ok" if ok else "unavailable",
-            "model": server.model_name,
-            "queue_depth": batcher.depth,
-            "max_batch_size": batcher.max_batch_size,
-            "uptime_s": round(time.time() - started, 3),
-            "upstream": settings.upstream,
-        }
-        return JSONResponse(body, status_code=200 if ok else 503)
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        def read():
-            store, window, bins = server.store, settings.calibration_window, settings.calibration_bins
-            current, previous = store.artifact_history()
-            domains = {
-                role: store.domain_calibration(digest, window, bins, settings.metrics_max_domains)
-                for role, digest in (("current", current), ("previous", previous))
-                if digest
-            }
-            return store.calibration(window, bins), store.counts(), domains
-
-        calib, counts, domains = await asyncio.to_thread(read)
-        text = metrics.render(calib, counts, batcher.depth, settings.calibration_window, domains)
-        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    known = {route.path for route in app.routes}
+    # the metrics' endpoint labels; newer FastAPI keeps an included router as one entry of app.routes
+    known = {route.path for route in (*app.routes, *router.routes) if hasattr(route, "path")}
     app.add_middleware(
         _MetricsMiddleware, metrics=metrics, known_paths=known, max_request_bytes=settings.max_request_bytes
     )
     return app
-
-
-def _is_loopback(host: str | None) -> bool:
-    try:
-        return host is not None and ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def _authorize_admin(request: Request, settings: ServeSettings) -> None:
-    """serve.admin_token set: `Authorization: Bearer <token>` (constant-time compare), else 401. Unset: the
-    client must be on a loopback address and the request must not come through a forwarding proxy, else 403."""
-    if settings.admin_token:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), settings.admin_token.encode()
-        ):
-            raise APIError(
-                401,
-                "Admin endpoints need 'Authorization: Bearer <serve.admin_token>'.",
-                type_="authentication_error",
-                code="invalid_admin_token",
-            )
-        return
-    forwarded = any(h in request.headers for h in ("forwarded", "x-forwarded-for", "x-real-ip"))
-    if forwarded or not _is_loopback(request.client.host if request.client else None):
-        raise APIError(
-            403,
-            "Admin endpoints answer loopback clients only when serve.admin_token is not set "
-            "(set serve.admin_token, or PROBECAL_ADMIN_TOKEN, to call them from elsewhere).",
-            type_="permission_error",
-            code="admin_loopback_only",
-        )
 
 
 def _error_handlers(app: FastAPI) -> None:
@@ -298,12 +176,12 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
+        return validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        path = serving.echo(request.url.path)
+        path = echo(request.url.path)
         return APIError(exc.status_code, f"{exc.detail}: {request.method} {path}", code=code).response()
 
     @app.exception_handler(Exception)

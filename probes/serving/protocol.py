@@ -79,7 +79,7 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
-def _validation_error(exc: RequestValidationError) -> APIError:
+def validation_error(exc: RequestValidationError) -> APIError:
     err = exc.errors()[0]
     param = ".".join(str(p) for p in err["loc"][1:]) or None  # loc[0] is "body"
     kind = err["type"]
@@ -121,7 +121,7 @@ class _SamplingFields(_DomainFields):
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    stop: Any = None  # str | list[str], checked in _sampling for a clear message
+    stop: Any = None  # str | list[str], checked in parse_sampling for a clear message
     user: str | None = None  # accepted and ignored, as OpenAI does for tracking ids
     # options accepted only at their no-op value (see _UNSUPPORTED)
     n: int | None = None
@@ -136,7 +136,7 @@ class _SamplingFields(_DomainFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Any  # str or [str]; checked in _completion_prompt
+    prompt: Any  # str or [str]; checked in completion_prompt
     echo: bool | None = None
     best_of: int | None = None
     suffix: str | None = None
@@ -144,7 +144,7 @@ class CompletionRequest(_SamplingFields):
 
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant"]
-    content: Any  # str or [{"type": "text", "text": ...}]; checked in _chat_prompt
+    content: Any  # str or [{"type": "text", "text": ...}]; checked in chat_prompt
     name: str | None = None
 
 
@@ -178,7 +178,7 @@ class ScoreRequest(_DomainFields):
 DOMAIN_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}")  # bounded: it becomes a metrics label
 
 
-def _domain(body: _DomainFields) -> str | None:
+def request_domain(body: _DomainFields) -> str | None:
     """The request's domain tag (None: none given); a clear 400 for a malformed metadata / domain."""
     metadata = body.metadata
     if metadata is not None and not (
@@ -240,7 +240,7 @@ _UNSUPPORTED = {
 }
 
 
-def _reject_unsupported(body: BaseModel, max_n: int = 1) -> None:
+def reject_unsupported(body: BaseModel, max_n: int = 1) -> None:
     n = getattr(body, "n", None)
     if n is not None and not 1 <= n <= max_n:
         raise APIError(
@@ -287,7 +287,7 @@ class Sampling:
     stop: tuple[str, ...] | None
 
 
-def _stop(value: Any, param: str = "stop") -> tuple[str, ...] | None:
+def parse_stop(value: Any, param: str = "stop") -> tuple[str, ...] | None:
     stop = [value] if isinstance(value, str) else value
     if stop is not None and (
         not isinstance(stop, list)
@@ -304,7 +304,7 @@ def _stop(value: Any, param: str = "stop") -> tuple[str, ...] | None:
     return tuple(stop) if stop else None
 
 
-def _sampling(body: _SamplingFields, max_tokens: int | None, settings: ServeSettings) -> Sampling:
+def parse_sampling(body: _SamplingFields, max_tokens: int | None, settings: ServeSettings) -> Sampling:
     max_new = settings.default_max_tokens if max_tokens is None else max_tokens
     param = (
         "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
@@ -330,10 +330,10 @@ def _sampling(body: _SamplingFields, max_tokens: int | None, settings: ServeSett
         raise APIError(
             400, f"Invalid value for 'top_p': {top_p} is outside (0, 1].", param="top_p", code="invalid_value"
         )
-    return Sampling(max_new, temperature, top_p, _stop(body.stop))
+    return Sampling(max_new, temperature, top_p, parse_stop(body.stop))
 
 
-def _completion_prompt(prompt: Any) -> str:
+def completion_prompt(prompt: Any) -> str:
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
     if not isinstance(prompt, str):
@@ -351,7 +351,7 @@ def _completion_prompt(prompt: Any) -> str:
     return prompt
 
 
-def _chat_prompt(messages: list[ChatMessage]) -> list[dict[str, str]]:
+def chat_prompt(messages: list[ChatMessage]) -> list[dict[str, str]]:
     if not messages:
         raise APIError(
             400,
@@ -407,7 +407,7 @@ def _token_ids(value: Any, param: str, vocab_size: int | None, allow_empty: bool
     return value
 
 
-def _score_inputs(body: ScoreRequest, vocab_size: int | None) -> tuple[Any, Any, str]:
+def score_inputs(body: ScoreRequest, vocab_size: int | None) -> tuple[Any, Any, str]:
     """(prompt: text | chat messages | ids, completion: text | ids, the prompt's param name)."""
     if (body.prompt is None) == (body.messages is None):
         raise APIError(
@@ -417,10 +417,10 @@ def _score_inputs(body: ScoreRequest, vocab_size: int | None) -> tuple[Any, Any,
             code="invalid_value",
         )
     if body.messages is not None:
-        prompt, param = _chat_prompt(body.messages), "messages"
+        prompt, param = chat_prompt(body.messages), "messages"
     else:
         ids = _token_ids(body.prompt, "prompt", vocab_size, allow_empty=False)
-        prompt, param = (ids, "prompt") if ids is not None else (_completion_prompt(body.prompt), "prompt")
+        prompt, param = (ids, "prompt") if ids is not None else (completion_prompt(body.prompt), "prompt")
     ids = _token_ids(body.completion, "completion", vocab_size, allow_empty=True)
     if ids is None and not isinstance(body.completion, str):
         raise APIError(

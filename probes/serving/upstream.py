@@ -25,33 +25,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from probes.runtime.wrapper import ProbedGeneration
 from probes.serving.batcher import ModelError, QueueFullError
-from probes.serving.protocol import APIError, Prompt, _domain
-from probes.serving.protocol import _stop as parse_stop
+from probes.serving.protocol import APIError, Prompt, parse_stop, request_domain
 from probes.serving.serving import (
     OBJECTS,
     Server,
-    _failure,
-    _sse,
+    batcher_failure,
     confidence,
     metadata_echo,
-    respond,
-    stream_response,
+    sse,
+    sse_error,
 )
-
-
-class Upstream:
-    """One pooled async HTTP client to the engine (created on app start, closed on shutdown)."""
-
-    def __init__(self, base_url: str, connect_timeout_s: float, timeout_s: float):
-        self.base_url = base_url.rstrip("/")
-        self.client = httpx.AsyncClient(
-            base_url=self.base_url,
-            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-        )
-
-    async def close(self) -> None:
-        await self.client.aclose()
 
 
 def _transport_error(err: httpx.HTTPError, base_url: str) -> APIError:
@@ -89,15 +72,6 @@ def _upstream_error(status: int, content: bytes) -> APIError:
         return APIError(status, f"The upstream engine answered {status}: {text}", type_="upstream_error")
 
 
-async def _scores(
-    server: Server, prompt: Prompt, texts: list[str], stop: tuple[str, ...] | None, domain: str | None = None
-) -> list[Any]:
-    try:
-        return list(await asyncio.gather(*(server.batcher.score(prompt, t, stop, domain) for t in texts)))
-    except (QueueFullError, ModelError) as err:
-        raise _failure(err) from None
-
-
 def _as_generation(result: Any, text: str, finish: str, completion_tokens: int) -> ProbedGeneration:
     return ProbedGeneration(
         text=text,
@@ -114,186 +88,198 @@ def _as_generation(result: Any, text: str, finish: str, completion_tokens: int) 
     )
 
 
-async def _abstains_before_generating(
-    server: Server, prompt: Prompt, n: int, domain: str | None
-) -> list[ProbedGeneration] | None:
-    model = server.model
-    if not getattr(model, "abstain_before_generating", False) or getattr(model, "threshold", None) is None:
-        return None
-    (result,) = await _scores(server, prompt, [""], None, domain)  # a prompt_last probe reads the prompt only
-    if not result.abstained:
-        return None
-    message = server.settings.abstention_message or getattr(model, "abstention_message", "I don't know.")
-    return [_as_generation(result, message, "abstained", 0)] * n
+class UpstreamProxy:
+    """Proxy mode's work: one pooled async HTTP client to the engine (opened on app start, closed on
+    shutdown), and the `Server` whose model scores, and whose store records, what the engine returns."""
 
+    def __init__(self, server: Server, base_url: str, connect_timeout_s: float, timeout_s: float):
+        self.server = server
+        self.base_url = base_url.rstrip("/")
+        self.client = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
 
-async def proxy(
-    server: Server, upstream: Upstream, endpoint: str, body: Any, raw: dict, prompt: Prompt, param: str
-) -> Any:
-    """Forward one completion / chat completion to the upstream and add confidences."""
-    domain = _domain(body)
-    echoed = metadata_echo(body, domain)
-    await server.check_length(prompt, 0, param)
-    n, stop = body.n or 1, parse_stop(body.stop)
-    abstained = await _abstains_before_generating(server, prompt, n, domain)
-    if abstained is not None:  # no upstream tokens spent
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def complete(self, endpoint: str, body: Any, raw: dict, prompt: Prompt, param: str) -> Any:
+        """Forward one completion / chat completion (`raw`: the request's JSON) and add confidences."""
+        server = self.server
+        domain = request_domain(body)
+        echoed = metadata_echo(body, domain)
+        await server.check_length(prompt, 0, param)
+        n, stop = body.n or 1, parse_stop(body.stop)
+        abstained = await self._abstains_before_generating(prompt, n, domain)
+        if abstained is not None:  # no upstream tokens spent
+            if not body.stream:
+                return await server.respond(endpoint, prompt, abstained, domain, echoed)
+            events: asyncio.Queue = asyncio.Queue()
+            futures = []
+            for gen in abstained:
+                future = asyncio.get_running_loop().create_future()
+                future.set_result(gen)
+                futures.append(future)
+            return server.stream(endpoint, prompt, futures, events, body, domain)
+        path = "/completions" if endpoint == "completions" else "/chat/completions"
+        # the top-level "domain" is probecal's own field; metadata (OpenAI's) goes on to the engine
+        forwarded = {
+            **{k: v for k, v in raw.items() if k != "domain"},
+            "model": raw.get("model") or server.model_name,
+        }
         if not body.stream:
-            return await respond(server, endpoint, prompt, abstained, domain, echoed)
-        events: asyncio.Queue = asyncio.Queue()
-        futures = []
-        for gen in abstained:
-            future = asyncio.get_running_loop().create_future()
-            future.set_result(gen)
-            futures.append(future)
-        return stream_response(server, endpoint, prompt, futures, events, body, domain)
-    path = "/completions" if endpoint == "completions" else "/chat/completions"
-    # the top-level "domain" is probecal's own field; metadata (OpenAI's) goes on to the engine
-    forwarded = {
-        **{k: v for k, v in raw.items() if k != "domain"},
-        "model": raw.get("model") or server.model_name,
-    }
-    if not body.stream:
+            try:
+                reply = await self.client.post(path, json=forwarded)
+            except httpx.HTTPError as err:
+                raise _transport_error(err, self.base_url) from None
+            if reply.status_code != 200:
+                raise _upstream_error(reply.status_code, reply.content)
+            data = reply.json()
+            choices = data.get("choices") or []
+            texts = [
+                (c.get("text") if endpoint == "completions" else (c.get("message") or {}).get("content"))
+                or ""
+                for c in choices
+            ]
+            results = await self._scores(prompt, texts, stop, domain)
+            for choice, result in zip(choices, results, strict=True):
+                choice["confidence"] = confidence(result) | {"answer_chars": None}
+            # our own id (the one /v1/feedback knows): upstream ids need not be unique across engines
+            response_id = data["id"] = f"{OBJECTS[endpoint][0]}-{uuid.uuid4().hex}"
+            await server.record(
+                endpoint,
+                response_id,
+                prompt,
+                [
+                    (t, r, c.get("finish_reason") or "stop")
+                    for t, r, c in zip(texts, results, choices, strict=True)
+                ],
+                domain,
+            )
+            return JSONResponse(data | echoed)
         try:
-            reply = await upstream.client.post(path, json=forwarded)
+            request = self.client.build_request("POST", path, json=forwarded)
+            reply = await self.client.send(request, stream=True)
         except httpx.HTTPError as err:
-            raise _transport_error(err, upstream.base_url) from None
+            raise _transport_error(err, self.base_url) from None
         if reply.status_code != 200:
-            raise _upstream_error(reply.status_code, reply.content)
-        data = reply.json()
-        choices = data.get("choices") or []
-        texts = [
-            (c.get("text") if endpoint == "completions" else (c.get("message") or {}).get("content")) or ""
-            for c in choices
-        ]
-        results = await _scores(server, prompt, texts, stop, domain)
-        for choice, result in zip(choices, results, strict=True):
-            choice["confidence"] = confidence(result) | {"answer_chars": None}
-        # our own id (the one /v1/feedback knows): upstream ids need not be unique across engines
-        response_id = data["id"] = f"{OBJECTS[endpoint][0]}-{uuid.uuid4().hex}"
-        await server.record(
-            endpoint,
-            response_id,
-            prompt,
-            [
-                (t, r, c.get("finish_reason") or "stop")
-                for t, r, c in zip(texts, results, choices, strict=True)
-            ],
-            domain,
+            content = await reply.aread()
+            await reply.aclose()
+            raise _upstream_error(reply.status_code, content)
+        return StreamingResponse(
+            self._pass_through(endpoint, reply, prompt, stop, domain, echoed),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
         )
-        return JSONResponse(data | echoed)
-    try:
-        request = upstream.client.build_request("POST", path, json=forwarded)
-        reply = await upstream.client.send(request, stream=True)
-    except httpx.HTTPError as err:
-        raise _transport_error(err, upstream.base_url) from None
-    if reply.status_code != 200:
-        content = await reply.aread()
-        await reply.aclose()
-        raise _upstream_error(reply.status_code, content)
-    return StreamingResponse(
-        _pass_through(server, upstream, endpoint, reply, prompt, stop, domain, echoed),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache"},
-    )
 
+    async def _scores(
+        self, prompt: Prompt, texts: list[str], stop: tuple[str, ...] | None, domain: str | None = None
+    ) -> list[Any]:
+        batcher = self.server.batcher
+        try:
+            return list(await asyncio.gather(*(batcher.score(prompt, t, stop, domain) for t in texts)))
+        except (QueueFullError, ModelError) as err:
+            raise batcher_failure(err) from None
 
-async def _pass_through(
-    server: Server,
-    upstream: Upstream,
-    endpoint: str,
-    reply: httpx.Response,
-    prompt: Prompt,
-    stop: tuple[str, ...] | None,
-    domain: str | None = None,
-    echoed: dict | None = None,
-) -> AsyncIterator[str]:
-    texts: dict[int, str] = {}
-    finishes: dict[int, str] = {}
-    last: dict[str, Any] = {}
-    response_id = f"{OBJECTS[endpoint][0]}-{uuid.uuid4().hex}"  # replaces the upstream's (see proxy)
-    try:
-        try:
-            async for line in reply.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    break
-                try:
-                    chunk = json.loads(payload)
-                except ValueError:
-                    yield _sse(payload)
-                    continue
-                if isinstance(chunk, dict) and "id" in chunk:
-                    chunk["id"] = response_id
-                yield _sse(chunk)
-                if not isinstance(chunk, dict):
-                    continue
-                last = chunk
-                for choice in chunk.get("choices") or []:
-                    i = choice.get("index", 0)
-                    piece = (
-                        choice.get("text")
-                        if endpoint == "completions"
-                        else (choice.get("delta") or {}).get("content")
-                    )
-                    texts[i] = texts.get(i, "") + (piece or "")
-                    if choice.get("finish_reason"):
-                        finishes[i] = choice["finish_reason"]
-        except httpx.HTTPError as err:
-            failure = _transport_error(err, upstream.base_url)
-            yield _sse(
-                {
-                    "error": {
-                        "message": failure.message,
-                        "type": failure.type,
-                        "param": None,
-                        "code": failure.code,
-                    }
-                }
-            )
-            return
-        indices = sorted(texts)
-        try:
-            results = await _scores(server, prompt, [texts[i] for i in indices], stop, domain)
-        except APIError as failure:
-            yield _sse(
-                {
-                    "error": {
-                        "message": failure.message,
-                        "type": failure.type,
-                        "param": None,
-                        "code": failure.code,
-                    }
-                }
-            )
-            return
-        kind = OBJECTS[endpoint][1] + ("" if endpoint == "completions" else ".chunk")
-        for i, result in zip(indices, results, strict=True):
-            choice = {
-                "index": i,
-                "logprobs": None,
-                "finish_reason": finishes.get(i, "stop"),
-                "confidence": confidence(result) | {"answer_chars": None},
-            }
-            choice |= {"text": ""} if endpoint == "completions" else {"delta": {}}
-            yield _sse(
-                {
-                    "id": response_id,
-                    "object": kind,
-                    "created": last.get("created", int(time.time())),
-                    "model": last.get("model", server.model_name),
-                    "choices": [choice],
-                    **(echoed or {}),
-                }
-            )
-        await server.record(
-            endpoint,
-            response_id,
-            prompt,
-            [(texts[i], r, finishes.get(i, "stop")) for i, r in zip(indices, results, strict=True)],
-            domain,
+    async def _abstains_before_generating(
+        self, prompt: Prompt, n: int, domain: str | None
+    ) -> list[ProbedGeneration] | None:
+        model = self.server.model
+        if (
+            not getattr(model, "abstain_before_generating", False)
+            or getattr(model, "threshold", None) is None
+        ):
+            return None
+        (result,) = await self._scores(
+            prompt, [""], None, domain
+        )  # a prompt_last probe reads the prompt only
+        if not result.abstained:
+            return None
+        message = self.server.settings.abstention_message or getattr(
+            model, "abstention_message", "I don't know."
         )
-        yield _sse("[DONE]")
-    finally:
-        await reply.aclose()
+        return [_as_generation(result, message, "abstained", 0)] * n
+
+    async def _pass_through(
+        self,
+        endpoint: str,
+        reply: httpx.Response,
+        prompt: Prompt,
+        stop: tuple[str, ...] | None,
+        domain: str | None = None,
+        echoed: dict | None = None,
+    ) -> AsyncIterator[str]:
+        """The upstream's chunks unchanged (our id in place of its own), then one chunk per choice with its
+        `finish_reason` and `confidence`, then [DONE]."""
+        texts: dict[int, str] = {}
+        finishes: dict[int, str] = {}
+        last: dict[str, Any] = {}
+        response_id = f"{OBJECTS[endpoint][0]}-{uuid.uuid4().hex}"  # replaces the upstream's (see complete)
+        try:
+            try:
+                async for line in reply.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        break
+                    try:
+                        chunk = json.loads(payload)
+                    except ValueError:
+                        yield sse(payload)
+                        continue
+                    if isinstance(chunk, dict) and "id" in chunk:
+                        chunk["id"] = response_id
+                    yield sse(chunk)
+                    if not isinstance(chunk, dict):
+                        continue
+                    last = chunk
+                    for choice in chunk.get("choices") or []:
+                        i = choice.get("index", 0)
+                        piece = (
+                            choice.get("text")
+                            if endpoint == "completions"
+                            else (choice.get("delta") or {}).get("content")
+                        )
+                        texts[i] = texts.get(i, "") + (piece or "")
+                        if choice.get("finish_reason"):
+                            finishes[i] = choice["finish_reason"]
+            except httpx.HTTPError as err:
+                yield sse_error(_transport_error(err, self.base_url))
+                return
+            indices = sorted(texts)
+            try:
+                results = await self._scores(prompt, [texts[i] for i in indices], stop, domain)
+            except APIError as failure:
+                yield sse_error(failure)
+                return
+            kind = OBJECTS[endpoint][1] + ("" if endpoint == "completions" else ".chunk")
+            for i, result in zip(indices, results, strict=True):
+                choice = {
+                    "index": i,
+                    "logprobs": None,
+                    "finish_reason": finishes.get(i, "stop"),
+                    "confidence": confidence(result) | {"answer_chars": None},
+                }
+                choice |= {"text": ""} if endpoint == "completions" else {"delta": {}}
+                yield sse(
+                    {
+                        "id": response_id,
+                        "object": kind,
+                        "created": last.get("created", int(time.time())),
+                        "model": last.get("model", self.server.model_name),
+                        "choices": [choice],
+                        **(echoed or {}),
+                    }
+                )
+            await self.server.record(
+                endpoint,
+                response_id,
+                prompt,
+                [(texts[i], r, finishes.get(i, "stop")) for i, r in zip(indices, results, strict=True)],
+                domain,
+            )
+            yield sse("[DONE]")
+        finally:
+            await reply.aclose()

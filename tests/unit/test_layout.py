@@ -194,3 +194,70 @@ def test_cycle_detector_finds_a_planted_cycle(tmp_path):
     assert graph == {"a": {"b"}, "b": {"a"}, "c": {"a"}}
     assert import_cycles(graph) == [["a", "b", "a"]]
     assert import_cycles({"a": {"b"}, "b": set(), "c": {"a"}}) == []
+
+
+def private_names_used(path: Path, known: set[str]) -> list[str]:
+    """Underscore names `path` takes from another project module: `from m import _x`, `import m._x`, or `m._x` on
+    a module it imported ("m._x at line n"); dunders (`__version__`) are public."""
+
+    def private(name: str) -> bool:
+        return name.startswith("_") and not name.startswith("__")
+
+    found, modules = [], {}  # modules: local name -> the project module it is bound to
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] in PACKAGES and any(map(private, alias.name.split("."))):
+                    found.append(f"{alias.name} at line {node.lineno}")
+                if alias.asname and alias.name in known:
+                    modules[alias.asname] = alias.name
+                elif not alias.asname and alias.name.split(".")[0] in PACKAGES:  # `import a.b` binds `a`
+                    modules[alias.name.split(".")[0]] = alias.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
+            for alias in node.names:
+                if private(alias.name):
+                    found.append(f"{node.module}.{alias.name} at line {node.lineno}")
+                elif f"{node.module}.{alias.name}" in known:
+                    modules[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and private(node.attr):
+            value = node.value
+            dotted = []
+            while isinstance(value, ast.Attribute):
+                dotted.insert(0, value.attr)
+                value = value.value
+            if isinstance(value, ast.Name) and value.id in modules:
+                module = ".".join([modules[value.id], *dotted])
+                if module in known:
+                    found.append(f"{module}.{node.attr} at line {node.lineno}")
+    return found
+
+
+def test_no_module_uses_another_modules_underscore_names():
+    """A name another module needs is public: an underscore name stays inside the module that defines it."""
+    modules = project_modules()
+    known = set(modules)
+    used = {name: private_names_used(path, known) for name, path in modules.items()}
+    assert not any(used.values()), "underscore names used across modules: " + "; ".join(
+        f"{name}: {', '.join(hits)}" for name, hits in used.items() if hits
+    )
+
+
+def test_private_name_scan_sees_each_way_of_reaching_one(tmp_path):
+    (tmp_path / "m.py").write_text(
+        "from probes.serving.protocol import _stop, APIError\n"  # a private name imported
+        "from probes.serving import serving as s\n"
+        "import probes.serving.batcher\n"
+        "import extract._hidden\n"  # a private module
+        "def f():\n"
+        "    s._failure(1); probes.serving.batcher._Pending; APIError._x\n"  # attributes of imported modules
+        "    from probecal import __version__\n"  # dunders are public
+    )
+    known = {"probes.serving.protocol", "probes.serving.serving", "probes.serving.batcher", "probecal"}
+    assert sorted(private_names_used(tmp_path / "m.py", known)) == [
+        "extract._hidden at line 4",
+        "probes.serving.batcher._Pending at line 6",
+        "probes.serving.protocol._stop at line 1",
+        "probes.serving.serving._failure at line 6",
+    ]

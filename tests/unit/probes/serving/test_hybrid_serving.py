@@ -19,7 +19,7 @@ from probes.inference import logit_feature_matrix, probe_input
 from probes.runtime.wrapper import ProbedModel
 from probes.scorer import ProbeScorer
 from probes.serving.app import create_app
-from probes.serving.serving import _smoke_test
+from probes.serving.serving import smoke_test
 from probes.serving.settings import ServeSettings
 from tests.paths import ROOT
 from tests.unit.probes.serving.test_server_openai import running, sdk, stub_upstream  # noqa: F401 (the upstream engine fixture)
@@ -171,7 +171,7 @@ def test_hot_reload_accepts_a_hybrid_artifact(tiny_llama, word_tokenizer, tmp_pa
     hybrid_artifact(loaded.fingerprint, 2, "answer_mean", tmp_path / "hybrid")
     pm = ProbedModel.from_transformers(tiny_llama, word_tokenizer, tmp_path / "plain", threshold=None)
     new = pm.load_artifact(tmp_path / "hybrid")
-    _smoke_test(new)  # what POST /admin/reload runs before swapping
+    smoke_test(new)  # what POST /admin/reload runs before swapping
     pm.swap_artifact(new)
     assert pm.logit_features == NAMES and pm.artifact_digest == new.digest
     gen = pm.generate(PROMPTS[1], max_new_tokens=5, stop=NEVER)[0]
