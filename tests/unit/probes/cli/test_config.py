@@ -1,5 +1,5 @@
 """Compose conf/config.yaml with overrides and build every group, so a broken _target_ fails CI; the group
-schemas reject typos; deprecated spellings still work (and say so)."""
+schemas reject typos; deprecated spellings still work (and say so); every experiment composes."""
 
 import inspect
 import json
@@ -251,6 +251,27 @@ def test_recalibrate_without_a_parent_names_the_key(tmp_path, monkeypatch, capsy
         cli.main(["recalibrate", f"hydra.run.dir={tmp_path / 'run'}"])
     assert exit_info.value.code == 2
     assert "needs recalibrate.probe_dir=<run dir>/probe" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ experiments
+
+
+@pytest.mark.parametrize("name", _options("experiment"))
+def test_every_experiment_composes_and_builds(name):
+    cfg = _compose([f"+experiment={name}"])
+    assert cfg.probe and cfg.calibration
+    for group in ("model", "data", "extract", "probe", "calibration", "serve"):
+        instantiate_group(cfg[group])
+    assert "# @package _global_" in (CONF / "experiment" / f"{name}.yaml").read_text().splitlines()[0]
+
+
+def test_experiments_hold_the_readme_runs():
+    assert {"default_smollm2", "gemma3_270m"} <= set(_options("experiment"))
+    default = _compose(["+experiment=default_smollm2"])
+    plain = _compose([])
+    assert OmegaConf.to_container(default, resolve=True) == OmegaConf.to_container(plain, resolve=True)
+    gemma = _compose(["+experiment=gemma3_270m", "train.select=cv"])
+    assert (gemma.model.name, gemma.data.name, gemma.train.select) == ("gemma3-270m", "facts", "cv")
 
 
 def test_slurm_launcher_config_composes():
