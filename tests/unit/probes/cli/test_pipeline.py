@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from extract.data import DataSpec
 from extract.generation import BASELINE_NAMES
@@ -30,7 +29,7 @@ from probes.cli.pipeline import (
 from probes.evaluation.metrics import auroc
 from probes.evaluation.sweep import SweepResult
 from tests import tiny_models
-from tests.paths import CONF
+from tests.conf_groups import group_node
 from tests.pipeline_fixtures import SIGNAL_SITE, write_synthetic_store
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -47,7 +46,8 @@ SPEC = TrainSpec(n_folds=3, n_bootstrap=50, select="cv")
 
 
 def _group(path: str):
-    return OmegaConf.load(CONF / path)
+    group, option = path.removesuffix(".yaml").split("/")
+    return group_node(group, option)
 
 
 @pytest.fixture(scope="module")
