@@ -243,7 +243,7 @@ STAGES: dict[str, tuple[Callable[[DictConfig], None], str]] = {
     "serve": (stage_serve, "OpenAI-compatible HTTP server with confidence, abstention and feedback"),
     "recalibrate": (
         stage_recalibrate,
-        "refit a saved probe's calibrator + threshold on new rows (evaluate.probe_dir=...)",
+        "refit a saved probe's calibrator + threshold on new rows (recalibrate.probe_dir=...)",
     ),
     "summarize": (stage_summarize, "collect metrics.json of a multirun (summarize.dir=...) into one table"),
     "demo": (stage_demo, "load the model and answer a few built-in questions"),
@@ -359,7 +359,12 @@ def config_error(overrides: list[str]) -> str | None:
         if isinstance(cause, ConfigAttributeError | ConfigKeyError) and key:
             parent, _, name = key.rpartition(".")
             try:
-                node = composed([]) if not parent else OmegaConf.select(composed([]), parent)
+                # the keys of the options chosen here (probe=mass_mean probe.Cc=1 lists mass_mean's keys)
+                try:
+                    chosen = composed([o for o in overrides if "." not in o.split("=", 1)[0]])
+                except Exception:  # the mistake is a top-level key itself (foo=1)
+                    chosen = composed([])
+                node = chosen if not parent else OmegaConf.select(chosen, parent)
                 allowed = ", ".join(str(k) for k in node.keys()) if hasattr(node, "keys") else "?"
             except Exception:  # the allowed keys are a courtesy; the unknown key is the message
                 allowed = "?"
@@ -421,9 +426,13 @@ def main(argv: list[str] | None = None) -> int:
 
     @hydra.main(config_path="pkg://probecal_conf", config_name="config", version_base="1.3")
     def _task(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
         from omegaconf.errors import OmegaConfBaseException
 
+        from probes.cli.config import warn_deprecated_choices
+
         try:
+            warn_deprecated_choices(HydraConfig.get().runtime.choices)
             OmegaConf.resolve(cfg)
             func(cfg)
         except (ValueError, OSError, RuntimeError, OmegaConfBaseException) as err:

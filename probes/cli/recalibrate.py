@@ -1,9 +1,12 @@
 """`probecal recalibrate`: a saved probe's calibrator and threshold refit on a new domain's labelled rows.
 
-    probecal recalibrate evaluate.probe_dir=<run>/probe data=jsonl data.path=my_domain.jsonl
-    probecal recalibrate evaluate.probe_dir=<run>/probe recalibrate.rows=scored.jsonl recalibrate.kind=isotonic
-    probecal recalibrate evaluate.probe_dir=<run>/probe recalibrate.from_feedback=outputs/feedback.db \\
+    probecal recalibrate recalibrate.probe_dir=<run>/probe data=jsonl data.path=my_domain.jsonl
+    probecal recalibrate recalibrate.probe_dir=<run>/probe recalibrate.rows=scored.jsonl recalibrate.kind=isotonic
+    probecal recalibrate recalibrate.probe_dir=<run>/probe recalibrate.from_feedback=outputs/feedback.db \\
         recalibrate.kind=per_domain
+
+`evaluate.probe_dir` still names the parent when `recalibrate.probe_dir` is unset (deprecated, warned);
+`recalibrate.kind=per_category` is a deprecated alias of `per_domain`.
 
 Writes <run dir>/recalibration.json (before/after on the held-out rows, threshold, lineage record) and,
 unless the refusal rule of probes/recalibration.py fires, the new artifact (<run dir>/probe by default).
@@ -32,8 +35,35 @@ from probes.recalibration import (
 
 log = logging.getLogger(__name__)
 
+KIND_ALIASES = {"per_category": "per_domain"}  # deprecated spelling -> kind (CHANGELOG)
 
-def rows_from_data(cfg: DictConfig, parent: ProbeArtifact) -> RecalibrationRows:
+
+def parent_dir(cfg: DictConfig) -> str:
+    """The parent artifact: recalibrate.probe_dir, else the deprecated evaluate.probe_dir (warned)."""
+    if cfg.recalibrate.probe_dir:
+        return str(cfg.recalibrate.probe_dir)
+    if cfg.evaluate.probe_dir:
+        log.warning(
+            "evaluate.probe_dir as the parent of probecal recalibrate is deprecated; use recalibrate.probe_dir=%s",
+            cfg.evaluate.probe_dir,
+        )
+        return str(cfg.evaluate.probe_dir)
+    raise ValueError("probecal recalibrate needs recalibrate.probe_dir=<run dir>/probe (the parent artifact)")
+
+
+def recalibration_spec(cfg: DictConfig) -> RecalibrateSpec:
+    """cfg.recalibrate as its dataclass, with probe_dir resolved and a deprecated kind spelling mapped."""
+    spec: RecalibrateSpec = OmegaConf.to_object(cfg.recalibrate)
+    if spec.kind in KIND_ALIASES:
+        log.warning(
+            "recalibrate.kind=%s is deprecated; use recalibrate.kind=%s (same calibrator)",
+            spec.kind,
+            KIND_ALIASES[spec.kind],
+        )
+    return replace(spec, probe_dir=parent_dir(cfg), kind=KIND_ALIASES.get(spec.kind, spec.kind))
+
+
+def rows_from_data(cfg: DictConfig, parent: ProbeArtifact, parent_path: str) -> RecalibrationRows:
     """Answer + grade the `data` group's questions with the configured model, capturing only the parent's
     site (one layer, one position: a small store), and score them with the parent's probe."""
     from extract.models import load_model
@@ -43,7 +73,7 @@ def rows_from_data(cfg: DictConfig, parent: ProbeArtifact) -> RecalibrationRows:
     data_spec = instantiate_group(cfg.data)
     questions, splits = rows_and_splits(data_spec)
     loaded = load_model(instantiate_group(cfg.model))
-    parent.fingerprint.check_matches(loaded.fingerprint, f"probe artifact {cfg.evaluate.probe_dir}")
+    parent.fingerprint.check_matches(loaded.fingerprint, f"probe artifact {parent_path}")
     extract_spec = replace(instantiate_group(cfg.extract), layers=[meta.layer], positions=[meta.position])
     store = extract_to_store(loaded, questions, splits, extract_spec, data_spec.name)
     for key in ("prompt", "generation", "grader"):
@@ -70,23 +100,19 @@ def rows_from_data(cfg: DictConfig, parent: ProbeArtifact) -> RecalibrationRows:
 
 
 def stage_recalibrate(cfg: DictConfig) -> None:
-    """Refit the calibrator + abstention threshold of evaluate.probe_dir on new rows; refuse a worse one."""
+    """Refit the calibrator + abstention threshold of recalibrate.probe_dir on new rows; refuse a worse one."""
     from hydra.core.hydra_config import HydraConfig
 
-    spec: RecalibrateSpec = OmegaConf.to_object(cfg.recalibrate)
-    if not cfg.evaluate.probe_dir:
-        raise ValueError(
-            "probecal recalibrate needs evaluate.probe_dir=<run dir>/probe (the parent artifact)"
-        )
+    spec = recalibration_spec(cfg)
     if spec.rows and spec.from_feedback:
         raise ValueError("give recalibrate.rows or recalibrate.from_feedback, not both")
-    parent = ProbeArtifact.load(cfg.evaluate.probe_dir)
+    parent = ProbeArtifact.load(spec.probe_dir)
     if spec.rows:
         rows = read_rows_file(spec.rows, parent)
     elif spec.from_feedback:
         rows = read_feedback_rows(spec.from_feedback, parent.metadata.layer, parent.metadata.position)
     else:
-        rows = rows_from_data(cfg, parent)
+        rows = rows_from_data(cfg, parent, spec.probe_dir)
     result = recalibrate(
         parent,
         rows,
@@ -103,7 +129,7 @@ def stage_recalibrate(cfg: DictConfig) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     output = Path(spec.output_dir) if spec.output_dir else run_dir / "probe"
     report = {
-        "parent": str(cfg.evaluate.probe_dir),
+        "parent": spec.probe_dir,
         "accepted": result.accepted,
         "reason": result.reason,
         "artifact": str(output) if result.accepted else None,
@@ -115,9 +141,7 @@ def stage_recalibrate(cfg: DictConfig) -> None:
         "domain_accuracy": {str(d): float(np.mean(rows.y[rows.domain == d])) for d in np.unique(rows.domain)},
     }
     atomic_write_text(run_dir / "recalibration.json", json.dumps(report, indent=2, default=json_default))
-    print(
-        f"\nrecalibration of {cfg.evaluate.probe_dir} on {rows.source} ({spec.kind}):\n{result.summary()}\n"
-    )
+    print(f"\nrecalibration of {spec.probe_dir} on {rows.source} ({spec.kind}):\n{result.summary()}\n")
     if not result.accepted:
         raise ValueError(f"no artifact written: {result.reason} (details: {run_dir / 'recalibration.json'})")
     result.artifact.save(output)

@@ -65,6 +65,12 @@ class SplitData:
             store.column("label").astype(int), store.column("category").astype(str), masks, row_domains(store)
         )
 
+    @property
+    def calibration_groups(self) -> np.ndarray:
+        """[n] what a per-domain calibrator is keyed by: the domain (serving looks it up by the request's
+        domain tag), or the category for data without domains."""
+        return self.domains if self.domains is not None else self.categories
+
     def sizes(self) -> dict[str, int]:
         return {k: int(v.sum()) for k, v in self.masks.items()}
 

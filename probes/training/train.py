@@ -249,7 +249,7 @@ def train_probe(
         else:
             scores, rows = np.concatenate([scores, cross[1]]), np.concatenate([rows, cross[0].astype(int)])
     selection["calibrate_on"] = spec.calibrate_on
-    fitted_calibrator = clone(calibrator).fit(scores, data.y[rows], categories=data.categories[rows])
+    fitted_calibrator = clone(calibrator).fit(scores, data.y[rows], categories=data.calibration_groups[rows])
     artifact = ProbeArtifact.create(
         probe,
         fitted_calibrator,
@@ -259,7 +259,7 @@ def train_probe(
         training_data_hash=hash_arrays(X[train], data.y[train]),
         split_sizes=data.sizes(),
     )
-    p_calib, _ = artifact.predict(X[calib], categories=data.categories[calib])
+    p_calib, _ = artifact.predict(X[calib], categories=data.calibration_groups[calib])
     threshold = choose_threshold(
         p_calib, data.y[calib], spec.target_accuracy, spec.delta, spec.threshold_method
     )
@@ -364,7 +364,7 @@ def evaluate_probe(
     if mask.sum() == 0:
         raise ValueError(f"the store at {store.path} has no rows in the {split!r} split")
     X = probe_features(artifact.probe, store, artifact.metadata.layer, artifact.metadata.position)
-    p, score = artifact.predict(X[mask], categories=data.categories[mask])
+    p, score = artifact.predict(X[mask], categories=data.calibration_groups[mask])
     methods: dict[str, np.ndarray] = {PROBE_METHOD: p}
     if artifact.calibrator is not None:
         methods[PROBE_RAW_METHOD] = artifact.probe.predict_proba(X[mask])[:, 1]
@@ -380,8 +380,8 @@ def evaluate_probe(
             {k: v[mask] for k, v in baselines.items()},
             lambda: clone(calibrator),
             label,
-            categories_calibration=data.categories[calib],
-            categories_test=data.categories[mask],
+            categories_calibration=data.calibration_groups[calib],
+            categories_test=data.calibration_groups[mask],
         )
     else:
         methods |= {

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.utils.estimator_checks import parametrize_with_checks
@@ -18,6 +17,7 @@ from probes.estimators import (
     rebuild_probe,
     standardize_stats,
 )
+from tests.conf_groups import group_node
 from tests.paths import CONF
 
 
@@ -171,8 +171,7 @@ def test_standardize_keeps_constant_columns_finite():
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "probe").glob("*.yaml")))
 def test_every_probe_config_builds_a_probe(option):
-    node = OmegaConf.load(CONF / "probe" / f"{option}.yaml")
-    probe = instantiate(node, _convert_="all")
+    probe = instantiate(group_node("probe", option), _convert_="all")
     assert probe_kind(probe) == option
     X, y = linear_data(n=80)
     assert probe.set_params(**({"max_iter": 20} if option == "mlp" else {})).fit(X, y).predict_proba(

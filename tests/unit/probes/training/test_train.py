@@ -556,3 +556,16 @@ def test_calibrate_on_cross_domain_fits_the_final_calibrator_on_out_of_domain_sc
         atol=1e-6,
     )
     assert extra["transfer"].rows[PROBE_METHOD]["within_cat_auroc"] > 0.7
+
+
+def test_a_per_domain_calibrator_is_keyed_by_the_domain_serving_looks_up(store, monkeypatch):
+    """Serving and recalibration look the calibrator up by the request's domain tag, so training must fit it
+    per domain, not per category (the synthetic store's two categories are dealt into three domains here)."""
+    import probes.training.splits as splits_module
+    from probes.calibration import PerCategoryCalibrator
+
+    domains = np.array(["d1", "d2", "d3"])
+    monkeypatch.setattr(splits_module, "row_domains", lambda s: domains[np.arange(len(s)) % 3])
+    result = train_probe(store, LogisticProbe(), PerCategoryCalibrator(min_count=10), SPEC)
+    fitted = set(result.artifact.calibrator.per_category_)
+    assert fitted and fitted <= set(domains), fitted
