@@ -60,6 +60,9 @@ class ProbeMetadata:
     created_at: str = ""
     # lineage of a recalibrated artifact: {"digest": <the parent's digest>, "recalibration": {data_hash, ...}}
     parent: dict[str, Any] | None = None
+    # the novelty model (probes.novelty): {n_components, quantile, cutoff, layer, position}; its tensors are
+    # "novelty.*" in probe.safetensors. None: an artifact without one (novelty unavailable)
+    novelty: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     @classmethod
@@ -134,10 +137,11 @@ class ProbeArtifact:
     Without a calibrator, p_correct is the probe's own predict_proba[:, 1].
     """
 
-    def __init__(self, probe, calibrator, metadata: ProbeMetadata):
+    def __init__(self, probe, calibrator, metadata: ProbeMetadata, novelty=None):
         self.probe = probe
         self.calibrator = calibrator
         self.metadata = metadata
+        self.novelty = novelty  # probes.novelty.NoveltyModel | None (its settings are metadata.novelty)
         self._digest: str | None = None  # set by save/load; otherwise computed on demand
 
     @property
@@ -156,6 +160,10 @@ class ProbeArtifact:
             tensors.update(
                 {f"calibrator.{k}": np.ascontiguousarray(v) for k, v in self.calibrator.to_tensors().items()}
             )
+        if self.novelty is not None:
+            tensors.update(
+                {f"novelty.{k}": np.ascontiguousarray(v) for k, v in self.novelty.to_tensors().items()}
+            )
         return save(tensors)
 
     @classmethod
@@ -166,12 +174,17 @@ class ProbeArtifact:
         layer: int,
         position: str,
         fingerprint: ModelFingerprint,
+        novelty=None,
+        novelty_layer: int | None = None,
         **metadata: Any,
     ) -> ProbeArtifact:
-        """Fill kind, params, versions and the timestamp from the objects; the rest comes from `metadata`."""
+        """Fill kind, params, versions and the timestamp from the objects; the rest comes from `metadata`.
+        novelty: a fitted probes.novelty.NoveltyModel of the prompt_last state at `novelty_layer` (default:
+        the probe's layer)."""
         from probes import __version__
         from probes.calibration import calibrator_kind
         from probes.estimators import probe_kind
+        from probes.novelty import NOVELTY_POSITION
 
         meta = ProbeMetadata(
             kind=probe_kind(probe),
@@ -183,9 +196,16 @@ class ProbeArtifact:
             calibrator_params={} if calibrator is None else calibrator.get_params(),
             library_version=__version__,
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            novelty=None
+            if novelty is None
+            else {
+                **novelty.settings(),
+                "layer": int(layer if novelty_layer is None else novelty_layer),
+                "position": NOVELTY_POSITION,
+            },
             **metadata,
         )
-        return cls(probe, calibrator, meta)
+        return cls(probe, calibrator, meta, novelty)
 
     @property
     def fingerprint(self) -> ModelFingerprint:
@@ -201,7 +221,11 @@ class ProbeArtifact:
 
     def with_metadata(self, **changes: Any) -> ProbeArtifact:
         """A copy whose metadata has `changes` (e.g. test metrics and thresholds known after fitting)."""
-        return ProbeArtifact(self.probe, self.calibrator, replace(self.metadata, **changes))
+        return ProbeArtifact(self.probe, self.calibrator, replace(self.metadata, **changes), self.novelty)
+
+    def score_novelty(self, prompt_vectors) -> np.ndarray | None:
+        """[n, hidden] prompt_last states at `metadata.novelty["layer"]` -> novelty [n] (None: no model)."""
+        return None if self.novelty is None else self.novelty.score(prompt_vectors)
 
     def predict(self, X, categories=None) -> tuple[np.ndarray, np.ndarray]:
         raw = self.probe.decision_function(X)
@@ -243,11 +267,12 @@ class ProbeArtifact:
                     meta.calibrator_kind, meta.calibrator_params, files.calibrator_tensors
                 )
             )
-        except (ValueError, TypeError) as err:
+            novelty = files.novelty_model()
+        except (ValueError, TypeError, KeyError) as err:
             raise ArtifactError(f"{files.directory}: probe or calibrator cannot be rebuilt: {err}") from None
         # a hybrid probe reads the hidden state plus a few logit signals; only the hidden part must match
         files.check_hidden_size(getattr(probe, "n_hidden_features", probe.n_features_in_))
-        artifact = cls(probe, calibrator, meta)
+        artifact = cls(probe, calibrator, meta, novelty)
         artifact._digest = files.digest
         return artifact
 
@@ -262,6 +287,15 @@ class VerifiedArtifact:
     digest: str  # verified against the files
     probe_tensors: dict[str, np.ndarray]  # the probe's to_tensors()
     calibrator_tensors: dict[str, np.ndarray]  # the calibrator's to_tensors() ({} without one)
+    novelty_tensors: dict[str, np.ndarray] = field(default_factory=dict)  # NoveltyModel.to_tensors() or {}
+
+    def novelty_model(self):
+        """The artifact's probes.novelty.NoveltyModel, or None (an artifact saved without one)."""
+        from probes.novelty import NoveltyModel
+
+        if self.metadata.novelty is None:
+            return None
+        return NoveltyModel.from_tensors(self.metadata.novelty, self.novelty_tensors)
 
     def check_hidden_size(self, n_hidden: int) -> None:
         """Refuse a probe whose hidden-state width is not the model's hidden size."""
@@ -358,6 +392,9 @@ def read_artifact(
         probe_tensors={k.removeprefix("probe."): v for k, v in tensors.items() if k.startswith("probe.")},
         calibrator_tensors={
             k.removeprefix("calibrator."): v for k, v in tensors.items() if k.startswith("calibrator.")
+        },
+        novelty_tensors={
+            k.removeprefix("novelty."): v for k, v in tensors.items() if k.startswith("novelty.")
         },
     )
 

@@ -455,6 +455,8 @@ def build_artifact(
         meta.layer,
         meta.position,
         parent.fingerprint,
+        novelty=parent.novelty,  # the same probe saw the same training rows: its novelty model carries over
+        novelty_layer=(meta.novelty or {}).get("layer"),
         training_data_hash=meta.training_data_hash,
         split_sizes=dict(meta.split_sizes),
         metrics={"recalibration": comparison},

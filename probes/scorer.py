@@ -40,6 +40,7 @@ class ProbeScorer:
         p = scorer.p_correct(vector)            # vector [hidden] -> float, or [n, hidden] -> [n]
         scorer.layer, scorer.position           # where the vector must come from
         scorer.digest                           # the artifact's identity (metadata + tensors), for logs
+        n = scorer.novelty(prompt_vector)       # > 1: a question unlike training, its p is unverified
 
     Loading refuses an artifact whose digest does not match (see probes.artifact), and a probe or
     calibrator kind without numpy inference (probes.inference), naming the kind.
@@ -88,6 +89,27 @@ class ProbeScorer:
             raise ArtifactError(f"{where}: {err}") from None
         self.n_hidden = self.n_features - len(self.logit_features)
         files.check_hidden_size(self.n_hidden)
+        try:
+            self._novelty = files.novelty_model()
+        except (ValueError, KeyError) as err:
+            raise ArtifactError(f"{where}: novelty model: {err}") from None
+
+    @property
+    def has_novelty(self) -> bool:
+        """True when the artifact carries a novelty model (artifacts trained before it existed do not)."""
+        return self._novelty is not None
+
+    def novelty(self, prompt_vectors):
+        """[hidden] -> float, or [n, hidden] -> [n]: how far the question lies from the probe's training rows
+        (probes.novelty: 1.0 = the cut-off; `in_domain` = novelty <= 1). The vectors are the PROMPT's last
+        token state at `scorer.layer` (prompt_last), whatever position the probe itself reads."""
+        if self._novelty is None:
+            raise ValueError(
+                "this artifact has no novelty model (trained before probecal had one): retrain it"
+            )
+        array = np.atleast_2d(_to_numpy(prompt_vectors))
+        novelty = self._novelty.score(array)
+        return float(novelty[0]) if np.ndim(prompt_vectors) == 1 else novelty
 
     @property
     def needs_logit_signals(self) -> bool:

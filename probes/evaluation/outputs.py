@@ -12,6 +12,7 @@ import numpy as np
 from probecal.files import atomic_write_text
 from probes.artifact import json_default
 from probes.evaluation.metrics import HEADLINE_METRICS, within_category_auroc
+from probes.evaluation.novelty import novelty_headline, novelty_markdown
 from probes.evaluation.report import ReportInputs, write_report
 from probes.evaluation.tables import OPTIMISM_NOTE, PROBE_METHOD, PROBE_RAW_METHOD, EvalTable
 from probes.evaluation.transfer import TransferTable
@@ -157,6 +158,7 @@ def write_run_outputs(
         )
         if summary
         else None,
+        sections=report_sections(extra),
     )
     report = write_report(run_dir, inputs)
     skipped = {"notes", "transfer", "candidates", "selection", "transfer_seconds", "threshold"}
@@ -172,7 +174,23 @@ def write_run_outputs(
         **{k: v for k, v in extra.items() if k not in skipped},
     }
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=json_default))
-    return report, headline(table, baseline, transfer)
+    return report, "\n".join([headline(table, baseline, transfer), *headline_notes(extra)])
+
+
+def report_sections(extra: dict[str, Any]) -> list[tuple[str, str]]:
+    """The report's sections for what a run measured beside the tables (novelty, ...)."""
+    sections = []
+    if extra.get("novelty"):
+        sections.append(("Novelty: held-out domains vs in-domain", novelty_markdown(extra["novelty"])))
+    return sections
+
+
+def headline_notes(extra: dict[str, Any]) -> list[str]:
+    """One line each, printed under the headline table."""
+    lines = []
+    if extra.get("novelty"):
+        lines.append("\n" + novelty_headline(extra["novelty"]))
+    return lines
 
 
 def threshold_report(threshold, p_test: np.ndarray, y_test: np.ndarray) -> dict[str, Any]:

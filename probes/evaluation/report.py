@@ -40,6 +40,8 @@ class ReportInputs:
     in_domain_by_domain: dict[str, dict[str, float]] | None = (
         None  # {method: {domain: within-cat AUROC}} on `y`
     )
+    # (heading, Markdown) sections placed after the held-out table: novelty, refusal gap, ...
+    sections: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _subplots(*grid: int, figsize: tuple[float, float]):
@@ -322,6 +324,9 @@ def write_report(run_dir: Path, inputs: ReportInputs) -> Path:
     if inputs.transfer is not None:
         at = parts.index("## Categories")  # right after the in-domain table
         parts[at:at] = ["## Held-out domains (transfer)", transfer_markdown(inputs.transfer)]
+    at = parts.index("## Categories")
+    for heading, body in reversed(inputs.sections):
+        parts[at:at] = [f"## {heading}", body]
     for caption, path in figures:
         parts += [f"## {caption}", f"![{caption}](plots/{path.name})"]
     markdown = "\n\n".join(parts) + "\n"

@@ -73,6 +73,8 @@ class ProbedGeneration:
     artifact: str | None = (
         None  # digest of the probe artifact that scored it (hot reload: which one served it)
     )
+    novelty: float | None = None  # how far the question lies from training (probes.novelty; 1.0 = cut-off)
+    in_domain: bool | None = None  # novelty <= 1 (None: the artifact has no novelty model)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,6 +99,8 @@ class ProbedScore:
     answer_tokens: tuple[int, int]  # [start, end) of the completion tokens the probe read (graded answer)
     answer_text: str  # the graded answer: completion cut at the stop string / first line, stripped
     artifact: str | None = None  # digest of the probe artifact that scored it
+    novelty: float | None = None  # see ProbedGeneration
+    in_domain: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -233,6 +237,14 @@ class ProbedModel:
             return self.artifact.predict(X)
         return self.artifact.predict(X, categories=np.asarray([d or "" for d in domains], dtype=str))
 
+    def _novelty(self, prompt_vectors) -> list[tuple[float | None, bool | None]]:
+        """[n, hidden] prompt_last states at the probe's layer -> (novelty, in_domain) per row (Python types,
+        so they serialize; (None, None) without a novelty model)."""
+        novelty = self.artifact.score_novelty(prompt_vectors)
+        if novelty is None:
+            return [(None, None)] * len(prompt_vectors)
+        return [(float(v), bool(v <= 1.0)) for v in novelty]
+
     def _abstains(self, p: float) -> bool:
         # a Python bool: numpy's would not serialize in a /v1/score response
         return bool(self.threshold is not None and p < self.threshold)
@@ -246,6 +258,10 @@ class ProbedModel:
                 f"this hybrid probe reads the answer's logit signals {list(self.logit_features)}: it "
                 "cannot score a prompt before generation; use generate or score"
             )
+        return self._score(self.prompt_states(prompt_ids), domains)
+
+    def prompt_states(self, prompt_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """[n, hidden] prompt_last states at the probe's layer: one prefill forward per batch."""
         model, tok = self.loaded.model, self.loaded.tokenizer
         vectors = []
         with capture_hidden_states(model, [self.layer]) as recorder, torch.no_grad():
@@ -256,7 +272,7 @@ class ProbedModel:
                 )
                 model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
                 vectors.append(recorder.last_token(self.layer)[0].float().cpu().numpy())
-        return self._score(np.concatenate(vectors), domains)
+        return np.concatenate(vectors)
 
     # -- generation --------------------------------------------------------------------------------
     def generate(
@@ -290,7 +306,9 @@ class ProbedModel:
             results: list[ProbedGeneration | None] = [None] * len(batch)
             todo = list(range(len(batch)))
             if self.abstain_before_generating and self.threshold is not None:
-                p_pre, s_pre = self.score_prompts(prompt_ids, domains)
+                states = self.prompt_states(prompt_ids)
+                p_pre, s_pre = self._score(states, domains)
+                novelty_pre = self._novelty(states)
                 for i in range(len(batch)):
                     if self._abstains(p_pre[i]):
                         results[i] = self._result(
@@ -301,6 +319,7 @@ class ProbedModel:
                             "abstained",
                             len(prompt_ids[i]),
                             0,
+                            novelty=novelty_pre[i],
                         )
                 todo = [i for i in todo if results[i] is None]
             if todo and streamer is not None and len(todo) > 1:
@@ -315,6 +334,12 @@ class ProbedModel:
                     stop_strings=self.default_stop if stop is None else list(stop),
                 )
                 eos = set(eos_token_ids(self.loaded.model, self.loaded.tokenizer))
+                # the probe's position, and prompt_last for the novelty model (the same forward computes it)
+                positions = [self.position] + (
+                    ["prompt_last"]
+                    if self.artifact.novelty is not None and self.position != "prompt_last"
+                    else []
+                )
                 feed = BatchFeed(
                     self.loaded.tokenizer,
                     len(todo),
@@ -329,7 +354,7 @@ class ProbedModel:
                     self.loaded.tokenizer,
                     [prompt_ids[i] for i in todo],
                     [self.layer],
-                    [self.position],
+                    positions,
                     spec,
                     partial(cut_answer, stop_sequences=spec.stop_strings),
                     streamer=_Tee(feed, streamer) if streamer is not None else feed,
@@ -338,6 +363,11 @@ class ProbedModel:
                     capture.activations[:, 0, 0, :],
                     None if domains is None else [domains[i] for i in todo],
                     capture.baselines,
+                )
+                novelty = (
+                    self._novelty(capture.activations[:, 0, positions.index("prompt_last"), :])
+                    if ("prompt_last" in positions)
+                    else [(None, None)] * len(todo)
                 )
                 for k, i in enumerate(todo):
                     text, n_tokens, finish = finish_text(
@@ -356,6 +386,7 @@ class ProbedModel:
                         n_tokens,
                         completion_ids=tuple(feed.tokens[k][:n_tokens]),
                         answer_chars=chars,
+                        novelty=novelty[k],
                     )
         return results  # type: ignore[return-value]
 
@@ -426,11 +457,13 @@ class ProbedModel:
                     hidden, width = states_up_to_layer(
                         self.loaded.model, sequences, self.layer, tok.pad_token_id
                     )
-                vectors = []
+                vectors, prompt_vectors = [], []
                 for r, i in enumerate(chunk):
                     start, end, _ = spans[i]
                     prompt_last = width - len(sequences[r]) + len(ids[i]) - 1
                     vectors.append(pool_states(hidden[r], prompt_last, start, end, self.position))
+                    prompt_vectors.append(hidden[r, prompt_last])
+                novelty = self._novelty(torch.stack(prompt_vectors).cpu().numpy())
                 p, score = self._score(
                     torch.stack(vectors).cpu().numpy(),
                     None if domains is None else [domains[i] for i in chunk],
@@ -451,6 +484,8 @@ class ProbedModel:
                             answer_tokens=(start, end),
                             answer_text=answer,
                             artifact=self.artifact_digest,
+                            novelty=novelty[r][0],
+                            in_domain=novelty[r][1],
                         )
                     )
         return out
@@ -509,6 +544,7 @@ class ProbedModel:
         completion_tokens,
         completion_ids=(),
         answer_chars=None,
+        novelty=(None, None),
     ) -> ProbedGeneration:
         if abstained and finish != "abstained":
             text, answer_chars = self.abstention_message, None
@@ -526,6 +562,8 @@ class ProbedModel:
             completion_ids=completion_ids,
             answer_chars=answer_chars,
             artifact=self.artifact_digest,
+            novelty=novelty[0],
+            in_domain=novelty[1],
         )
 
 

@@ -52,6 +52,7 @@ class ServerMetrics:
     LATENCY_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
     CONFIDENCE_BOUNDS = tuple(i / 10 for i in range(1, 11))
     BATCH_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128)
+    NOVELTY_BOUNDS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0)
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -135,18 +136,42 @@ class ServerMetrics:
             bins,
             registry=r,
         )
+        self.novelty = Histogram(
+            "probecal_novelty",
+            "Novelty of served questions (probes.novelty; 1.0 = the cut-off, above it = not like training).",
+            buckets=self.NOVELTY_BOUNDS,
+            registry=r,
+        )
+        self.novel_answers = Counter(
+            "probecal_novel_answers",
+            "Answers to questions with novelty > 1 (their p_correct is unverified), by domain tag.",
+            ["domain"],
+            registry=r,
+        )
+        self.domain_answers = Counter(
+            "probecal_domain_answers",
+            "Answers served, by domain tag ('' = untagged).",
+            ["domain"],
+            registry=r,
+        )
         self._served = self._abstained = 0
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()
         self.latency.labels(endpoint).observe(seconds)
 
-    def observe_generation(self, gen: ProbedGeneration) -> None:
+    def observe_generation(self, gen: ProbedGeneration, domain: str | None = None) -> None:
         self._served += 1
         self._abstained += int(gen.abstained)
         self.responses.inc()
         self.abstentions.inc(int(gen.abstained))
         self.confidence.observe(gen.p_correct)
+        tag = domain or ""
+        self.domain_answers.labels(tag).inc()
+        novelty = getattr(gen, "novelty", None)
+        if novelty is not None:
+            self.novelty.observe(novelty)
+            self.novel_answers.labels(tag).inc(int(novelty > 1.0))
 
     def observe_batch(self, size: int) -> None:
         self.batch_size.observe(size)

@@ -67,6 +67,9 @@ def confidence(gen: Any) -> dict[str, Any]:
     }
     chars = getattr(gen, "answer_chars", None)
     out["answer_chars"] = list(chars) if chars is not None else None
+    # how far the question lies from the probe's training (probes.novelty): 1.0 = the cut-off
+    out["novelty"] = getattr(gen, "novelty", None)
+    out["in_domain"] = getattr(gen, "in_domain", None)
     return out
 
 
@@ -200,7 +203,7 @@ class Server:
         ]
         await asyncio.to_thread(self.store.record_responses, records)
         for _, g, _ in items:
-            self.metrics.observe_generation(g)
+            self.metrics.observe_generation(g, domain)
 
     def shown_text(self, gen: ProbedGeneration) -> str:
         message = self.settings.abstention_message
@@ -417,6 +420,8 @@ class Server:
             "position": result.position,
             "answer_tokens": list(result.answer_tokens),
             "answer_text": result.answer_text,
+            "novelty": getattr(result, "novelty", None),
+            "in_domain": getattr(result, "in_domain", None),
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
             **metadata_echo(body, domain),
         }

@@ -85,6 +85,8 @@ def _as_generation(result: Any, text: str, finish: str, completion_tokens: int) 
         prompt_tokens=result.prompt_tokens,
         completion_tokens=completion_tokens,
         artifact=getattr(result, "artifact", None),
+        novelty=getattr(result, "novelty", None),
+        in_domain=getattr(result, "in_domain", None),
     )
 
 

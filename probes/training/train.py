@@ -29,6 +29,7 @@ from probecal.splits import SPLITS
 from probes.artifact import ProbeArtifact, hash_arrays
 from probes.calibration import PlattCalibrator, calibrator_kind
 from probes.estimators import HybridProbe, LogisticProbe
+from probes.evaluation.novelty import novelty_transfer
 from probes.evaluation.tables import (
     OPTIMISM_NOTE,
     PROBE_METHOD,
@@ -50,6 +51,7 @@ from probes.evaluation.transfer import (
     transfer_table,
 )
 from probes.inference import logit_feature_matrix, raw_probability
+from probes.novelty import NOVELTY_POSITION, NoveltyModel
 from probes.selection.candidates import CandidateSearch, add_cv_scores, score_candidates
 from probes.selection.sweep import SweepResult, cv_masks, sweep
 from probes.selection.thresholds import ThresholdResult, choose_threshold
@@ -70,6 +72,7 @@ class TrainResult:
     candidates: CandidateSearch | None  # every transfer candidate's score (spec.select="transfer")
     selection: dict[str, Any]  # what was chosen and by which rule
     transfer_seconds: float
+    novelty: dict[str, Any] | None = None  # leave-one-domain-out novelty numbers (probes.evaluation.novelty)
 
     def outputs(self) -> dict[str, Any]:
         """The entries `probes.evaluation.outputs.write_run_outputs` reads from a training run."""
@@ -79,6 +82,7 @@ class TrainResult:
             "candidates": self.candidates,
             "selection": self.selection,
             "transfer_seconds": self.transfer_seconds,
+            "novelty": self.novelty,
         }
 
 
@@ -250,12 +254,22 @@ def train_probe(
             scores, rows = np.concatenate([scores, cross[1]]), np.concatenate([rows, cross[0].astype(int)])
     selection["calibrate_on"] = spec.calibrate_on
     fitted_calibrator = clone(calibrator).fit(scores, data.y[rows], categories=data.calibration_groups[rows])
+    novelty, novelty_held_out = None, None
+    if NOVELTY_POSITION in store.positions:  # the question's own state at the probe's layer
+        prompts = store.read(layer, NOVELTY_POSITION)
+        try:
+            novelty = NoveltyModel().fit(prompts[train], prompts[calib])
+            if folds is not None:
+                novelty_held_out = novelty_transfer(prompts, folds, data.masks["test"])
+        except ValueError as err:  # e.g. a degenerate store; the probe itself does not need novelty
+            log.warning("no novelty model for this probe: %s", err)
     artifact = ProbeArtifact.create(
         probe,
         fitted_calibrator,
         layer,
         position,
         store.fingerprint,
+        novelty=novelty,
         training_data_hash=hash_arrays(X[train], data.y[train]),
         split_sizes=data.sizes(),
     )
@@ -264,7 +278,14 @@ def train_probe(
         p_calib, data.y[calib], spec.target_accuracy, spec.delta, spec.threshold_method
     )
     return TrainResult(
-        artifact, result, threshold, transfer, search, selection, time.perf_counter() - started
+        artifact,
+        result,
+        threshold,
+        transfer,
+        search,
+        selection,
+        time.perf_counter() - started,
+        novelty_held_out,
     )
 
 

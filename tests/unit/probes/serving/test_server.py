@@ -163,6 +163,8 @@ def test_completion_response(tmp_path):
             "layer": 2,
             "position": "prompt_last",
             "answer_chars": None,
+            "novelty": None,  # the fake's artifact has no novelty model
+            "in_domain": None,
         }
         assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
         ((prompts, kwargs),) = client.model.calls

@@ -162,8 +162,9 @@ def test_metrics_and_headline_show_probe_and_best_baseline(trained):
         trained["table"].rows[PROBE_METHOD]["auroc"]
     )
     assert metrics["model"] == "synthetic-model" and metrics["train_spec"]["n_folds"] == 3
-    lines = trained["headline"].splitlines()
+    lines = [line for line in trained["headline"].splitlines() if line.startswith("|")]
     assert lines[0].startswith("| method | auroc | within_cat_auroc | ece")
+    assert "novelty (leave-one-domain-out): AUROC" in trained["headline"]  # the line under the table
     shown = [line.split("|")[1].strip() for line in lines[2:]]
     assert shown[:2] == [PROBE_METHOD, best]
     assert shown[2:] in (
@@ -193,6 +194,9 @@ def test_transfer_numbers_in_metrics_headline_and_report(trained, store):
     assert probe["within_cat_auroc"] > 0.75  # the synthetic signal direction is shared by both categories
     assert {"sequence_prob (platt)", "sequence_prob (raw)"} <= set(transfer["rows"])
     assert transfer["selection"]["by"].startswith("in-domain CV")  # SPEC has select=cv
+    assert set(metrics["novelty"]["per_domain"]) == set(transfer["domains"])
+    report = (trained["run_dir"] / "report.md").read_text()
+    assert "## Novelty: held-out domains vs in-domain" in report and "| capitals |" in report
     assert (
         trained["headline"]
         .splitlines()[0]
