@@ -299,3 +299,119 @@ def per_category_rows(p, y, categories, **kwargs) -> dict[str, dict[str, float]]
     p, y = _check(p, y)
     cats = np.asarray(categories).astype(str)
     return {str(c): metric_row(p[cats == c], y[cats == c], **kwargs) for c in np.unique(cats)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration per domain: what a user whose traffic is one domain sees
+# ----------------------------------------------------------------------------------------------
+
+# A domain counts as calibrated when its ECE is within this margin of its floor (issue 19).
+WITHIN_FLOOR_MARGIN = 0.03
+
+
+def ece_floor(p, n_bins: int = 15, draws: int = 100, seed: int = 0) -> float:
+    """The ECE a perfectly calibrated p [n] reads on these rows: labels drawn from p itself (mean over `draws`
+    seeded draws, so it is deterministic). The binning noise floor of a small domain (about 0.1 at 50 rows,
+    0.05 at 200), below which a measured ECE says nothing."""
+    p = np.asarray(p, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    return float(np.mean([ece(p, (rng.random(len(p)) < p).astype(int), n_bins) for _ in range(int(draws))]))
+
+
+def _reflected_gaussian(t: np.ndarray, x: np.ndarray, sigma: float) -> np.ndarray:
+    """Kernel weights [len(x), len(t)] of a Gaussian of width sigma reflected at 0 and 1 (mass stays in [0, 1])."""
+    d = t[None, :] - x[:, None]
+    images = (d, t[None, :] + x[:, None], t[None, :] - (2.0 - x[:, None]))
+    return sum(np.exp(-0.5 * (e / sigma) ** 2) for e in images)
+
+
+def smooth_ece_at(p, y, sigma: float, rows_per_block: int = 512) -> float:
+    """Kernel smooth ECE at bandwidth sigma (Błasiok & Nakkiran 2023): the residuals y - p, kernel-smoothed
+    over p with a reflected Gaussian, integrated in absolute value against the smoothed density of p:
+    sum_t |sum_i K(t, p_i) (y_i - p_i)| / sum_t sum_i K(t, p_i) on a mesh t over [0, 1]."""
+    p, y = _check(p, y)
+    if not sigma > 0:
+        raise ValueError(f"sigma={sigma!r} must be > 0")
+    mesh = np.linspace(0.0, 1.0, max(200, int(round(10.0 / sigma))))
+    residual_mass, density = np.zeros(len(mesh)), np.zeros(len(mesh))
+    for start in range(0, len(p), rows_per_block):  # blocks keep the [rows, mesh] kernel small
+        k = _reflected_gaussian(mesh, p[start : start + rows_per_block], sigma)
+        residual_mass += (y[start : start + rows_per_block] - p[start : start + rows_per_block]) @ k
+        density += k.sum(axis=0)
+    return float(np.sum(np.abs(residual_mass)) / np.sum(density))
+
+
+def smooth_ece(p, y, refine: int = 14) -> float:
+    """Smooth ECE with its own bandwidth: sigma* with smooth_ece_at(sigma*) = sigma* (found by bisection on
+    (0, 1], as the `relplot` package does), so no bin count is chosen and the number is comparable across
+    domain sizes. 0 for a perfectly calibrated p on many rows; |offset| for p = truth + a constant offset;
+    |y - p| for one row."""
+    p, y = _check(p, y)
+    high, low = 1.0, 0.0  # invariant: sigma <= smooth_ece_at(sigma) at `low`, > at `high`
+    if smooth_ece_at(p, y, high) >= high:
+        return smooth_ece_at(p, y, high)
+    for _ in range(int(refine)):
+        mid = (high + low) / 2
+        if mid < smooth_ece_at(p, y, mid):
+            low = mid
+        else:
+            high = mid
+    return smooth_ece_at(p, y, high)
+
+
+def calibration_row(p, y, n_bins: int = 15, seed: int = 0) -> dict[str, float]:
+    """One domain's calibration: n, accuracy, mean_p, ece (equal-width bins), ece_floor, smooth_ece and
+    within_floor (ece <= ece_floor + WITHIN_FLOOR_MARGIN)."""
+    p, y = _check(p, y)
+    row = {
+        "n": int(len(p)),
+        "accuracy": float(y.mean()),
+        "mean_p": float(p.mean()),
+        "ece": ece(p, y, n_bins),
+        "ece_floor": ece_floor(p, n_bins, seed=seed),
+        "smooth_ece": smooth_ece(p, y),
+    }
+    row["within_floor"] = bool(row["ece"] <= row["ece_floor"] + WITHIN_FLOOR_MARGIN)
+    return row
+
+
+def calibration_summary(per_domain: dict[str, dict], pooled_ece: float) -> dict[str, float]:
+    """n_domains, n_within (domains within floor + margin), unweighted means over domains of ece, ece_floor and
+    smooth_ece, and the pooled ECE (one ECE over every row) given by the caller."""
+    rows = list(per_domain.values())
+
+    def mean(key: str) -> float:
+        return float(np.mean([r[key] for r in rows])) if rows else float("nan")
+
+    return {
+        "n_domains": len(rows),
+        "n_within": int(sum(bool(r["within_floor"]) for r in rows)),
+        "mean_ece": mean("ece"),
+        "mean_floor": mean("ece_floor"),
+        "mean_smooth_ece": mean("smooth_ece"),
+        "pooled_ece": float(pooled_ece),
+    }
+
+
+@dataclass(frozen=True)
+class DomainCalibration:
+    """per_domain: {domain: calibration_row}; summary: calibration_summary (see those for the keys)."""
+
+    per_domain: dict[str, dict]
+    summary: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {"per_domain": self.per_domain, "summary": self.summary}
+
+
+def domain_calibration(p, y, domains, n_bins: int = 15, seed: int = 0) -> DomainCalibration:
+    """Calibration inside each domain (domains [n] str) beside its floor, and the summary a headline reads:
+    a pooled ECE can hide per-domain ECEs of 0.2 that cancel out across domains."""
+    p, y = _check(p, y)
+    domains = np.asarray(domains).astype(str)
+    if domains.shape != p.shape:
+        raise ValueError(f"domains has shape {domains.shape} but p has shape {p.shape}")
+    per = {
+        str(d): calibration_row(p[domains == d], y[domains == d], n_bins, seed) for d in np.unique(domains)
+    }
+    return DomainCalibration(per, calibration_summary(per, ece(p, y, n_bins)))
