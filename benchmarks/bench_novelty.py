@@ -21,9 +21,9 @@ import numpy as np
 from extract.store import open_store
 from probes.calibration import PlattCalibrator
 from probes.estimators import HybridProbe
-from probes.evaluation.metrics import auroc, ece
+from probes.evaluation.metrics import auroc, ece, ece_floor
 from probes.evaluation.novelty import novelty_transfer
-from probes.evaluation.transfer import domain_folds, ece_floor
+from probes.evaluation.transfer import domain_folds
 from probes.novelty import NoveltyModel
 from probes.training import probe_features
 from probes.training.splits import SplitData

@@ -50,6 +50,7 @@ MODULE_ATTRS: dict[str, str] = {
     "TrainResult": "probes.training.train",
     "train_probe": "probes.training.train",
     "evaluate_probe": "probes.training.train",
+    "domain_calibration": "probes.evaluation.metrics",
     "recalibrate": "probes.recalibration",
     # runtime: a live model with its probe
     "ProbedModel": "probes.runtime.wrapper",

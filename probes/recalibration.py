@@ -52,7 +52,7 @@ from probes.calibration import (
     PlattCalibrator,
     TemperatureCalibrator,
 )
-from probes.evaluation.metrics import auroc, bootstrap_ci, brier, ece
+from probes.evaluation.metrics import auroc, bootstrap_ci, brier, domain_calibration, ece
 from probes.selection.thresholds import ThresholdResult, choose_threshold
 
 KINDS = ("platt", "temperature", "isotonic", "per_domain")
@@ -224,6 +224,39 @@ def compare(p_parent, p_new, y, n_bins: int = 15, n_bootstrap: int = 1000, seed:
     return out
 
 
+def compare_by_domain(p_parent, p_new, y, domains, n_bins: int = 15) -> dict[str, dict[str, Any]]:
+    """Per domain of the held-out part: {domain: {n, accuracy, ece_before, ece_after, ece_floor_before,
+    ece_floor_after, smooth_ece_before, smooth_ece_after, within_floor_before, within_floor_after}} (the parent's
+    and the new P(correct); floor = the ECE a perfectly calibrated p reads on the same rows, so a domain's ECE is
+    read against it, not against 0). Reported, not part of the refusal rule."""
+    before = domain_calibration(p_parent, y, domains, n_bins).per_domain
+    after = domain_calibration(p_new, y, domains, n_bins).per_domain
+    keys = ("ece", "ece_floor", "smooth_ece", "within_floor")
+    return {
+        d: {"n": before[d]["n"], "accuracy": before[d]["accuracy"]}
+        | {f"{k}_{when}": row[d][k] for k in keys for when, row in (("before", before), ("after", after))}
+        for d in before
+    }
+
+
+def domain_summary_lines(per_domain: dict[str, dict[str, Any]]) -> list[str]:
+    """The per-domain part of `RecalibrationResult.summary`: ECE before -> after beside each one's floor."""
+    lines = [
+        "per domain (held-out part; floor: the ECE a calibrated p reads on the same rows; "
+        "within: ECE <= floor + 0.03):",
+        "| domain | n | accuracy | ECE parent (floor) | ECE recalibrated (floor) | smooth ECE parent -> recalibrated | within |",  # noqa: E501
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for d, r in per_domain.items():
+        within = "/".join("yes" if r[f"within_floor_{w}"] else "no" for w in ("before", "after"))
+        lines.append(
+            f"| {d} | {r['n']} | {r['accuracy']:.3f} | {r['ece_before']:.4f} ({r['ece_floor_before']:.3f}) "
+            f"| {r['ece_after']:.4f} ({r['ece_floor_after']:.3f}) "
+            f"| {r['smooth_ece_before']:.4f} -> {r['smooth_ece_after']:.4f} | {within} |"
+        )
+    return lines
+
+
 def refusal_reason(comparison: dict[str, Any]) -> str:
     """'' when the new calibrator may be written; else why not (the REFUSAL RULE of the module doc)."""
     worse = [m for m in ("ece", "brier") if comparison[f"{m}_change"]["low"] > 0]
@@ -304,6 +337,8 @@ class RecalibrationResult:
                 f"| {after['value']:.4f} [{after['low']:.3f}, {after['high']:.3f}] "
                 f"| {change['value']:+.4f} [{change['low']:+.3f}, {change['high']:+.3f}] |"
             )
+        if c.get("per_domain"):
+            lines += domain_summary_lines(c["per_domain"])
         t = self.threshold
         if t.reachable:
             lines.append(
@@ -384,6 +419,7 @@ def recalibrate(
     p_parent = parent_probabilities(parent, check)
     p_new = calibrator.predict(check.score, categories=check.domain)
     comparison = compare(p_parent, p_new, check.y, n_bins, n_bootstrap, seed)
+    comparison["per_domain"] = compare_by_domain(p_parent, p_new, check.y, check.domain, n_bins)
     reason = refusal_reason(comparison)
 
     notes = []

@@ -299,3 +299,128 @@ def per_category_rows(p, y, categories, **kwargs) -> dict[str, dict[str, float]]
     p, y = _check(p, y)
     cats = np.asarray(categories).astype(str)
     return {str(c): metric_row(p[cats == c], y[cats == c], **kwargs) for c in np.unique(cats)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration per domain: what a user whose traffic is one domain sees
+# ----------------------------------------------------------------------------------------------
+
+# A domain counts as calibrated when its ECE is within this margin of its floor (issue 19).
+WITHIN_FLOOR_MARGIN = 0.03
+
+
+def ece_floor(p, n_bins: int = 15, draws: int = 100, seed: int = 0) -> float:
+    """The ECE a perfectly calibrated p [n] reads on these rows: labels drawn from p itself (mean over `draws`
+    seeded draws, so it is deterministic). The binning noise floor of a small domain (about 0.1 at 50 rows,
+    0.05 at 200), below which a measured ECE says nothing."""
+    p = np.asarray(p, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    return float(np.mean([ece(p, (rng.random(len(p)) < p).astype(int), n_bins) for _ in range(int(draws))]))
+
+
+SMOOTH_ECE_MIN_SIGMA = (
+    1e-3  # the bandwidth search stops here (as relplot's eps): the mesh stays <= 20,000 points
+)
+
+
+def smooth_ece_at(p, y, sigma: float) -> float:
+    """Kernel smooth ECE at bandwidth sigma (Błasiok & Nakkiran 2023): the residuals y - p, kernel-smoothed
+    over p with a Gaussian reflected at 0 and 1, integrated in absolute value against the smoothed density of
+    p: sum_t |sum_i K(t, p_i) (y_i - p_i)| / sum_t sum_i K(t, p_i) on a uniform mesh t of max(2001, 20 / sigma)
+    points over [0, 1]. As in `relplot`, each row is first split linearly between its two nearest mesh points
+    (an error far below sigma) and the kernel is applied as one convolution, whatever the number of rows."""
+    from scipy.signal import fftconvolve
+
+    p, y = _check(p, y)
+    if not sigma > 0:
+        raise ValueError(f"sigma={sigma!r} must be > 0")
+    size = max(2001, int(round(20.0 / sigma)))
+    at = p * (size - 1)
+    left = np.clip(np.floor(at).astype(int), 0, size - 2)
+    right_share = at - left
+    grid = np.zeros((2, size))  # [residual, mass] on the mesh
+    for index, share in ((left, 1.0 - right_share), (left + 1, right_share)):
+        np.add.at(grid[0], index, share * (y - p))
+        np.add.at(grid[1], index, share)
+    # mirror images about 0 and 1 keep the kernel's mass inside [0, 1]
+    extended = np.concatenate([grid[:, :0:-1], grid, grid[:, -2::-1]], axis=1)
+    offsets = np.arange(-(size - 1), size) / (size - 1)
+    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)[None, :]
+    residual, density = fftconvolve(extended, kernel, mode="valid", axes=1)
+    return float(np.sum(np.abs(residual)) / np.sum(density))
+
+
+def smooth_ece(p, y, refine: int = 14) -> float:
+    """Smooth ECE with its own bandwidth: sigma* with smooth_ece_at(sigma*) = sigma* (found by bisection on
+    [SMOOTH_ECE_MIN_SIGMA, 1], as the `relplot` package does), so no bin count is chosen and the number is
+    comparable across domain sizes. ~0 for a perfectly calibrated p on many rows; |offset| for p = truth + a
+    constant offset; |y - p| for one row."""
+    p, y = _check(p, y)
+    high, low = 1.0, 0.0  # invariant: sigma is too small at `low` (below smooth_ece_at(sigma)), not at `high`
+    if smooth_ece_at(p, y, high) >= high:
+        return smooth_ece_at(p, y, high)
+    for _ in range(int(refine)):
+        mid = (high + low) / 2
+        if mid < SMOOTH_ECE_MIN_SIGMA or mid < smooth_ece_at(p, y, mid):
+            low = mid
+        else:
+            high = mid
+    return smooth_ece_at(p, y, high)
+
+
+def calibration_row(p, y, n_bins: int = 15, seed: int = 0) -> dict[str, float]:
+    """One domain's calibration: n, accuracy, mean_p, ece (equal-width bins), ece_floor, smooth_ece and
+    within_floor (ece <= ece_floor + WITHIN_FLOOR_MARGIN)."""
+    p, y = _check(p, y)
+    row = {
+        "n": int(len(p)),
+        "accuracy": float(y.mean()),
+        "mean_p": float(p.mean()),
+        "ece": ece(p, y, n_bins),
+        "ece_floor": ece_floor(p, n_bins, seed=seed),
+        "smooth_ece": smooth_ece(p, y),
+    }
+    row["within_floor"] = bool(row["ece"] <= row["ece_floor"] + WITHIN_FLOOR_MARGIN)
+    return row
+
+
+def calibration_summary(per_domain: dict[str, dict], pooled_ece: float) -> dict[str, float]:
+    """n_domains, n_within (domains within floor + margin), unweighted means over domains of ece, ece_floor and
+    smooth_ece, and the pooled ECE (one ECE over every row) given by the caller."""
+    rows = list(per_domain.values())
+
+    def mean(key: str) -> float:
+        return float(np.mean([r[key] for r in rows])) if rows else float("nan")
+
+    return {
+        "n_domains": len(rows),
+        "n_within": int(sum(bool(r["within_floor"]) for r in rows)),
+        "mean_ece": mean("ece"),
+        "mean_floor": mean("ece_floor"),
+        "mean_smooth_ece": mean("smooth_ece"),
+        "pooled_ece": float(pooled_ece),
+    }
+
+
+@dataclass(frozen=True)
+class DomainCalibration:
+    """per_domain: {domain: calibration_row}; summary: calibration_summary (see those for the keys)."""
+
+    per_domain: dict[str, dict]
+    summary: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {"per_domain": self.per_domain, "summary": self.summary}
+
+
+def domain_calibration(p, y, domains, n_bins: int = 15, seed: int = 0) -> DomainCalibration:
+    """Calibration inside each domain (domains [n] str) beside its floor, and the summary a headline reads:
+    a pooled ECE can hide per-domain ECEs of 0.2 that cancel out across domains."""
+    p, y = _check(p, y)
+    domains = np.asarray(domains).astype(str)
+    if domains.shape != p.shape:
+        raise ValueError(f"domains has shape {domains.shape} but p has shape {p.shape}")
+    per = {
+        str(d): calibration_row(p[domains == d], y[domains == d], n_bins, seed) for d in np.unique(domains)
+    }
+    return DomainCalibration(per, calibration_summary(per, ece(p, y, n_bins)))

@@ -11,7 +11,12 @@ import numpy as np
 
 from probecal.files import atomic_write_text
 from probes.artifact import json_default
-from probes.evaluation.metrics import HEADLINE_METRICS, within_category_auroc
+from probes.evaluation.metrics import (
+    HEADLINE_METRICS,
+    WITHIN_FLOOR_MARGIN,
+    domain_calibration,
+    within_category_auroc,
+)
 from probes.evaluation.novelty import novelty_headline, novelty_markdown
 from probes.evaluation.report import ReportInputs, write_report
 from probes.evaluation.tables import OPTIMISM_NOTE, PROBE_METHOD, PROBE_RAW_METHOD, EvalTable
@@ -85,6 +90,38 @@ def in_domain_by_domain(
     }
 
 
+def calibration_by_domain(
+    p: np.ndarray, data: SplitData, mask: np.ndarray, transfer: TransferTable | None, n_bins: int
+) -> dict[str, Any]:
+    """metrics.json["calibration"]: the calibrated probe's calibration per domain, beside each domain's floor
+    (`probes.evaluation.metrics.domain_calibration`): "in_domain" on the evaluated split's rows (p [mask.sum()]),
+    "held_out" from the leave-one-domain-out table (None without one). What a user whose traffic is one
+    domain sees; a pooled ECE can hide per-domain ECEs that cancel out."""
+    domains = (data.domains if data.domains is not None else data.categories)[mask]
+    held = transfer is not None and PROBE_METHOD in transfer.per_domain
+    return {
+        "margin": WITHIN_FLOOR_MARGIN,
+        "in_domain": domain_calibration(p, data.y[mask], domains, n_bins).to_dict(),
+        "held_out": transfer.calibration(PROBE_METHOD).to_dict() if held else None,
+    }
+
+
+def calibration_headline(calibration: dict[str, Any]) -> str:
+    """The calibration lines of the headline: "N of M held-out domains within floor + 0.03", and the mean
+    per-domain ECE against the mean floor (held-out, then in domain)."""
+    lines = []
+    for key, where in (("held_out", "held-out domains"), ("in_domain", "domains in domain (test split)")):
+        if not calibration.get(key):
+            continue
+        s = calibration[key]["summary"]
+        lines.append(
+            f"{s['n_within']} of {s['n_domains']} {where} within floor + {calibration['margin']:g}: "
+            f"mean per-domain ECE {s['mean_ece']:.3f} vs mean floor {s['mean_floor']:.3f} "
+            f"(smooth ECE {s['mean_smooth_ece']:.3f}, pooled ECE {s['pooled_ece']:.3f})"
+        )
+    return "\n".join(lines)
+
+
 def transfer_summary(extra: dict[str, Any], baseline: str | None) -> dict[str, Any] | None:
     """metrics.json["transfer"]: held-out-domain table, the selection and the candidate scores."""
     transfer: TransferTable | None = extra.get("transfer")
@@ -117,7 +154,8 @@ def write_run_outputs(
     sweep_result: SweepResult | None,
     extra: dict[str, Any],
 ) -> tuple[Path, str]:
-    """metrics.json, sweep.json (when there is a sweep) and the report; returns (report path, headline table).
+    """metrics.json, sweep.json (when there is a sweep) and the report; returns (report path, headline: the
+    table and the per-domain calibration lines).
 
     extra: JSON-able values for metrics.json, "notes" for the report, and from `TrainResult.outputs()` "transfer"
     (TransferTable), "candidates", "selection", "transfer_seconds" (written as metrics.json["transfer"])."""
@@ -134,6 +172,7 @@ def write_run_outputs(
     }
     notes = [f"{k}: {v}" for k, v in extra.get("notes", {}).items()]
     summary = transfer_summary(extra, baseline)
+    calibration = calibration_by_domain(methods[PROBE_METHOD], data, mask, transfer, spec.n_bins)
     inputs = ReportInputs(
         title=title,
         table=table,
@@ -159,6 +198,7 @@ def write_run_outputs(
         if summary
         else None,
         sections=report_sections(extra),
+        calibration=calibration,
     )
     report = write_report(run_dir, inputs)
     skipped = {"notes", "transfer", "candidates", "selection", "transfer_seconds", "threshold"}
@@ -171,10 +211,12 @@ def write_run_outputs(
         "table": table.to_dict(),
         "train_spec": asdict(spec),
         **({"transfer": summary} if summary else {}),
+        "calibration": calibration,
         **{k: v for k, v in extra.items() if k not in skipped},
     }
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=json_default))
-    return report, "\n".join([headline(table, baseline, transfer), *headline_notes(extra)])
+    under_table = "\n".join([calibration_headline(calibration), *headline_notes(extra)])
+    return report, headline(table, baseline, transfer) + "\n\n" + under_table
 
 
 def report_sections(extra: dict[str, Any]) -> list[tuple[str, str]]:
@@ -189,7 +231,7 @@ def headline_notes(extra: dict[str, Any]) -> list[str]:
     """One line each, printed under the headline table."""
     lines = []
     if extra.get("novelty"):
-        lines.append("\n" + novelty_headline(extra["novelty"]))
+        lines.append(novelty_headline(extra["novelty"]))
     return lines
 
 

@@ -42,6 +42,8 @@ class ReportInputs:
     )
     # (heading, Markdown) sections placed after the held-out table: novelty, refusal gap, ...
     sections: list[tuple[str, str]] = field(default_factory=list)
+    # per-domain calibration of the probe (metrics.json["calibration"]: margin, in_domain, held_out)
+    calibration: dict | None = None
 
 
 def _subplots(*grid: int, figsize: tuple[float, float]):
@@ -262,6 +264,46 @@ def transfer_markdown(transfer: dict) -> str:
     return "\n\n".join(parts)
 
 
+CALIBRATION_COLUMNS = ("n", "accuracy", "mean p", "ECE", "floor", "smooth ECE", "within floor")
+
+
+def calibration_markdown(calibration: dict) -> str:
+    """Per-domain calibration of the probe, held-out domains (leave-one-domain-out) and in domain (the
+    evaluated split): one row per domain with its floor, and a summary line per part."""
+    margin = calibration["margin"]
+    parts = [
+        f"What a user whose traffic is one domain sees. floor: the ECE a perfectly calibrated probability reads "
+        f"on the same rows (labels drawn from p; binning noise, ~0.1 at 50 rows); within floor: ECE <= floor + "
+        f"{margin:g}. smooth ECE: kernel smooth ECE (Błasiok & Nakkiran 2023), no bins, comparable across "
+        "domain sizes."
+    ]
+    for key, where in (("held_out", "held-out domain"), ("in_domain", "in domain (test)")):
+        part = calibration.get(key)
+        if not part:
+            continue
+        lines = [
+            "| domain | " + " | ".join(CALIBRATION_COLUMNS) + " |",
+            "|---|" + "---:|" * (len(CALIBRATION_COLUMNS) - 1) + "---|",
+        ]
+        for domain, r in part["per_domain"].items():
+            cells = [str(r["n"])] + [
+                _number(r[k]) for k in ("accuracy", "mean_p", "ece", "ece_floor", "smooth_ece")
+            ]
+            lines.append(
+                f"| {domain} ({where}) | "
+                + " | ".join(cells)
+                + f" | {'yes' if r['within_floor'] else 'NO'} |"
+            )
+        s = part["summary"]
+        parts += [
+            "\n".join(lines),
+            f"{where}: {s['n_within']} of {s['n_domains']} domains within floor + {margin:g}; mean per-domain "
+            f"ECE {s['mean_ece']:.3f} vs mean floor {s['mean_floor']:.3f}; mean smooth ECE "
+            f"{s['mean_smooth_ece']:.3f}; pooled ECE {s['pooled_ece']:.3f}.",
+        ]
+    return "\n\n".join(parts)
+
+
 def _number(value) -> str:
     return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
 
@@ -327,6 +369,9 @@ def write_report(run_dir: Path, inputs: ReportInputs) -> Path:
     at = parts.index("## Categories")
     for heading, body in reversed(inputs.sections):
         parts[at:at] = [f"## {heading}", body]
+    if inputs.calibration is not None:
+        at = parts.index("## Categories")  # after the in-domain (and held-out) tables
+        parts[at:at] = ["## Calibration per domain", calibration_markdown(inputs.calibration)]
     for caption, path in figures:
         parts += [f"## {caption}", f"![{caption}](plots/{path.name})"]
     markdown = "\n\n".join(parts) + "\n"

@@ -19,8 +19,10 @@ Cross-domain calibration (`cross_domain_set`, `nested_fit_masks`, `nested_cross_
 each domain's rows scored by the LODO probe that never saw that domain. Its held-out estimate is nested: for
 held-out D, the calibrator sees only the other domains, each scored by a probe fit without D and without it
 (k (k - 1) fits in one batched solve); `transfer_table(calibration_sets=...)` refuses a set holding D's rows.
-Held-out ECE means over small domains sit on a binning noise floor (`ece_floor`, ~0.1 at 60 rows); the table
-also gives `pooled_ece` (one ECE over every held-out row).
+Held-out ECE means over small domains sit on a binning noise floor (`ece_floor`, ~0.1 at 60 rows): each held-out
+domain gets its floor and a smooth ECE (comparable across domain sizes) beside its ECE
+(`probes.evaluation.metrics.calibration_row`); the table also gives `pooled_ece` (one ECE over every held-out
+row) and `TransferTable.calibration(method)`, the per-domain calibration summary a headline reads.
 
 Logit features: `logit_feature_matrix` (defined in probes.inference, which serving shares) turns the store's
 logit signals into unbounded, oriented columns (higher = more confident) that a hybrid probe reads next to the
@@ -35,11 +37,24 @@ from dataclasses import dataclass
 import numpy as np
 
 from probes.estimators import logistic_fold_fit, standardize_stats
-from probes.evaluation.metrics import brier, ece, within_category_auroc
+from probes.evaluation.metrics import (
+    DomainCalibration,
+    brier,
+    calibration_row,
+    calibration_summary,
+    ece,
+    within_category_auroc,
+)
 from probes.inference import oriented, raw_probability
 
 FEATURE_SETS = ("hidden", "hidden+logits")  # what a transfer candidate reads
-TRANSFER_METRICS = ("within_cat_auroc", "ece", "brier")
+TRANSFER_METRICS = (
+    "within_cat_auroc",
+    "ece",
+    "brier",
+    "ece_floor",
+    "smooth_ece",
+)  # means over held-out domains
 # What the final calibrator is fit on (train.calibrate_on):
 #   calibration  - the probe's scores on the in-domain calibration split (fit on every domain)
 #   cross_domain - out-of-domain scores: each domain's calibration rows scored by the LODO probe fit WITHOUT it
@@ -161,9 +176,10 @@ def fold_logistic_scores(
 
 @dataclass
 class TransferTable:
-    """rows: {method: {metric: mean over held-out domains, + pooled_ece (one ECE over all held-out rows) and
-    ece_floor (mean over domains of the ECE a perfectly calibrated p reads on the domain's rows)}};
-    per_domain: {method: {domain: {metric: value}}}."""
+    """rows: {method: {metric: mean over held-out domains (TRANSFER_METRICS; ece_floor: the ECE a perfectly
+    calibrated p reads on the domain's rows), + pooled_ece (one ECE over all held-out rows) and n_within (held-out
+    domains whose ECE is within their floor + WITHIN_FLOOR_MARGIN)}};
+    per_domain: {method: {domain: {metric: value}}} (calibration_row's keys, within_cat_auroc and brier)."""
 
     rows: dict[str, dict[str, float]]
     per_domain: dict[str, dict[str, dict[str, float]]]
@@ -171,6 +187,12 @@ class TransferTable:
 
     def to_dict(self) -> dict:
         return {"rows": self.rows, "per_domain": self.per_domain, "domains": list(self.domains)}
+
+    def calibration(self, method: str) -> DomainCalibration:
+        """Per-held-out-domain calibration of `method` and its summary (the same keys as
+        `probes.evaluation.metrics.domain_calibration` gives on an in-domain split)."""
+        per = {d: {k: row[k] for k in CALIBRATION_KEYS} for d, row in self.per_domain[method].items()}
+        return DomainCalibration(per, calibration_summary(per, self.rows[method]["pooled_ece"]))
 
     def best(self, prefix_excluded: str) -> str | None:
         """The method not starting with `prefix_excluded` with the highest held-out within-category AUROC."""
@@ -182,13 +204,14 @@ class TransferTable:
         )
 
 
-def _domain_metrics(p, y, categories, n_bins) -> dict[str, float]:
+CALIBRATION_KEYS = ("n", "accuracy", "mean_p", "ece", "ece_floor", "smooth_ece", "within_floor")
+
+
+def _domain_metrics(p, y, categories, n_bins, seed: int) -> dict[str, float]:
     return {
         "within_cat_auroc": within_category_auroc(p, y, categories).mean,
-        "ece": ece(p, y, n_bins),
         "brier": brier(p, y),
-        "n": int(len(y)),
-        "accuracy": float(np.mean(y)),
+        **calibration_row(p, y, n_bins, seed=seed),
     }
 
 
@@ -214,16 +237,14 @@ def transfer_table(
     per_domain: dict[str, dict[str, dict[str, float]]] = {}
 
     pooled: dict[str, tuple[list, list]] = {}
-    floors: dict[str, list[float]] = {}
 
     def add(method: str, f: int, p: np.ndarray) -> None:
         held = folds.held_out[f]
         per_domain.setdefault(method, {})[folds.domains[f]] = _domain_metrics(
-            p, y[held], categories[held], n_bins
+            p, y[held], categories[held], n_bins, seed=f
         )
         pooled.setdefault(method, ([], []))[0].append(p)
         pooled[method][1].append(np.flatnonzero(held))
-        floors.setdefault(method, []).append(ece_floor(p, n_bins, seed=f))
 
     sources = {m: (s, True) for m, s in probe_scores.items()}
     sources |= {
@@ -256,16 +277,8 @@ def transfer_table(
     }
     for m, (p, rows_of) in pooled.items():  # one ECE over every held-out row (each from its own fold)
         rows[m]["pooled_ece"] = ece(np.concatenate(p), y[np.concatenate(rows_of)], n_bins)
-        rows[m]["ece_floor"] = nan_mean(floors[m])
+        rows[m]["n_within"] = int(sum(d["within_floor"] for d in per_domain[m].values()))
     return TransferTable(rows, per_domain, folds.domains)
-
-
-def ece_floor(p: np.ndarray, n_bins: int = 15, draws: int = 100, seed: int = 0) -> float:
-    """The ECE a perfectly calibrated p reads on these rows (labels drawn from p): the binning noise floor of a
-    small domain (about 0.1 at 60 rows), below which a held-out ECE says nothing."""
-    rng = np.random.default_rng(seed)
-    p = np.asarray(p, dtype=np.float64)
-    return float(np.mean([ece(p, (rng.random(len(p)) < p).astype(int), n_bins) for _ in range(draws)]))
 
 
 # ----------------------------------------------------------------------------------------------

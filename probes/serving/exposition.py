@@ -5,7 +5,9 @@ clash over metrics.
 Per domain and artifact: `probecal_calibration_ece` carries, beside its unlabelled sample (the rolling window,
 all domains, whatever artifact), one sample per {domain, artifact="current"|"previous"}: the ECE of the
 labelled responses of that domain scored by the artifact now in service vs by the one before the last reload
-(domain "default": requests without a domain tag). `probecal_calibration_domain_labelled` gives their counts."""
+(domain "default": requests without a domain tag). `probecal_calibration_domain_labelled` gives their counts,
+`probecal_calibration_domain_ece_floor` the ECE a perfectly calibrated p reads on the same responses (judge a
+domain's ECE against it: ~0.1 at 50 labels) and `probecal_calibration_domain_smooth_ece` the smooth ECE."""
 
 from __future__ import annotations
 
@@ -117,6 +119,20 @@ class ServerMetrics:
             ["domain", "artifact"],
             registry=r,
         )
+        self.domain_floor = Gauge(
+            "probecal_calibration_domain_ece_floor",
+            "ECE a perfectly calibrated p_correct reads on the same labelled responses as "
+            "probecal_calibration_ece{domain, artifact} (binning noise; labels drawn from p).",
+            ["domain", "artifact"],
+            registry=r,
+        )
+        self.domain_smooth_ece = Gauge(
+            "probecal_calibration_domain_smooth_ece",
+            "Smooth ECE (kernel, no bins; Blasiok & Nakkiran 2023) of the labelled responses of that domain "
+            "scored by the current / previous artifact.",
+            ["domain", "artifact"],
+            registry=r,
+        )
         self.reloads = Counter(
             "probecal_reloads", "POST /admin/reload outcomes since start.", ["outcome"], registry=r
         )
@@ -203,10 +219,14 @@ class ServerMetrics:
         self.ece.window = calib.ece
         self.ece.per_domain = {}
         self.domain_labelled.clear()
+        self.domain_floor.clear()
+        self.domain_smooth_ece.clear()
         for artifact, per_domain in (domains or {}).items():
             for domain, stats in per_domain.items():
                 self.ece.per_domain[(domain, artifact)] = stats.ece
                 self.domain_labelled.labels(domain, artifact).set(stats.labelled)
+                self.domain_floor.labels(domain, artifact).set(stats.ece_floor)
+                self.domain_smooth_ece.labels(domain, artifact).set(stats.smooth_ece)
         for b in calib.bins:
             labels = (f"{b.lower:g}", f"{b.upper:g}")
             self.bin_accuracy.labels(*labels).set(b.accuracy)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from probes.evaluation.metrics import ece as expected_calibration_error
-from probes.evaluation.metrics import reliability_curve
+from probes.evaluation.metrics import ece_floor, reliability_curve, smooth_ece
 
 SCHEMA_VERSION = 2
 DEFAULT_DOMAIN = "default"  # the metrics label of responses served without a domain tag
@@ -117,6 +117,10 @@ class CalibrationStats:
     mean_confidence: float
     ece: float  # sum over bins of (count / labelled) * |accuracy - mean_confidence|
     bins: tuple[CalibrationBin, ...]
+    # the ECE a perfectly calibrated p reads on these rows (probes.evaluation.metrics.ece_floor) and the smooth
+    # ECE (comparable across row counts): judge a domain's ece against its floor, not against 0
+    ece_floor: float = math.nan
+    smooth_ece: float = math.nan
 
 
 def calibration_stats(p_correct: list[float], correct: list[bool], n_bins: int) -> CalibrationStats:
@@ -148,7 +152,8 @@ def calibration_stats(p_correct: list[float], correct: list[bool], n_bins: int) 
         for b in range(n_bins)
     )
     ece = expected_calibration_error(p_correct, labels, n_bins, "uniform")
-    return CalibrationStats(n, sum(labels) / n, sum(p_correct) / n, ece, bins)
+    floor, smooth = ece_floor(p_correct, n_bins), smooth_ece(p_correct, labels)
+    return CalibrationStats(n, sum(labels) / n, sum(p_correct) / n, ece, bins, floor, smooth)
 
 
 class FeedbackStore:

@@ -20,6 +20,7 @@ from probes.recalibration import (
     MIN_FIT_ROWS,
     NotEnoughRows,
     compare,
+    compare_by_domain,
     make_rows,
     min_total_rows,
     read_feedback_rows,
@@ -86,6 +87,28 @@ def test_recalibration_fixes_a_miscalibrated_parent_and_keeps_the_ranking():
     assert held["ece_after"]["value"] < held["ece_before"]["value"]
     assert held["ece_change"]["high"] < 0  # better beyond noise
     assert held["ece_before"]["low"] <= held["ece_before"]["high"]
+    # per domain, beside the floor: the one domain "new" of the held-out part
+    new = held["per_domain"]["new"]
+    assert new["n"] == 200 and new["ece_before"] == pytest.approx(held["ece_before"]["value"])
+    assert new["ece_after"] == pytest.approx(held["ece_after"]["value"]) and 0 < new["ece_floor_after"] < 0.15
+    assert "| new | 200 |" in result.summary()
+
+
+def test_compare_by_domain_hand_computed():
+    # domain a: parent 0.8 on 4 rows, 3 right (ECE 0.05) -> new 0.75 (ECE 0); domain b: parent 0.2, 2 of 2 right
+    # (ECE 0.8) -> new 1.0 (ECE 0, floor 0: labels drawn from p = 1 are all correct)
+    y = np.array([1, 1, 1, 0, 1, 1])
+    out = compare_by_domain([0.8] * 4 + [0.2] * 2, [0.75] * 4 + [1.0] * 2, y, np.array(["a"] * 4 + ["b"] * 2))
+    assert out["a"]["n"] == 4 and out["a"]["accuracy"] == 0.75
+    assert out["a"]["ece_before"] == pytest.approx(0.05) and out["a"]["ece_after"] == pytest.approx(0.0)
+    assert out["b"]["ece_before"] == pytest.approx(0.8) and out["b"]["smooth_ece_before"] == pytest.approx(
+        0.8
+    )
+    assert (
+        out["b"]["ece_floor_after"] == 0.0
+        and out["b"]["within_floor_after"]
+        and not out["b"]["within_floor_before"]
+    )
 
 
 def test_new_artifact_records_its_parent_and_data_and_round_trips(tmp_path):

@@ -191,3 +191,88 @@ def test_baselines_are_oriented_and_calibrated_like_the_probe():
     table = evaluate(methods, y[test], n_bootstrap=10)
     assert table.rows["mean_logprob (platt)"]["ece"] < table.rows["mean_logprob (raw)"]["ece"]
     assert raw_probability("mean_entropy", entropy) is None
+
+
+# -- calibration per domain: floor, smooth ECE, per-domain table ------------------------------------------
+
+
+def test_ece_floor_is_the_ece_of_labels_drawn_from_p():
+    # p = 0.5 on 2 rows, one bin: mean(y) is 0, 0.5, 1 with prob 1/4, 1/2, 1/4 -> E|0.5 - mean(y)| = 0.25
+    assert m.ece_floor([0.5, 0.5], n_bins=1, draws=4000) == pytest.approx(0.25, abs=0.015)
+    assert m.ece_floor([1.0] * 10) == 0.0 and m.ece_floor([0.0] * 10) == 0.0  # labels are certain
+    p = np.random.default_rng(0).uniform(size=200)
+    assert m.ece_floor(p, seed=3) == m.ece_floor(p, seed=3) != m.ece_floor(p, seed=4)  # seeded
+    small, large = m.ece_floor(p[:50]), m.ece_floor(p)
+    assert (
+        1.5 < small / large < 2.5
+    )  # binning noise shrinks like 1 / sqrt(rows): 4x the rows, ~half the floor
+
+
+def test_smooth_ece_at_fixed_bandwidth_hand_computed():
+    # residuals of +0.5 and -0.5 at the same p cancel; far apart under a narrow kernel they do not
+    assert m.smooth_ece_at([0.5, 0.5], [1, 0], 0.1) == pytest.approx(0.0, abs=1e-12)
+    assert m.smooth_ece_at([0.25, 0.75], [1, 0], 0.01) == pytest.approx(0.75, abs=1e-6)
+    assert m.smooth_ece_at([0.25, 0.75], [1, 0], 0.5) < 0.4  # a wide kernel averages them towards 0
+    with pytest.raises(ValueError, match="sigma=0"):
+        m.smooth_ece_at([0.5], [1], 0)
+
+
+def test_smooth_ece_edge_cases_and_offsets():
+    assert m.smooth_ece([0.7], [1]) == pytest.approx(0.3)  # one row: |y - p|
+    assert m.smooth_ece([1.0, 1.0], [1, 1]) == 0.0  # all correct, fully confident
+    assert m.smooth_ece([0.0, 0.0], [0, 0]) == 0.0  # all wrong, zero confidence
+    assert m.smooth_ece([0.9, 0.9], [0, 0]) == pytest.approx(0.9)  # all wrong, confident
+    # a constant residual: p = 0.5 everywhere, 30% correct -> exactly 0.2 at any bandwidth
+    assert m.smooth_ece([0.5] * 10, [1] * 3 + [0] * 7) == pytest.approx(0.2)
+    rng = np.random.default_rng(1)
+    truth = rng.uniform(0.1, 0.8, size=5000)
+    y = (rng.uniform(size=5000) < truth).astype(int)
+    assert m.smooth_ece(truth, y) < 0.03  # perfectly calibrated: small
+    assert m.smooth_ece(truth + 0.1, y) == pytest.approx(0.1, abs=0.015)  # constant over-confidence
+    assert m.smooth_ece(truth - 0.1, y) == pytest.approx(0.1, abs=0.015)  # and under-confidence
+
+
+def test_smooth_ece_matches_the_relplot_package():
+    # relplot 1.0.3 (Błasiok & Nakkiran's reference code, grid-discretised) on the same seeded rows:
+    # smECE = 0.126836, smECE_sigma(0.05) = 0.146456
+    rng = np.random.default_rng(0)
+    p = rng.random(50)
+    y = (rng.random(50) < p).astype(int)
+    assert m.smooth_ece(p, y) == pytest.approx(0.126836, abs=2e-4)
+    assert m.smooth_ece_at(p, y, 0.05) == pytest.approx(0.146456, abs=2e-4)
+
+
+def test_domain_calibration_hand_computed():
+    p = [0.8, 0.8, 0.8, 0.8, 0.2, 0.2]
+    y = [1, 1, 1, 0, 1, 1]
+    cal = m.domain_calibration(p, y, ["a", "a", "a", "a", "b", "b"])
+    a, b = cal.per_domain["a"], cal.per_domain["b"]
+    assert (a["n"], a["accuracy"], a["mean_p"]) == (4, 0.75, pytest.approx(0.8))
+    assert a["ece"] == pytest.approx(0.05) and a["smooth_ece"] == pytest.approx(0.05)
+    # floor of a: E|0.8 - Binomial(4, 0.8) / 4| = 0.16384; of b: E|0.2 - Binomial(2, 0.2) / 2| = 0.256
+    assert a["ece_floor"] == pytest.approx(0.16384, abs=0.04) and a["within_floor"] is True
+    assert (b["n"], b["accuracy"], b["ece"], b["smooth_ece"]) == (
+        2,
+        1.0,
+        pytest.approx(0.8),
+        pytest.approx(0.8),
+    )
+    assert b["ece_floor"] == pytest.approx(0.256, abs=0.06) and b["within_floor"] is False
+    s = cal.summary
+    assert (s["n_domains"], s["n_within"]) == (2, 1)
+    assert s["mean_ece"] == pytest.approx(0.425) and s["mean_smooth_ece"] == pytest.approx(0.425)
+    assert s["mean_floor"] == pytest.approx((a["ece_floor"] + b["ece_floor"]) / 2)
+    assert s["pooled_ece"] == pytest.approx((4 * 0.05 + 2 * 0.8) / 6)  # two bins over all six rows
+    assert cal.to_dict()["summary"] == s
+    with pytest.raises(ValueError, match="domains has shape"):
+        m.domain_calibration(p, y, ["a"])
+
+
+def test_domain_calibration_within_floor_uses_the_margin():
+    # p = 1 everywhere: the floor is 0 (labels drawn from p are all correct), so ECE = the fraction wrong
+    # and within_floor reads ece <= 0.03: 1 wrong in 40 (0.025) is within, 2 in 40 (0.05) is not
+    y_one, y_two = [1] * 39 + [0], [1] * 38 + [0, 0]
+    cal = m.domain_calibration([1.0] * 80, y_one + y_two, ["one"] * 40 + ["two"] * 40)
+    assert cal.per_domain["one"]["ece_floor"] == 0.0 and cal.per_domain["one"]["ece"] == pytest.approx(0.025)
+    assert cal.per_domain["one"]["within_floor"] and not cal.per_domain["two"]["within_floor"]
+    assert cal.summary["n_within"] == 1

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from probes.calibration import PlattCalibrator
-from probes.evaluation.metrics import within_category_auroc
+from probes.evaluation.metrics import WITHIN_FLOOR_MARGIN, within_category_auroc
 from probes.evaluation.transfer import (
     design_matrix,
     domain_folds,
@@ -152,6 +152,18 @@ def test_transfer_table_means_over_domains_and_calibrates_on_other_domains():
     assert table.rows["probe"]["ece"] == pytest.approx(mean)
     assert 0 <= table.rows["probe"]["pooled_ece"] <= table.rows["probe"]["ece"] + 0.05
     assert 0 < table.rows["probe"]["ece_floor"] < 0.2  # 60-row domains: binning noise alone reads ~0.1
+    for d in folds.domains:  # each held-out domain carries its floor and smooth ECE beside its ECE
+        row = table.per_domain["probe"][d]
+        assert 0 < row["ece_floor"] < 0.25 and 0 <= row["smooth_ece"] <= 1
+        assert row["within_floor"] == (row["ece"] <= row["ece_floor"] + WITHIN_FLOOR_MARGIN)
+    floors = [table.per_domain["probe"][d]["ece_floor"] for d in folds.domains]
+    assert table.rows["probe"]["ece_floor"] == pytest.approx(np.mean(floors))
+    calibration = table.calibration("probe")
+    assert calibration.summary["n_domains"] == len(folds.domains)
+    assert calibration.summary["n_within"] == table.rows["probe"]["n_within"]
+    assert calibration.summary["mean_ece"] == pytest.approx(table.rows["probe"]["ece"])
+    assert calibration.summary["mean_smooth_ece"] == pytest.approx(table.rows["probe"]["smooth_ece"])
+    assert calibration.summary["pooled_ece"] == table.rows["probe"]["pooled_ece"]
     assert table.rows["probe"]["within_cat_auroc"] > table.rows["sequence_prob (platt)"]["within_cat_auroc"]
     assert table.best("probe") in {"sequence_prob (platt)", "sequence_prob (raw)"}
 

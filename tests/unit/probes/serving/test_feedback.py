@@ -137,3 +137,25 @@ def test_store_survives_reopen_and_rejects_foreign_files(tmp_path):
     junk.write_bytes(b"this is not a database" * 100)
     with pytest.raises(ValueError, match="not a usable SQLite database"):
         FeedbackStore(junk)
+
+
+def test_calibration_stats_give_the_floor_and_smooth_ece_beside_the_ece():
+    # p = 1 everywhere: labels drawn from p are all correct (floor 0); one of 40 wrong: ECE = smooth ECE = 0.025
+    stats = calibration_stats([1.0] * 40, [True] * 39 + [False], 15)
+    assert stats.ece_floor == 0.0 and stats.ece == pytest.approx(0.025)
+    assert stats.smooth_ece == pytest.approx(0.025)
+    assert 0.05 < calibration_stats([0.5] * 50, [True] * 25 + [False] * 25, 15).ece_floor < 0.1  # ~0.056
+    empty = calibration_stats([], [], 10)
+    assert math.isnan(empty.ece_floor) and math.isnan(empty.smooth_ece)
+
+
+def test_metrics_expose_floor_and_smooth_ece_per_domain_and_artifact():
+    from probes.serving.exposition import ServerMetrics
+
+    window = calibration_stats([0.9, 0.2], [True, False], 10)
+    domain = calibration_stats([1.0] * 40, [True] * 39 + [False], 15)
+    text = ServerMetrics().render(
+        window, {"responses": 2, "labelled": 2, "feedback": 2}, 0, 100, {"current": {"med": domain}}
+    )
+    assert 'probecal_calibration_domain_ece_floor{artifact="current",domain="med"} 0.0' in text
+    assert 'probecal_calibration_domain_smooth_ece{artifact="current",domain="med"} 0.025' in text

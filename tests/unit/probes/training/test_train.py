@@ -162,9 +162,17 @@ def test_metrics_and_headline_show_probe_and_best_baseline(trained):
         trained["table"].rows[PROBE_METHOD]["auroc"]
     )
     assert metrics["model"] == "synthetic-model" and metrics["train_spec"]["n_folds"] == 3
-    lines = [line for line in trained["headline"].splitlines() if line.startswith("|")]
+    table_part, calibration_part = trained["headline"].split("\n\n")
+    lines = table_part.splitlines()
     assert lines[0].startswith("| method | auroc | within_cat_auroc | ece")
-    assert "novelty (leave-one-domain-out): AUROC" in trained["headline"]  # the line under the table
+    # below the table: how many domains are calibrated, held-out (leave-one-domain-out) and in domain
+    held = metrics["calibration"]["held_out"]["summary"]
+    assert calibration_part.splitlines()[0].startswith(
+        f"{held['n_within']} of {held['n_domains']} held-out domains within floor + 0.03"
+    )
+    assert held["mean_ece"] == pytest.approx(metrics["transfer"]["rows"][PROBE_METHOD]["ece"])
+    assert "## Calibration per domain" in (trained["run_dir"] / "report.md").read_text()
+    assert "novelty (leave-one-domain-out): AUROC" in calibration_part  # under the table too
     shown = [line.split("|")[1].strip() for line in lines[2:]]
     assert shown[:2] == [PROBE_METHOD, best]
     assert shown[2:] in (
