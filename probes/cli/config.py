@@ -29,6 +29,7 @@ class RecalibrateSpec:
     model answers and is graded as in extract, at the probe's one capture site)."""
 
     kind: str = "platt"  # platt | temperature | isotonic | per_domain (platt per domain, global fallback)
+    # | shrinkage (the parent's calibrator + a per-domain MAP logit offset: works from ~5-20 labels per domain)
     rows: str | None = None
     from_feedback: str | None = None
     heldout_fraction: float = 0.5  # held-out share of the rows: before/after metrics, refusal rule
@@ -36,6 +37,7 @@ class RecalibrateSpec:
     target_accuracy: float | None = None  # None = the parent's threshold settings
     delta: float | None = None
     threshold_method: str | None = None
+    tau: float | None = None  # shrinkage prior width (logit units); None = the parent's, or estimated
 
 
 @dataclass

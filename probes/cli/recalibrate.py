@@ -4,6 +4,7 @@
     probecal recalibrate evaluate.probe_dir=<run>/probe recalibrate.rows=scored.jsonl recalibrate.kind=isotonic
     probecal recalibrate evaluate.probe_dir=<run>/probe recalibrate.from_feedback=outputs/feedback.db \\
         recalibrate.kind=per_domain
+    probecal recalibrate evaluate.probe_dir=<run>/probe recalibrate.rows=20_per_domain.jsonl recalibrate.kind=shrinkage
 
 Writes <run dir>/recalibration.json (before/after on the held-out rows, threshold, lineage record) and,
 unless the refusal rule of probes/recalibration.py fires, the new artifact (<run dir>/probe by default).
@@ -98,6 +99,7 @@ def stage_recalibrate(cfg: DictConfig) -> None:
         spec.threshold_method,
         n_bins=cfg.train.n_bins,
         n_bootstrap=cfg.train.n_bootstrap,
+        tau=spec.tau,
     )
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
