@@ -134,10 +134,11 @@ class ProbeArtifact:
     Without a calibrator, p_correct is the probe's own predict_proba[:, 1].
     """
 
-    def __init__(self, probe, calibrator, metadata: ProbeMetadata):
+    def __init__(self, probe, calibrator, metadata: ProbeMetadata, domains=None):
         self.probe = probe
         self.calibrator = calibrator
         self.metadata = metadata
+        self.domains = domains  # probes.domains.DomainClusters for requests without a domain tag, or None
         self._digest: str | None = None  # set by save/load; otherwise computed on demand
 
     @property
@@ -155,6 +156,10 @@ class ProbeArtifact:
         if self.calibrator is not None:
             tensors.update(
                 {f"calibrator.{k}": np.ascontiguousarray(v) for k, v in self.calibrator.to_tensors().items()}
+            )
+        if self.domains is not None:
+            tensors.update(
+                {f"domains.{k}": np.ascontiguousarray(v) for k, v in self.domains.to_tensors().items()}
             )
         return save(tensors)
 
@@ -201,7 +206,11 @@ class ProbeArtifact:
 
     def with_metadata(self, **changes: Any) -> ProbeArtifact:
         """A copy whose metadata has `changes` (e.g. test metrics and thresholds known after fitting)."""
-        return ProbeArtifact(self.probe, self.calibrator, replace(self.metadata, **changes))
+        return ProbeArtifact(self.probe, self.calibrator, replace(self.metadata, **changes), self.domains)
+
+    def with_domains(self, domains) -> ProbeArtifact:
+        """A copy carrying `domains` (probes.domains.DomainClusters, or None): saved with it, digest-covered."""
+        return ProbeArtifact(self.probe, self.calibrator, self.metadata, domains)
 
     def predict(self, X, categories=None) -> tuple[np.ndarray, np.ndarray]:
         raw = self.probe.decision_function(X)
@@ -247,7 +256,15 @@ class ProbeArtifact:
             raise ArtifactError(f"{files.directory}: probe or calibrator cannot be rebuilt: {err}") from None
         # a hybrid probe reads the hidden state plus a few logit signals; only the hidden part must match
         files.check_hidden_size(getattr(probe, "n_hidden_features", probe.n_features_in_))
-        artifact = cls(probe, calibrator, meta)
+        domains = None
+        if files.domain_tensors:
+            from probes.domains import DomainClusters
+
+            try:
+                domains = DomainClusters.from_tensors(files.domain_tensors)
+            except ValueError as err:
+                raise ArtifactError(f"{files.directory}: domain clusters cannot be rebuilt: {err}") from None
+        artifact = cls(probe, calibrator, meta, domains)
         artifact._digest = files.digest
         return artifact
 
@@ -262,6 +279,7 @@ class VerifiedArtifact:
     digest: str  # verified against the files
     probe_tensors: dict[str, np.ndarray]  # the probe's to_tensors()
     calibrator_tensors: dict[str, np.ndarray]  # the calibrator's to_tensors() ({} without one)
+    domain_tensors: dict[str, np.ndarray] = field(default_factory=dict)  # probes.domains clusters ({} = none)
 
     def check_hidden_size(self, n_hidden: int) -> None:
         """Refuse a probe whose hidden-state width is not the model's hidden size."""
@@ -358,6 +376,9 @@ def read_artifact(
         probe_tensors={k.removeprefix("probe."): v for k, v in tensors.items() if k.startswith("probe.")},
         calibrator_tensors={
             k.removeprefix("calibrator."): v for k, v in tensors.items() if k.startswith("calibrator.")
+        },
+        domain_tensors={
+            k.removeprefix("domains."): v for k, v in tensors.items() if k.startswith("domains.")
         },
     )
 

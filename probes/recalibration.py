@@ -598,7 +598,7 @@ def build_artifact(
         thresholds=[threshold.to_dict()],
         extract_settings=dict(meta.extract_settings),
         parent={"digest": parent.digest, "recalibration": record},
-    )
+    ).with_domains(parent.domains)
 
 
 # -- reading rows -------------------------------------------------------------------------------------
