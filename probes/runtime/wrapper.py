@@ -73,6 +73,10 @@ class ProbedGeneration:
     artifact: str | None = (
         None  # digest of the probe artifact that scored it (hot reload: which one served it)
     )
+    domain: str | None = None  # the domain its calibration used: the client's tag, else the assigned cluster
+    domain_assigned: bool = (
+        False  # True when `domain` is the artifact's cluster of the prompt (no client tag)
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,6 +101,8 @@ class ProbedScore:
     answer_tokens: tuple[int, int]  # [start, end) of the completion tokens the probe read (graded answer)
     answer_text: str  # the graded answer: completion cut at the stop string / first line, stripped
     artifact: str | None = None  # digest of the probe artifact that scored it
+    domain: str | None = None  # as ProbedGeneration.domain
+    domain_assigned: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -233,6 +239,20 @@ class ProbedModel:
             return self.artifact.predict(X)
         return self.artifact.predict(X, categories=np.asarray([d or "" for d in domains], dtype=str))
 
+    def _resolve_domains(
+        self, domains: Sequence[str | None] | None, prompt_vectors: np.ndarray | None, n: int
+    ) -> tuple[list[str | None] | None, list[bool]]:
+        """(domain per row, assigned per row): a client tag wins; untagged rows (None or "") get the artifact's
+        cluster of their prompt_last state at the probe's layer (probes.domains), when it carries clusters."""
+        clusters = getattr(self.artifact, "domains", None)
+        tags = [None] * n if domains is None else list(domains)
+        untagged = [i for i, d in enumerate(tags) if not d]
+        if clusters is None or prompt_vectors is None or not untagged:
+            return (None if domains is None else tags), [False] * n
+        for i, name in zip(untagged, clusters.assign(np.asarray(prompt_vectors)[untagged]), strict=True):
+            tags[i] = str(name)
+        return tags, [i in set(untagged) for i in range(n)]
+
     def _abstains(self, p: float) -> bool:
         # a Python bool: numpy's would not serialize in a /v1/score response
         return bool(self.threshold is not None and p < self.threshold)
@@ -246,6 +266,11 @@ class ProbedModel:
                 f"this hybrid probe reads the answer's logit signals {list(self.logit_features)}: it "
                 "cannot score a prompt before generation; use generate or score"
             )
+        vectors = self._prompt_vectors(prompt_ids)
+        return self._score(vectors, self._resolve_domains(domains, vectors, len(vectors))[0])
+
+    def _prompt_vectors(self, prompt_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """[n, hidden] prompt_last states at the probe's layer: one prefill forward per batch."""
         model, tok = self.loaded.model, self.loaded.tokenizer
         vectors = []
         with capture_hidden_states(model, [self.layer]) as recorder, torch.no_grad():
@@ -256,7 +281,7 @@ class ProbedModel:
                 )
                 model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
                 vectors.append(recorder.last_token(self.layer)[0].float().cpu().numpy())
-        return self._score(np.concatenate(vectors), domains)
+        return np.concatenate(vectors)
 
     # -- generation --------------------------------------------------------------------------------
     def generate(
@@ -289,8 +314,11 @@ class ProbedModel:
             prompt_ids = [self._encode(p) for p in batch]
             results: list[ProbedGeneration | None] = [None] * len(batch)
             todo = list(range(len(batch)))
+            resolved, assigned = (None if domains is None else list(domains)), [False] * len(batch)
             if self.abstain_before_generating and self.threshold is not None:
-                p_pre, s_pre = self.score_prompts(prompt_ids, domains)
+                vectors = self._prompt_vectors(prompt_ids)
+                resolved, assigned = self._resolve_domains(domains, vectors, len(batch))
+                p_pre, s_pre = self._score(vectors, resolved)
                 for i in range(len(batch)):
                     if self._abstains(p_pre[i]):
                         results[i] = self._result(
@@ -301,6 +329,8 @@ class ProbedModel:
                             "abstained",
                             len(prompt_ids[i]),
                             0,
+                            domain=None if resolved is None else resolved[i],
+                            domain_assigned=assigned[i],
                         )
                 todo = [i for i in todo if results[i] is None]
             if todo and streamer is not None and len(todo) > 1:
@@ -315,6 +345,11 @@ class ProbedModel:
                     stop_strings=self.default_stop if stop is None else list(stop),
                 )
                 eos = set(eos_token_ids(self.loaded.model, self.loaded.tokenizer))
+                # untagged requests get a domain from the prompt_last state (captured beside the probe's site)
+                assign = getattr(self.artifact, "domains", None) is not None and not any(assigned)
+                positions = [self.position]
+                if assign and self.position != "prompt_last":
+                    positions.append("prompt_last")
                 feed = BatchFeed(
                     self.loaded.tokenizer,
                     len(todo),
@@ -329,14 +364,24 @@ class ProbedModel:
                     self.loaded.tokenizer,
                     [prompt_ids[i] for i in todo],
                     [self.layer],
-                    [self.position],
+                    positions,
                     spec,
                     partial(cut_answer, stop_sequences=spec.stop_strings),
                     streamer=_Tee(feed, streamer) if streamer is not None else feed,
                 )
+                if assign:
+                    todo_resolved, todo_assigned = self._resolve_domains(
+                        None if domains is None else [domains[i] for i in todo],
+                        capture.activations[:, 0, positions.index("prompt_last"), :],
+                        len(todo),
+                    )
+                    if todo_resolved is not None:
+                        resolved = resolved if resolved is not None else [None] * len(batch)
+                        for k, i in enumerate(todo):
+                            resolved[i], assigned[i] = todo_resolved[k], todo_assigned[k]
                 p, score = self._score(
                     capture.activations[:, 0, 0, :],
-                    None if domains is None else [domains[i] for i in todo],
+                    None if resolved is None else [resolved[i] for i in todo],
                     capture.baselines,
                 )
                 for k, i in enumerate(todo):
@@ -356,6 +401,8 @@ class ProbedModel:
                         n_tokens,
                         completion_ids=tuple(feed.tokens[k][:n_tokens]),
                         answer_chars=chars,
+                        domain=None if resolved is None else resolved[i],
+                        domain_assigned=assigned[i],
                     )
         return results  # type: ignore[return-value]
 
@@ -426,16 +473,18 @@ class ProbedModel:
                     hidden, width = states_up_to_layer(
                         self.loaded.model, sequences, self.layer, tok.pad_token_id
                     )
-                vectors = []
+                vectors, prompt_vectors = [], []
                 for r, i in enumerate(chunk):
                     start, end, _ = spans[i]
                     prompt_last = width - len(sequences[r]) + len(ids[i]) - 1
                     vectors.append(pool_states(hidden[r], prompt_last, start, end, self.position))
-                p, score = self._score(
-                    torch.stack(vectors).cpu().numpy(),
+                    prompt_vectors.append(pool_states(hidden[r], prompt_last, start, end, "prompt_last"))
+                resolved, assigned = self._resolve_domains(
                     None if domains is None else [domains[i] for i in chunk],
-                    signals,
+                    torch.stack(prompt_vectors).float().cpu().numpy(),
+                    len(chunk),
                 )
+                p, score = self._score(torch.stack(vectors).cpu().numpy(), resolved, signals)
                 for r, i in enumerate(chunk):
                     start, end, answer = spans[i]
                     out.append(
@@ -451,6 +500,8 @@ class ProbedModel:
                             answer_tokens=(start, end),
                             answer_text=answer,
                             artifact=self.artifact_digest,
+                            domain=None if resolved is None else resolved[r],
+                            domain_assigned=assigned[r],
                         )
                     )
         return out
@@ -509,6 +560,8 @@ class ProbedModel:
         completion_tokens,
         completion_ids=(),
         answer_chars=None,
+        domain=None,
+        domain_assigned=False,
     ) -> ProbedGeneration:
         if abstained and finish != "abstained":
             text, answer_chars = self.abstention_message, None
@@ -526,6 +579,8 @@ class ProbedModel:
             completion_ids=completion_ids,
             answer_chars=answer_chars,
             artifact=self.artifact_digest,
+            domain=domain,
+            domain_assigned=bool(domain_assigned),
         )
 
 

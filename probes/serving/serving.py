@@ -67,6 +67,8 @@ def confidence(gen: Any) -> dict[str, Any]:
     }
     chars = getattr(gen, "answer_chars", None)
     out["answer_chars"] = list(chars) if chars is not None else None
+    if getattr(gen, "domain_assigned", False):  # no client tag: the artifact's cluster of the prompt
+        out["domain"], out["domain_assigned"] = gen.domain, True
     return out
 
 
@@ -193,7 +195,7 @@ class Server:
                 threshold=g.threshold,
                 finish_reason=finish,
                 created=time.time(),
-                domain=domain,
+                domain=getattr(g, "domain", None) if getattr(g, "domain_assigned", False) else domain,
                 artifact=getattr(g, "artifact", None) or getattr(self.model, "artifact_digest", None),
             )
             for i, (text, g, finish) in enumerate(items)
