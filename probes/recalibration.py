@@ -723,3 +723,82 @@ def read_feedback_rows(
         raise NotEnoughRows(f"{path}: no labelled responses{site} ({len(fetched)} labelled in all)")
     ids, score, p, y, dom = zip(*[r[:5] for r in kept], strict=True)
     return make_rows(score, y, dom, ids, p, source=str(path))
+
+
+# -- which answers to label first ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LabelRequest:
+    """A served answer worth labelling (POST /v1/feedback {"id", "correct"} takes the label)."""
+
+    id: str
+    domain: str
+    p_correct: float
+    prompt: str | None  # as the server stored it (None when serve.store_text is off)
+    text: str | None
+    reason: str
+
+
+def label_queue(db_path: str | Path, parent: ProbeArtifact, limit: int = 50) -> list[LabelRequest]:
+    """Up to `limit` unlabelled, answered (not abstained) responses of the feedback database scored at the
+    parent's site, in the order to label them.
+
+    Rule (greedy): the next label goes to the domain with the fewest labels so far (labelled rows + those
+    already queued; ties by name): a per-domain offset moves most with its first labels, and a domain the
+    server assigned (cluster-<i>) or that was never labelled starts at 0. Inside that domain, the answer whose
+    P(correct) is nearest the abstention threshold (0.5 when the artifact has none it can reach): its label
+    decides the answered set and is the least predictable (p near the middle)."""
+    path = Path(db_path)
+    if not path.is_file():
+        raise ValueError(f"{path}: feedback database does not exist")
+    meta = parent.metadata
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(responses)")}
+            needed = {"id", "p_correct", "correct", "layer", "position", "abstained", "prompt", "text"}
+            if not needed <= columns:
+                raise ValueError(
+                    f"{path}: table `responses` lacks column(s) {sorted(needed - columns)} "
+                    "(not a probecal feedback database?)"
+                )
+            domain = "domain" if "domain" in columns else "''"
+            fetched = conn.execute(
+                f"SELECT id, p_correct, correct, COALESCE({domain}, ''), prompt, text, abstained FROM responses "
+                "WHERE layer = ? AND position = ? ORDER BY id",
+                (meta.layer, meta.position),
+            ).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as err:
+        raise ValueError(f"{path}: not a usable feedback database ({err})") from None
+    threshold = parent.abstention_threshold()
+    centre = threshold if threshold is not None and 0.0 < threshold < 1.0 else 0.5
+    labelled: dict[str, int] = {}
+    waiting: dict[str, list[tuple[float, str, tuple]]] = {}
+    for row in fetched:
+        rid, p, correct, dom, prompt, text, abstained = row
+        labelled.setdefault(dom, 0)
+        if correct is not None:
+            labelled[dom] += 1
+        elif not abstained:
+            waiting.setdefault(dom, []).append((abs(float(p) - centre), str(rid), row))
+    for rows in waiting.values():
+        rows.sort(reverse=True)  # nearest the threshold last: pop() takes it
+    queued: list[LabelRequest] = []
+    counts = dict(labelled)
+    while len(queued) < limit and any(waiting.values()):
+        dom = min((d for d, rows in waiting.items() if rows), key=lambda d: (counts[d], d))
+        distance, _, (rid, p, _, _, prompt, text, _) = waiting[dom].pop()
+        queued.append(
+            LabelRequest(
+                str(rid),
+                dom,
+                float(p),
+                prompt,
+                text,
+                f"domain {dom or '(untagged)'} has {counts[dom]} labels; p {float(p):.3f} is {distance:.3f} from "
+                f"{'the threshold' if centre == threshold else 'p = 0.5'}",
+            )
+        )
+        counts[dom] += 1
+    return queued

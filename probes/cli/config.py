@@ -41,6 +41,15 @@ class RecalibrateSpec:
 
 
 @dataclass
+class LabelQueueSpec:
+    """`label-queue`: the served answers of a feedback database to label first for evaluate.probe_dir
+    (probes.recalibration.label_queue); labels go back through POST /v1/feedback."""
+
+    from_feedback: str | None = None  # the server's feedback database
+    limit: int = 50
+
+
+@dataclass
 class SummarizeSpec:
     """`summarize`: one table from the metrics.json files of a multirun."""
 
@@ -60,6 +69,7 @@ class ProbecalConfig:
     evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
     summarize: SummarizeSpec = field(default_factory=SummarizeSpec)
     recalibrate: RecalibrateSpec = field(default_factory=RecalibrateSpec)
+    label_queue: LabelQueueSpec = field(default_factory=LabelQueueSpec)
     seed: int = 0
 
 

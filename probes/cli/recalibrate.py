@@ -25,6 +25,7 @@ from probes.artifact import ProbeArtifact
 from probes.cli.config import RecalibrateSpec, instantiate_group
 from probes.recalibration import (
     RecalibrationRows,
+    label_queue,
     make_rows,
     read_feedback_rows,
     read_rows_file,
@@ -124,3 +125,31 @@ def stage_recalibrate(cfg: DictConfig) -> None:
         raise ValueError(f"no artifact written: {result.reason} (details: {run_dir / 'recalibration.json'})")
     result.artifact.save(output)
     print(f"new artifact: {output}\nreport: {run_dir / 'recalibration.json'}")
+
+
+def stage_label_queue(cfg: DictConfig) -> None:
+    """List the served answers to label first (probes.recalibration.label_queue) and write them as JSONL."""
+    from hydra.core.hydra_config import HydraConfig
+
+    spec = cfg.label_queue
+    if not cfg.evaluate.probe_dir or not spec.from_feedback:
+        raise ValueError(
+            "probecal label-queue needs evaluate.probe_dir=<run dir>/probe and "
+            "label_queue.from_feedback=<the server's feedback database>"
+        )
+    if spec.limit < 1:
+        raise ValueError(f"label_queue.limit={spec.limit} must be at least 1")
+    queue = label_queue(spec.from_feedback, ProbeArtifact.load(cfg.evaluate.probe_dir), spec.limit)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(asdict(item), default=json_default) + "\n" for item in queue)
+    atomic_write_text(run_dir / "label_queue.jsonl", lines)
+    print(f"\n{len(queue)} answers to label first ({spec.from_feedback}):")
+    print("| # | id | domain | p_correct | why |\n|---:|---|---|---:|---|")
+    for rank, item in enumerate(queue, 1):
+        print(
+            f"| {rank} | {item.id} | {item.domain or '(untagged)'} | {item.p_correct:.3f} | {item.reason} |"
+        )
+    print(
+        f'queue: {run_dir / "label_queue.jsonl"} (label with POST /v1/feedback {{"id": ..., "correct": ...}})'
+    )
