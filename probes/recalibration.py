@@ -802,3 +802,28 @@ def label_queue(db_path: str | Path, parent: ProbeArtifact, limit: int = 50) -> 
         )
         counts[dom] += 1
     return queued
+
+
+def request_reload(url: str, probe_dir: str | Path, token: str | None = None, timeout: float = 120.0) -> dict:
+    """POST <url>/admin/reload {"probe_dir": <absolute path>} to a running `probecal serve`: the server verifies
+    the artifact off its event loop and swaps it in between two batches (requests keep being served; a bad
+    artifact is refused there and the old one keeps serving). token: serve.admin_token (None: a loopback
+    server without one). Returns the server's JSON answer; raises ValueError with its message on an error."""
+    import urllib.error
+    import urllib.request
+
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(
+            f"recalibrate.reload={url!r} must be the server's base URL, e.g. http://127.0.0.1:8000"
+        )
+    body = json.dumps({"probe_dir": str(Path(probe_dir).resolve())}).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(url.rstrip("/") + "/admin/reload", body, headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return json.loads(reply.read().decode() or "{}")
+    except urllib.error.HTTPError as err:
+        detail = err.read().decode(errors="replace")[:500]
+        raise ValueError(f"{url}/admin/reload answered {err.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise ValueError(f"{url}/admin/reload: cannot reach the server ({err})") from None

@@ -38,6 +38,10 @@ class RecalibrateSpec:
     delta: float | None = None
     threshold_method: str | None = None
     tau: float | None = None  # shrinkage prior width (logit units); None = the parent's, or estimated
+    # base URL of a running `probecal serve` (e.g. http://127.0.0.1:8000): POST /admin/reload with the new
+    # artifact once it is written (never when refused); admin_token: its serve.admin_token, if set
+    reload: str | None = None
+    admin_token: str | None = None
 
 
 @dataclass

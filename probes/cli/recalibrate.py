@@ -30,6 +30,7 @@ from probes.recalibration import (
     read_feedback_rows,
     read_rows_file,
     recalibrate,
+    request_reload,
 )
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,10 @@ def stage_recalibrate(cfg: DictConfig) -> None:
         raise ValueError(f"no artifact written: {result.reason} (details: {run_dir / 'recalibration.json'})")
     result.artifact.save(output)
     print(f"new artifact: {output}\nreport: {run_dir / 'recalibration.json'}")
+    if spec.reload:
+        answer = request_reload(spec.reload, output, spec.admin_token)
+        log.info("reload %s: %s", spec.reload, answer)
+        print(f"{spec.reload} now serves {answer.get('current', {}).get('digest')} (from {output})")
 
 
 def stage_label_queue(cfg: DictConfig) -> None:

@@ -553,7 +553,9 @@ def _artifact_summary(artifact: Any, probe_dir: str | None) -> dict[str, Any]:
         "layer": getattr(meta, "layer", None),
         "position": getattr(meta, "position", None),
         "calibrator": getattr(meta, "calibrator_kind", None),
-        "domains": sorted(getattr(calibrator, "per_category_", {}) or {}),
+        "domains": sorted(
+            getattr(calibrator, "per_category_", None) or getattr(calibrator, "offsets_", None) or {}
+        ),
     }
 
 
