@@ -243,7 +243,7 @@ MAX_TAU = 5.0  # the empirical-Bayes prior width is searched in [0, MAX_TAU]
 MIN_DOMAINS_FOR_TAU = 3  # domains (both classes present) needed to estimate the prior width from data
 # Used when the width cannot be estimated (fewer domains): the empirical-Bayes width of the per-domain offsets
 # of leave-one-domain-out probe scores on the SmolLM2-135M default `facts` run (benchmarks/bench_labels_curve.py).
-DEFAULT_TAU = 1.0
+DEFAULT_TAU = 1.28
 
 
 def _base_logit(p: np.ndarray) -> np.ndarray:
