@@ -7,6 +7,15 @@ The clusters read the prompt_last hidden state at the probe's layer. Two views:
                    share of D's rows in its largest cluster (is D one new "domain" to the clusters?)
 Baseline: purity of a random assignment with the same cluster sizes (measured in the same run).
 
+Measured on the SmolLM2-135M default run (layer 21 prompt_last, 2281 rows, 24 categories, 9 domains):
+    k    test purity vs category (random)   vs domain (random)
+    9    0.495 (0.134)                      0.804 (0.334)
+    16   0.758 (0.163)                      0.925 (0.343)
+    24   0.866 (0.163)                      0.963 (0.365)
+  held-out domains (k=9 fit without them): arithmetic, number_theory, roman_numerals land in one cluster (share
+  1.0); geography's 4 categories split (purity 0.889 vs 0.294 random), currency 0.946 vs 0.583; chemistry,
+  english_words, units barely above random.
+
     PYTHONPATH=. python benchmarks/bench_domain_clusters.py [--run RUN_DIR] [--k 9 16 24]
 """
 

@@ -9,6 +9,10 @@ calibrator (tau from the other domains) is fit on them and read by ECE on the ev
 both). Mean over domains of the mean over draws.
 
     PYTHONPATH=. python benchmarks/bench_label_queue.py [--run RUN_DIR] [--draws 30]
+
+Measured on the SmolLM2-135M default run (threshold 0.764, 30 draws): ECE random -> chosen at k = 5: 0.140 ->
+0.155 (+0.014), 10: 0.133 -> 0.126 (-0.007), 20: 0.125 -> 0.117 (-0.009), 50: 0.112 -> 0.111 (-0.001): the rule
+helps a little from 10 labels and hurts at 5 (all five near one p say little about the domain's offset).
 """
 
 from __future__ import annotations
