@@ -43,6 +43,8 @@ MODULE_ATTRS: dict[str, str] = {
     "TemperatureCalibrator": "probes.calibration",
     "IsotonicCalibrator": "probes.calibration",
     "PerCategoryCalibrator": "probes.calibration",
+    "ShrinkageCalibrator": "probes.calibration",
+    "fit_domain_clusters": "probes.domains",
     "ProbeArtifact": "probes.artifact",
     "ProbeScorer": "probes.scorer",
     # training and recalibration (library code the CLI calls)
@@ -52,6 +54,7 @@ MODULE_ATTRS: dict[str, str] = {
     "evaluate_probe": "probes.training.train",
     "domain_calibration": "probes.evaluation.metrics",
     "recalibrate": "probes.recalibration",
+    "label_queue": "probes.recalibration",
     # runtime: a live model with its probe
     "ProbedModel": "probes.runtime.wrapper",
 }

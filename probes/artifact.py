@@ -137,11 +137,12 @@ class ProbeArtifact:
     Without a calibrator, p_correct is the probe's own predict_proba[:, 1].
     """
 
-    def __init__(self, probe, calibrator, metadata: ProbeMetadata, novelty=None):
+    def __init__(self, probe, calibrator, metadata: ProbeMetadata, novelty=None, domains=None):
         self.probe = probe
         self.calibrator = calibrator
         self.metadata = metadata
         self.novelty = novelty  # probes.novelty.NoveltyModel | None (its settings are metadata.novelty)
+        self.domains = domains  # probes.domains.DomainClusters for requests without a domain tag, or None
         self._digest: str | None = None  # set by save/load; otherwise computed on demand
 
     @property
@@ -163,6 +164,10 @@ class ProbeArtifact:
         if self.novelty is not None:
             tensors.update(
                 {f"novelty.{k}": np.ascontiguousarray(v) for k, v in self.novelty.to_tensors().items()}
+            )
+        if self.domains is not None:
+            tensors.update(
+                {f"domains.{k}": np.ascontiguousarray(v) for k, v in self.domains.to_tensors().items()}
             )
         return save(tensors)
 
@@ -221,7 +226,13 @@ class ProbeArtifact:
 
     def with_metadata(self, **changes: Any) -> ProbeArtifact:
         """A copy whose metadata has `changes` (e.g. test metrics and thresholds known after fitting)."""
-        return ProbeArtifact(self.probe, self.calibrator, replace(self.metadata, **changes), self.novelty)
+        return ProbeArtifact(
+            self.probe, self.calibrator, replace(self.metadata, **changes), self.novelty, self.domains
+        )
+
+    def with_domains(self, domains) -> ProbeArtifact:
+        """A copy carrying `domains` (probes.domains.DomainClusters, or None): saved with it, digest-covered."""
+        return ProbeArtifact(self.probe, self.calibrator, self.metadata, self.novelty, domains)
 
     def score_novelty(self, prompt_vectors) -> np.ndarray | None:
         """[n, hidden] prompt_last states at `metadata.novelty["layer"]` -> novelty [n] (None: no model)."""
@@ -272,7 +283,15 @@ class ProbeArtifact:
             raise ArtifactError(f"{files.directory}: probe or calibrator cannot be rebuilt: {err}") from None
         # a hybrid probe reads the hidden state plus a few logit signals; only the hidden part must match
         files.check_hidden_size(getattr(probe, "n_hidden_features", probe.n_features_in_))
-        artifact = cls(probe, calibrator, meta, novelty)
+        domains = None
+        if files.domain_tensors:
+            from probes.domains import DomainClusters
+
+            try:
+                domains = DomainClusters.from_tensors(files.domain_tensors)
+            except ValueError as err:
+                raise ArtifactError(f"{files.directory}: domain clusters cannot be rebuilt: {err}") from None
+        artifact = cls(probe, calibrator, meta, novelty, domains)
         artifact._digest = files.digest
         return artifact
 
@@ -296,6 +315,8 @@ class VerifiedArtifact:
         if self.metadata.novelty is None:
             return None
         return NoveltyModel.from_tensors(self.metadata.novelty, self.novelty_tensors)
+
+    domain_tensors: dict[str, np.ndarray] = field(default_factory=dict)  # probes.domains clusters ({} = none)
 
     def check_hidden_size(self, n_hidden: int) -> None:
         """Refuse a probe whose hidden-state width is not the model's hidden size."""
@@ -395,6 +416,9 @@ def read_artifact(
         },
         novelty_tensors={
             k.removeprefix("novelty."): v for k, v in tensors.items() if k.startswith("novelty.")
+        },
+        domain_tensors={
+            k.removeprefix("domains."): v for k, v in tensors.items() if k.startswith("domains.")
         },
     )
 

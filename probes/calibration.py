@@ -20,10 +20,13 @@ from sklearn.utils.validation import check_is_fitted
 
 from probes.inference import (
     GLOBAL_KEY,
+    LOGIT_CLIP,
+    TAU_KEY,
     check_scores,
     isotonic_probability,
     per_category_probability,
     platt_probability,
+    shrinkage_probability,
     temperature_probability,
 )
 
@@ -234,8 +237,159 @@ class PerCategoryCalibrator(BaseEstimator):
         return calibrator
 
 
-# The one registry of calibrator kinds: the global ones above plus the per-category wrapper.
-CALIBRATOR_KINDS: dict[str, type] = {**CALIBRATORS, PerCategoryCalibrator.kind: PerCategoryCalibrator}
+# -- shrinkage: a per-domain offset on the global logit, with a Gaussian prior around 0 -------------------
+MAX_OFFSET = 10.0  # |offset| bound (logit units): a one-class domain's maximum-likelihood offset is infinite
+MAX_TAU = 5.0  # the empirical-Bayes prior width is searched in [0, MAX_TAU]
+MIN_DOMAINS_FOR_TAU = 3  # domains (both classes present) needed to estimate the prior width from data
+# Used when the width cannot be estimated (fewer domains): the empirical-Bayes width of the per-domain offsets
+# of leave-one-domain-out probe scores on the SmolLM2-135M default `facts` run (benchmarks/bench_labels_curve.py).
+DEFAULT_TAU = 1.28
+
+
+def _base_logit(p: np.ndarray) -> np.ndarray:
+    q = np.clip(p, LOGIT_CLIP, 1 - LOGIT_CLIP)
+    return np.log(q) - np.log1p(-q)
+
+
+def map_offset(logits: np.ndarray, y: np.ndarray, tau: float) -> float:
+    """argmax_d  sum log Bernoulli(y | sigmoid(logits + d)) - d^2 / (2 tau^2), d in [-MAX_OFFSET, MAX_OFFSET].
+    tau = inf: the maximum-likelihood offset; tau = 0: 0 (the prior's centre)."""
+    if tau <= 0 or len(y) == 0:
+        return 0.0
+    precision = 0.0 if np.isinf(tau) else 1.0 / tau**2
+
+    def objective(d):
+        z = logits + d
+        return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * precision * d * d)
+
+    result = minimize_scalar(
+        objective, bounds=(-MAX_OFFSET, MAX_OFFSET), method="bounded", options={"xatol": 1e-9}
+    )
+    return float(result.x)
+
+
+def estimate_tau(logits, y, domains) -> float | None:
+    """Empirical-Bayes width of the per-domain offsets: each domain with both classes gets its maximum-likelihood
+    offset d_k (variance v_k = 1 / its Fisher information); tau maximizes the normal-normal marginal likelihood
+    prod_k N(d_k; 0, tau^2 + v_k). None with fewer than MIN_DOMAINS_FOR_TAU such domains.
+    logits [n]: the global calibrator's logit of each row; y [n] 0/1; domains [n]."""
+    logits, y, domains = np.asarray(logits, float), np.asarray(y, float), np.asarray(domains).astype(str)
+    offsets, variances = [], []
+    for domain in np.unique(domains):
+        rows = domains == domain
+        if not 0 < y[rows].sum() < rows.sum():
+            continue
+        d = map_offset(logits[rows], y[rows], np.inf)
+        p = expit(logits[rows] + d)
+        offsets.append(d)
+        variances.append(1.0 / max(float(np.sum(p * (1 - p))), 1e-12))
+    if len(offsets) < MIN_DOMAINS_FOR_TAU:
+        return None
+    d2, v = np.square(offsets), np.asarray(variances)
+
+    def negative_marginal(tau):
+        total = tau**2 + v
+        return float(np.sum(np.log(total) + d2 / total))
+
+    return float(minimize_scalar(negative_marginal, bounds=(0.0, MAX_TAU), method="bounded").x)
+
+
+class ShrinkageCalibrator(BaseEstimator):
+    """p = sigmoid(logit(p_global(score)) + offset_[domain]): the global calibrator (kind `base`) shifted per
+    domain by one offset fit by maximum a posteriori with the prior offset ~ N(0, tau^2). A domain with a few
+    labels stays near the global calibrator; one with many moves freely (its offset tends to the per-domain
+    maximum-likelihood shift). Unknown domains and categories=None get the global p. Higher p = more likely
+    correct; the ranking inside a domain is the global calibrator's.
+
+    tau: the prior's width in logit units; None = estimated in `fit` by empirical Bayes across the domains it
+    is fit on (`estimate_tau`), or DEFAULT_TAU when fewer than MIN_DOMAINS_FOR_TAU domains hold both classes.
+    Learned: global_ (calibrator), offsets_ {domain: offset}, counts_ {domain: labelled rows}, tau_.
+    """
+
+    kind = "shrinkage"
+
+    def __init__(self, base: str = "platt", tau: float | None = None):
+        self.base = base
+        self.tau = tau
+
+    def _new_base(self) -> _Calibrator:
+        if self.base not in CALIBRATORS:
+            raise ValueError(f"base={self.base!r} is not allowed; allowed values: {', '.join(CALIBRATORS)}")
+        return CALIBRATORS[self.base]()
+
+    def fit(self, scores, y, categories=None, prior=None):
+        """prior: a fitted calibrator of kind `base` to shrink toward, kept as global_ unchanged (as
+        scikit-learn's prefit calibration; recalibration passes the parent's); None = fit `base` on all rows."""
+        s, y = _scores_labels(scores, y)
+        base_cls = type(self._new_base())
+        if self.tau is not None and not (np.isfinite(self.tau) and self.tau >= 0):
+            raise ValueError(f"tau={self.tau!r} must be a finite number >= 0 (or None: estimated)")
+        if prior is not None:
+            check_is_fitted(prior)
+            if type(prior) is not base_cls:
+                raise ValueError(
+                    f"prior is a {type(prior).__name__}; base={self.base!r} needs a {base_cls.__name__}"
+                )
+            self.global_ = prior
+        else:
+            self.global_ = base_cls().fit(s, y)
+        self.offsets_, self.counts_ = {}, {}
+        if categories is None:
+            self.tau_ = np.float64(DEFAULT_TAU if self.tau is None else self.tau)
+            return self
+        cats = np.asarray(categories).astype(str)
+        if cats.shape != s.shape:
+            raise ValueError(f"categories has shape {cats.shape} but scores have shape {s.shape}")
+        logits = _base_logit(self.global_.predict(s))
+        tau = self.tau if self.tau is not None else estimate_tau(logits, y, cats)
+        self.tau_ = np.float64(DEFAULT_TAU if tau is None else tau)
+        for cat in np.unique(cats):
+            rows = cats == cat
+            self.offsets_[str(cat)] = map_offset(logits[rows], y[rows], float(self.tau_))
+            self.counts_[str(cat)] = int(rows.sum())
+        return self
+
+    def predict(self, scores, categories=None) -> np.ndarray:
+        """p [n] = P(correct)."""
+        check_is_fitted(self)
+        s, _ = _scores_labels(scores)
+        return shrinkage_probability(s, categories, self.global_.predict, self.offsets_)
+
+    def to_tensors(self) -> dict[str, np.ndarray]:
+        """Keys "__global__/<name>" (the global calibrator), "__prior__/tau", "<domain>/offset", "<domain>/n"."""
+        check_is_fitted(self)
+        tensors = {f"{GLOBAL_KEY}/{k}": v for k, v in self.global_.to_tensors().items()}
+        tensors[f"{TAU_KEY}/tau"] = np.asarray(self.tau_, dtype=np.float64)
+        for cat, offset in self.offsets_.items():
+            tensors[f"{cat}/offset"] = np.asarray(offset, dtype=np.float64)
+            tensors[f"{cat}/n"] = np.asarray(self.counts_[cat], dtype=np.float64)
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, params: dict, tensors: dict[str, np.ndarray]):
+        calibrator = cls(**params)
+        base_cls = type(calibrator._new_base())
+        grouped: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in tensors.items():
+            cat, _, name = key.rpartition("/")
+            grouped.setdefault(cat, {})[name] = value
+        if GLOBAL_KEY not in grouped or "tau" not in grouped.get(TAU_KEY, {}):
+            raise ValueError("shrinkage calibrator tensors lack the global calibrator or the prior width tau")
+        calibrator.global_ = base_cls.from_tensors({}, grouped.pop(GLOBAL_KEY))
+        calibrator.tau_ = np.float64(np.asarray(grouped.pop(TAU_KEY)["tau"]).item())
+        if any({"offset", "n"} - set(t) for t in grouped.values()):
+            raise ValueError("shrinkage calibrator tensors: a domain lacks its offset or its count")
+        calibrator.offsets_ = {cat: float(np.asarray(t["offset"]).item()) for cat, t in grouped.items()}
+        calibrator.counts_ = {cat: int(np.asarray(t["n"]).item()) for cat, t in grouped.items()}
+        return calibrator
+
+
+# The one registry of calibrator kinds: the global ones above plus the per-category wrappers.
+CALIBRATOR_KINDS: dict[str, type] = {
+    **CALIBRATORS,
+    PerCategoryCalibrator.kind: PerCategoryCalibrator,
+    ShrinkageCalibrator.kind: ShrinkageCalibrator,
+}
 
 
 def calibrator_kind(calibrator) -> str:

@@ -2,7 +2,8 @@
 
     decision score [n] = PROBE_DECISIONS[kind].function(X [n, features], *the kind's saved tensors)
     P(correct) [n]     = CALIBRATOR_PROBABILITIES[kind].function(score [n], *the kind's saved tensors)
-                         (per_category: one base calibrator per category + a global fallback, see below)
+                         (per_category: one base calibrator per category + a global fallback, see below;
+                          shrinkage: the global calibrator's logit + a per-category offset)
 
 Higher score and higher P(correct) = more likely correct. The sklearn estimators (probes.estimators,
 probes.calibration) call these same functions from `decision_function` / `predict`, and
@@ -26,6 +27,11 @@ import numpy as np
 
 GLOBAL_KEY = "__global__"  # per-category tensors: "<category>/<name>", the fallback under this category name
 PER_CATEGORY = "per_category"
+SHRINKAGE = "shrinkage"
+TAU_KEY = (
+    "__prior__"  # shrinkage tensors: "__prior__/tau" (the prior's width), "<domain>/offset", "<domain>/n"
+)
+LOGIT_CLIP = 1e-9  # a base calibrator's p is clipped to [1e-9, 1 - 1e-9] before its logit is shifted
 
 
 class InferenceError(ValueError):
@@ -184,6 +190,30 @@ def per_category_probability(
     return p
 
 
+def shrinkage_probability(
+    scores: np.ndarray,
+    categories,
+    global_probability: Callable[[np.ndarray], np.ndarray],
+    offsets: Mapping[str, float],
+) -> np.ndarray:
+    """sigmoid(logit(p_global(score)) + offset[category]) [n]; unknown categories and categories=None get
+    the global p unchanged (offset 0, the prior's centre)."""
+    p = global_probability(scores)
+    if categories is None:
+        return p
+    cats = np.asarray(categories).astype(str)
+    if cats.shape != scores.shape:
+        raise ValueError(f"categories has shape {cats.shape} but scores have shape {scores.shape}")
+    shift = np.zeros(len(scores))
+    for cat, offset in offsets.items():
+        shift[cats == cat] = offset
+    shifted = shift != 0
+    if shifted.any():
+        q = np.clip(p[shifted], LOGIT_CLIP, 1 - LOGIT_CLIP)
+        p[shifted] = sigmoid(np.log(q) - np.log1p(-q) + shift[shifted])
+    return p
+
+
 def check_scores(scores) -> np.ndarray:
     """scores as float64 [n]; refuses other shapes, nan and inf."""
     s = np.asarray(scores, dtype=np.float64)
@@ -216,7 +246,7 @@ CALIBRATOR_PROBABILITIES: dict[str, KindMath] = {
     "temperature": KindMath(temperature_probability, ("temperature",)),
     "isotonic": KindMath(isotonic_probability, ("x", "y")),
 }
-CALIBRATOR_INFERENCE_KINDS = (*CALIBRATOR_PROBABILITIES, PER_CATEGORY)
+CALIBRATOR_INFERENCE_KINDS = (*CALIBRATOR_PROBABILITIES, PER_CATEGORY, SHRINKAGE)
 
 
 def _arguments(
@@ -253,27 +283,33 @@ def probe_decision(
 def calibrated_probability(kind: str, params: Mapping, tensors: Mapping[str, np.ndarray]):
     """(scores [n], categories=None) -> P(correct) [n], from a saved calibrator's params + tensors."""
     probability = _calibrator_probability(kind, params, tensors)
-    if kind == PER_CATEGORY:
+    if kind in (PER_CATEGORY, SHRINKAGE):
         return lambda scores, categories=None: probability(check_scores(scores), categories)
     return lambda scores, categories=None: probability(check_scores(scores))
 
 
 def _calibrator_probability(kind: str, params: Mapping, tensors: Mapping[str, np.ndarray]):
-    if kind != PER_CATEGORY:
+    if kind not in (PER_CATEGORY, SHRINKAGE):
         function, args = _arguments(CALIBRATOR_PROBABILITIES, "calibrator", kind, tensors, dtype=np.float64)
         args = [a if a.ndim else np.float64(a) for a in args]  # as the calibrator classes hold them
         return lambda scores: function(scores, *args)
     base = params.get("base")
     if base not in CALIBRATOR_PROBABILITIES:
         raise InferenceError(
-            f"per_category calibrator: base={base!r}; allowed: {', '.join(CALIBRATOR_PROBABILITIES)}"
+            f"{kind} calibrator: base={base!r}; allowed: {', '.join(CALIBRATOR_PROBABILITIES)}"
         )
     grouped: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         cat, _, name = key.rpartition("/")
         grouped.setdefault(cat, {})[name] = value
     if GLOBAL_KEY not in grouped:
-        raise InferenceError("per-category calibrator tensors lack the global fallback")
+        raise InferenceError(f"{kind} calibrator tensors lack the global fallback")
     fallback = _calibrator_probability(base, {}, grouped.pop(GLOBAL_KEY))
+    if kind == SHRINKAGE:
+        grouped.pop(TAU_KEY, None)
+        if any("offset" not in t for t in grouped.values()):
+            raise InferenceError("shrinkage calibrator tensors: a domain lacks its offset")
+        offsets = {cat: float(np.asarray(t["offset"]).item()) for cat, t in grouped.items()}
+        return lambda scores, categories: shrinkage_probability(scores, categories, fallback, offsets)
     per_category = {cat: _calibrator_probability(base, {}, t) for cat, t in grouped.items()}
     return lambda scores, categories: per_category_probability(scores, categories, fallback, per_category)

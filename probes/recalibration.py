@@ -26,6 +26,16 @@ Protocol (one seeded split, stratified by domain x label, `heldout_fraction` of 
    every answer (threshold ABSTAIN_ALL, reachable False, a message saying so) instead of dropping the
    threshold: answering nothing is the only policy the data guarantees.
 
+Shrinkage (kind="shrinkage", for 5-20 labels per domain): the parent's calibrator (its global fallback for a
+per-domain parent) stays the global map and each domain gets one offset on its logit, fit by MAP with the
+prior N(0, tau^2) (probes.calibration.ShrinkageCalibrator). No rows are held out: step 2 compares the parent
+with CROSS-FITTED probabilities (SHRINKAGE_FOLDS folds stratified by domain x label; each row's p comes from
+offsets fit without that row's fold, the same prior and tau), on every row. The refusal rule is the one above
+on those rows: each p_new is out-of-sample, so a calibrator that fits noise reads worse there, and the final
+calibrator (fit on all rows) is the cross-fitted ones with a little more data. The threshold is chosen on the
+cross-fitted p. tau: recalibrate(tau=...), else the parent's when it is a shrinkage calibrator, else the
+empirical-Bayes width across the new rows' domains (>= 3 domains), else DEFAULT_TAU.
+
 Small data: MIN_FIT_ROWS (measured by benchmarks/bench_recalibration_rows.py: Platt 30, isotonic 50) is the
 number of rows a calibrator must be fit on; below it `recalibrate` raises NotEnoughRows, saying how many more
 rows it needs. For ECE <= 0.05 expect ~150 rows for Platt and ~300 for isotonic (ROWS_FOR_ECE_005).
@@ -48,14 +58,18 @@ from scipy.special import logit
 from probes.artifact import ProbeArtifact, hash_arrays
 from probes.calibration import (
     CALIBRATORS,
+    DEFAULT_TAU,
     PerCategoryCalibrator,
     PlattCalibrator,
+    ShrinkageCalibrator,
     TemperatureCalibrator,
+    calibrator_kind,
+    estimate_tau,
 )
 from probes.evaluation.metrics import auroc, bootstrap_ci, brier, domain_calibration, ece
 from probes.selection.thresholds import ThresholdResult, choose_threshold
 
-KINDS = ("platt", "temperature", "isotonic", "per_domain")
+KINDS = ("platt", "temperature", "isotonic", "per_domain", "shrinkage")
 
 # Rows a calibrator must be FIT on, measured by benchmarks/bench_recalibration_rows.py (ECE with 15 uniform
 # bins on 20,000 fresh rows of a synthetic new domain, mean over 100 fits):
@@ -66,8 +80,10 @@ KINDS = ("platt", "temperature", "isotonic", "per_domain")
 # MIN_FIT_ROWS (refused below): mean ECE <= 0.10, i.e. a refit is unlikely to be worse than a parent at
 # ~0.15. ROWS_FOR_ECE_005 (advice, not enforced): mean ECE <= 0.05. Isotonic needs about twice Platt's rows.
 # Temperature has no offset: on a domain whose accuracy moved it stays at ~0.12 however many rows it gets.
-MIN_FIT_ROWS = {"platt": 30, "temperature": 30, "isotonic": 50}
-ROWS_FOR_ECE_005 = {"platt": 150, "temperature": None, "isotonic": 300}
+MIN_FIT_ROWS = {"platt": 30, "temperature": 30, "isotonic": 50, "shrinkage": 5}
+ROWS_FOR_ECE_005 = {"platt": 150, "temperature": None, "isotonic": 300, "shrinkage": None}
+# Shrinkage needs few rows (the prior keeps a domain with few labels at the parent) and holds none out.
+SHRINKAGE_FOLDS = 10
 # Per-domain: each domain with at least MIN_FIT_ROWS[base] rows (both classes) gets its own calibrator,
 # the others use the global fallback fit on all domains, which itself needs MIN_FIT_ROWS[base] rows.
 PER_DOMAIN_BASE = "platt"
@@ -150,7 +166,10 @@ def make_rows(score, y, domain=None, ids=None, parent_p=None, source: str = "") 
 # -- small-data rules -------------------------------------------------------------------------------
 def min_total_rows(kind: str, heldout_fraction: float) -> int:
     """Labelled rows needed so that the fit part holds MIN_FIT_ROWS of the kind (the held-out rest
-    checks it). Platt/temperature are refit on all rows in the end, but the check needs its own part."""
+    checks it). Platt/temperature are refit on all rows in the end, but the check needs its own part.
+    Shrinkage holds nothing out (cross-fitting checks it)."""
+    if kind == "shrinkage":
+        return MIN_FIT_ROWS[kind]
     base = PER_DOMAIN_BASE if kind == "per_domain" else kind
     return math.ceil(MIN_FIT_ROWS[base] / (1.0 - heldout_fraction))
 
@@ -160,6 +179,11 @@ def check_enough_rows(rows: RecalibrationRows, kind: str, heldout_fraction: floa
     where = f"{rows.source}: " if rows.source else ""
     if len(rows) < need:
         base = PER_DOMAIN_BASE if kind == "per_domain" else kind
+        if kind == "shrinkage":
+            raise NotEnoughRows(
+                f"{where}{len(rows)} labelled rows; recalibrating with shrinkage needs at least {need}: "
+                f"label {need - len(rows)} more rows"
+            )
         raise NotEnoughRows(
             f"{where}{len(rows)} labelled rows; recalibrating with {kind} needs at least {need} "
             f"({MIN_FIT_ROWS[base]} to fit {base}, the floor measured by benchmarks/bench_recalibration_rows.py, "
@@ -171,6 +195,62 @@ def check_enough_rows(rows: RecalibrationRows, kind: str, heldout_fraction: floa
             f"{where}{n_correct} correct and {len(rows) - n_correct} wrong answers among {len(rows)} rows: "
             "need at least 2 of each (one in the fit part, one held out) to calibrate"
         )
+
+
+def cross_fit_folds(y: np.ndarray, domain: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """fold [n] int in [0, min(n_folds, n)): seeded, stratified by domain x label (each stratum dealt round
+    robin from a random start, so every fold gets about its share of each domain's correct and wrong rows)."""
+    rng = np.random.default_rng(seed)
+    k = max(2, min(int(n_folds), len(y)))
+    fold = np.zeros(len(y), dtype=np.int64)
+    strata = np.char.add(np.asarray(domain).astype(str), np.char.add("\x00", np.asarray(y).astype(str)))
+    start = 0
+    for stratum in np.unique(strata):
+        rows = rng.permutation(np.flatnonzero(strata == stratum))
+        fold[rows] = (start + np.arange(len(rows))) % k
+        start = (start + len(rows)) % k
+    return fold
+
+
+def shrinkage_prior(parent: ProbeArtifact):
+    """The global calibrator a shrinkage recalibration shrinks toward: the parent's own (Platt, temperature,
+    isotonic), or the global fallback of a per-domain / shrinkage parent."""
+    calibrator = parent.calibrator
+    if calibrator is None:
+        raise ValueError(
+            "recalibrate.kind=shrinkage shifts the parent's calibrator per domain, but the parent artifact has "
+            "no calibrator: recalibrate with kind=platt (or per_domain) first"
+        )
+    return getattr(calibrator, "global_", calibrator)
+
+
+def shrinkage_tau(
+    parent: ProbeArtifact, rows: RecalibrationRows, prior, tau: float | None
+) -> tuple[float, str]:
+    """The prior width and where it came from (see the module doc)."""
+    if tau is not None:
+        return float(tau), "given"
+    if isinstance(parent.calibrator, ShrinkageCalibrator):
+        return float(parent.calibrator.tau_), "the parent's"
+    p = np.clip(prior.predict(rows.score), 1e-9, 1 - 1e-9)
+    estimated = estimate_tau(logit(p), rows.y, rows.domain)
+    if estimated is None:
+        return DEFAULT_TAU, "default (fewer than 3 domains with both classes to estimate it)"
+    return estimated, "empirical Bayes across the new rows' domains"
+
+
+def shrinkage_cross_fit(prior, tau: float, rows: RecalibrationRows, n_folds: int, seed: int) -> np.ndarray:
+    """Out-of-fold P(correct) [n]: each fold scored by a ShrinkageCalibrator (prior, tau) fit on the other folds."""
+    fold = cross_fit_folds(rows.y, rows.domain, n_folds, seed)
+    base = calibrator_kind(prior)
+    p = np.empty(len(rows))
+    for f in np.unique(fold):
+        inside = fold == f
+        calibrator = ShrinkageCalibrator(base=base, tau=tau).fit(
+            rows.score[~inside], rows.y[~inside], categories=rows.domain[~inside], prior=prior
+        )
+        p[inside] = calibrator.predict(rows.score[inside], categories=rows.domain[inside])
+    return p
 
 
 def split_rows(y: np.ndarray, domain: np.ndarray, heldout_fraction: float, seed: int) -> np.ndarray:
@@ -275,6 +355,8 @@ def refusal_reason(comparison: dict[str, Any]) -> str:
 
 # -- calibrators and parent probabilities --------------------------------------------------------------
 def new_calibrator(kind: str):
+    if kind == "shrinkage":
+        return ShrinkageCalibrator()
     if kind == "per_domain":
         return PerCategoryCalibrator(base=PER_DOMAIN_BASE, min_count=MIN_FIT_ROWS[PER_DOMAIN_BASE])
     if kind not in CALIBRATORS or kind not in KINDS:
@@ -393,10 +475,12 @@ def recalibrate(
     threshold_method: str | None = None,
     n_bins: int = 15,
     n_bootstrap: int = 1000,
+    tau: float | None = None,
 ) -> RecalibrationResult:
     """Refit the calibrator (kind in KINDS) and the abstention threshold of `parent` on `rows`.
 
     target_accuracy / delta / threshold_method: None = the parent's (else 0.9 / 0.1 / ltt).
+    tau: the prior width of kind="shrinkage" (None: see the module doc); heldout_fraction is unused there.
     Raises NotEnoughRows below the small-data minimum. See the module doc for the protocol and rules.
     """
     new_calibrator(kind)  # validates kind before any work
@@ -408,6 +492,10 @@ def recalibrate(
     delta = delta if delta is not None else inherited.get("delta", 0.1)
     threshold_method = threshold_method or inherited.get("method", "ltt")
 
+    if kind == "shrinkage":
+        return _recalibrate_shrinkage(
+            parent, rows, seed, target_accuracy, delta, threshold_method, n_bins, n_bootstrap, tau
+        )
     held_out = split_rows(rows.y, rows.domain, heldout_fraction, seed)
     fit, check = rows.subset(~held_out), rows.subset(held_out)
     for part, name in ((fit, "fit"), (check, "held-out")):
@@ -475,6 +563,55 @@ def recalibrate(
     return RecalibrationResult(not reason, reason, calibrator, threshold, comparison, record, artifact, notes)
 
 
+def _recalibrate_shrinkage(
+    parent: ProbeArtifact,
+    rows: RecalibrationRows,
+    seed: int,
+    target_accuracy: float,
+    delta: float,
+    threshold_method: str,
+    n_bins: int,
+    n_bootstrap: int,
+    tau: float | None,
+) -> RecalibrationResult:
+    """kind="shrinkage": cross-fitted check on every row, then the offsets fit on all rows (module doc)."""
+    prior = shrinkage_prior(parent)
+    tau, tau_source = shrinkage_tau(parent, rows, prior, tau)
+    p_cross = shrinkage_cross_fit(prior, tau, rows, SHRINKAGE_FOLDS, seed)
+    comparison = compare(parent_probabilities(parent, rows), p_cross, rows.y, n_bins, n_bootstrap, seed)
+    reason = refusal_reason(comparison)
+    calibrator = ShrinkageCalibrator(base=calibrator_kind(prior), tau=tau).fit(
+        rows.score, rows.y, categories=rows.domain, prior=prior
+    )
+    threshold = guarded_threshold(p_cross, rows.y, target_accuracy, delta, threshold_method)
+    n_folds = int(cross_fit_folds(rows.y, rows.domain, SHRINKAGE_FOLDS, seed).max()) + 1
+    offsets = ", ".join(
+        f"{d} {calibrator.offsets_[d]:+.3f} ({calibrator.counts_[d]} rows)"
+        for d in sorted(calibrator.offsets_)
+    )
+    notes = [
+        f"shrinkage toward the parent's {calibrator_kind(prior)} calibrator, tau {tau:.3f} ({tau_source}); "
+        f"per-domain logit offsets: {offsets}",
+        f"before/after on all {len(rows)} rows with {n_folds}-fold cross-fitted p (each row's p from offsets fit "
+        "without it); threshold chosen on the cross-fitted p; calibrator refit on all rows",
+    ]
+    record = {
+        "data_hash": rows.data_hash(),
+        "n_rows": len(rows),
+        "n_fit": len(rows),
+        "n_heldout": len(rows),
+        "source": rows.source,
+        "kind": "shrinkage",
+        "check": f"{n_folds}-fold cross-fit",
+        "tau": tau,
+        "tau_source": tau_source,
+        "seed": seed,
+        "domains": {str(d): int(c) for d, c in zip(*np.unique(rows.domain, return_counts=True), strict=True)},
+    }
+    artifact = None if reason else build_artifact(parent, calibrator, threshold, comparison, record)
+    return RecalibrationResult(not reason, reason, calibrator, threshold, comparison, record, artifact, notes)
+
+
 def build_artifact(
     parent: ProbeArtifact,
     calibrator,
@@ -499,7 +636,7 @@ def build_artifact(
         thresholds=[threshold.to_dict()],
         extract_settings=dict(meta.extract_settings),
         parent={"digest": parent.digest, "recalibration": record},
-    )
+    ).with_domains(parent.domains)
 
 
 # -- reading rows -------------------------------------------------------------------------------------
@@ -624,3 +761,107 @@ def read_feedback_rows(
         raise NotEnoughRows(f"{path}: no labelled responses{site} ({len(fetched)} labelled in all)")
     ids, score, p, y, dom = zip(*[r[:5] for r in kept], strict=True)
     return make_rows(score, y, dom, ids, p, source=str(path))
+
+
+# -- which answers to label first ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LabelRequest:
+    """A served answer worth labelling (POST /v1/feedback {"id", "correct"} takes the label)."""
+
+    id: str
+    domain: str
+    p_correct: float
+    prompt: str | None  # as the server stored it (None when serve.store_text is off)
+    text: str | None
+    reason: str
+
+
+def label_queue(db_path: str | Path, parent: ProbeArtifact, limit: int = 50) -> list[LabelRequest]:
+    """Up to `limit` unlabelled, answered (not abstained) responses of the feedback database scored at the
+    parent's site, in the order to label them.
+
+    Rule (greedy): the next label goes to the domain with the fewest labels so far (labelled rows + those
+    already queued; ties by name): a per-domain offset moves most with its first labels, and a domain the
+    server assigned (cluster-<i>) or that was never labelled starts at 0. Inside that domain, the answer whose
+    P(correct) is nearest the abstention threshold (0.5 when the artifact has none it can reach): its label
+    decides the answered set and is the least predictable (p near the middle)."""
+    path = Path(db_path)
+    if not path.is_file():
+        raise ValueError(f"{path}: feedback database does not exist")
+    meta = parent.metadata
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(responses)")}
+            needed = {"id", "p_correct", "correct", "layer", "position", "abstained", "prompt", "text"}
+            if not needed <= columns:
+                raise ValueError(
+                    f"{path}: table `responses` lacks column(s) {sorted(needed - columns)} "
+                    "(not a probecal feedback database?)"
+                )
+            domain = "domain" if "domain" in columns else "''"
+            fetched = conn.execute(
+                f"SELECT id, p_correct, correct, COALESCE({domain}, ''), prompt, text, abstained FROM responses "
+                "WHERE layer = ? AND position = ? ORDER BY id",
+                (meta.layer, meta.position),
+            ).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as err:
+        raise ValueError(f"{path}: not a usable feedback database ({err})") from None
+    threshold = parent.abstention_threshold()
+    centre = threshold if threshold is not None and 0.0 < threshold < 1.0 else 0.5
+    labelled: dict[str, int] = {}
+    waiting: dict[str, list[tuple[float, str, tuple]]] = {}
+    for row in fetched:
+        rid, p, correct, dom, prompt, text, abstained = row
+        labelled.setdefault(dom, 0)
+        if correct is not None:
+            labelled[dom] += 1
+        elif not abstained:
+            waiting.setdefault(dom, []).append((abs(float(p) - centre), str(rid), row))
+    for rows in waiting.values():
+        rows.sort(reverse=True)  # nearest the threshold last: pop() takes it
+    queued: list[LabelRequest] = []
+    counts = dict(labelled)
+    while len(queued) < limit and any(waiting.values()):
+        dom = min((d for d, rows in waiting.items() if rows), key=lambda d: (counts[d], d))
+        distance, _, (rid, p, _, _, prompt, text, _) = waiting[dom].pop()
+        queued.append(
+            LabelRequest(
+                str(rid),
+                dom,
+                float(p),
+                prompt,
+                text,
+                f"domain {dom or '(untagged)'} has {counts[dom]} labels; p {float(p):.3f} is {distance:.3f} from "
+                f"{'the threshold' if centre == threshold else 'p = 0.5'}",
+            )
+        )
+        counts[dom] += 1
+    return queued
+
+
+def request_reload(url: str, probe_dir: str | Path, token: str | None = None, timeout: float = 120.0) -> dict:
+    """POST <url>/admin/reload {"probe_dir": <absolute path>} to a running `probecal serve`: the server verifies
+    the artifact off its event loop and swaps it in between two batches (requests keep being served; a bad
+    artifact is refused there and the old one keeps serving). token: serve.admin_token (None: a loopback
+    server without one). Returns the server's JSON answer; raises ValueError with its message on an error."""
+    import urllib.error
+    import urllib.request
+
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(
+            f"recalibrate.reload={url!r} must be the server's base URL, e.g. http://127.0.0.1:8000"
+        )
+    body = json.dumps({"probe_dir": str(Path(probe_dir).resolve())}).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(url.rstrip("/") + "/admin/reload", body, headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return json.loads(reply.read().decode() or "{}")
+    except urllib.error.HTTPError as err:
+        detail = err.read().decode(errors="replace")[:500]
+        raise ValueError(f"{url}/admin/reload answered {err.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise ValueError(f"{url}/admin/reload: cannot reach the server ({err})") from None

@@ -35,6 +35,7 @@ class RecalibrateSpec:
 
     probe_dir: str | None = None  # the parent artifact (<run dir>/probe); evaluate.probe_dir: deprecated
     kind: str = "platt"  # platt | temperature | isotonic | per_domain (platt per domain, global fallback)
+    # | shrinkage (the parent's calibrator + a per-domain MAP logit offset: works from ~5-20 labels per domain)
     rows: str | None = None
     from_feedback: str | None = None
     heldout_fraction: float = 0.5  # held-out share of the rows: before/after metrics, refusal rule
@@ -42,6 +43,20 @@ class RecalibrateSpec:
     target_accuracy: float | None = None  # None = the parent's threshold settings
     delta: float | None = None
     threshold_method: str | None = None
+    tau: float | None = None  # shrinkage prior width (logit units); None = the parent's, or estimated
+    # base URL of a running `probecal serve` (e.g. http://127.0.0.1:8000): POST /admin/reload with the new
+    # artifact once it is written (never when refused); admin_token: its serve.admin_token, if set
+    reload: str | None = None
+    admin_token: str | None = None
+
+
+@dataclass
+class LabelQueueSpec:
+    """`label-queue`: the served answers of a feedback database to label first for evaluate.probe_dir
+    (probes.recalibration.label_queue); labels go back through POST /v1/feedback."""
+
+    from_feedback: str | None = None  # the server's feedback database
+    limit: int = 50
 
 
 @dataclass
@@ -159,6 +174,7 @@ class ProbecalConfig:
     evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
     summarize: SummarizeSpec = field(default_factory=SummarizeSpec)
     recalibrate: RecalibrateSpec = field(default_factory=RecalibrateSpec)
+    label_queue: LabelQueueSpec = field(default_factory=LabelQueueSpec)
     seed: int = 0
 
 

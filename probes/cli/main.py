@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from probes.cli.recalibrate import stage_recalibrate
+from probes.cli.recalibrate import stage_label_queue, stage_recalibrate
 
 log = logging.getLogger("probecal")
 
@@ -244,6 +244,10 @@ STAGES: dict[str, tuple[Callable[[DictConfig], None], str]] = {
     "recalibrate": (
         stage_recalibrate,
         "refit a saved probe's calibrator + threshold on new rows (recalibrate.probe_dir=...)",
+    ),
+    "label-queue": (
+        stage_label_queue,
+        "list served answers to label first (evaluate.probe_dir=... label_queue.from_feedback=...)",
     ),
     "summarize": (stage_summarize, "collect metrics.json of a multirun (summarize.dir=...) into one table"),
     "demo": (stage_demo, "load the model and answer a few built-in questions"),

@@ -4,6 +4,7 @@
     probecal recalibrate recalibrate.probe_dir=<run>/probe recalibrate.rows=scored.jsonl recalibrate.kind=isotonic
     probecal recalibrate recalibrate.probe_dir=<run>/probe recalibrate.from_feedback=outputs/feedback.db \\
         recalibrate.kind=per_domain
+    probecal recalibrate evaluate.probe_dir=<run>/probe recalibrate.rows=20_per_domain.jsonl recalibrate.kind=shrinkage
 
 `evaluate.probe_dir` still names the parent when `recalibrate.probe_dir` is unset (deprecated, warned);
 `recalibrate.kind=per_category` is a deprecated alias of `per_domain`.
@@ -27,10 +28,12 @@ from probes.artifact import ProbeArtifact
 from probes.cli.config import RecalibrateSpec, instantiate_group
 from probes.recalibration import (
     RecalibrationRows,
+    label_queue,
     make_rows,
     read_feedback_rows,
     read_rows_file,
     recalibrate,
+    request_reload,
 )
 
 log = logging.getLogger(__name__)
@@ -124,6 +127,7 @@ def stage_recalibrate(cfg: DictConfig) -> None:
         spec.threshold_method,
         n_bins=cfg.train.n_bins,
         n_bootstrap=cfg.train.n_bootstrap,
+        tau=spec.tau,
     )
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -146,3 +150,35 @@ def stage_recalibrate(cfg: DictConfig) -> None:
         raise ValueError(f"no artifact written: {result.reason} (details: {run_dir / 'recalibration.json'})")
     result.artifact.save(output)
     print(f"new artifact: {output}\nreport: {run_dir / 'recalibration.json'}")
+    if spec.reload:
+        answer = request_reload(spec.reload, output, spec.admin_token)
+        log.info("reload %s: %s", spec.reload, answer)
+        print(f"{spec.reload} now serves {answer.get('current', {}).get('digest')} (from {output})")
+
+
+def stage_label_queue(cfg: DictConfig) -> None:
+    """List the served answers to label first (probes.recalibration.label_queue) and write them as JSONL."""
+    from hydra.core.hydra_config import HydraConfig
+
+    spec = cfg.label_queue
+    if not cfg.evaluate.probe_dir or not spec.from_feedback:
+        raise ValueError(
+            "probecal label-queue needs evaluate.probe_dir=<run dir>/probe and "
+            "label_queue.from_feedback=<the server's feedback database>"
+        )
+    if spec.limit < 1:
+        raise ValueError(f"label_queue.limit={spec.limit} must be at least 1")
+    queue = label_queue(spec.from_feedback, ProbeArtifact.load(cfg.evaluate.probe_dir), spec.limit)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(asdict(item), default=json_default) + "\n" for item in queue)
+    atomic_write_text(run_dir / "label_queue.jsonl", lines)
+    print(f"\n{len(queue)} answers to label first ({spec.from_feedback}):")
+    print("| # | id | domain | p_correct | why |\n|---:|---|---|---:|---|")
+    for rank, item in enumerate(queue, 1):
+        print(
+            f"| {rank} | {item.id} | {item.domain or '(untagged)'} | {item.p_correct:.3f} | {item.reason} |"
+        )
+    print(
+        f'queue: {run_dir / "label_queue.jsonl"} (label with POST /v1/feedback {{"id": ..., "correct": ...}})'
+    )

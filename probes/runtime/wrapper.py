@@ -75,6 +75,10 @@ class ProbedGeneration:
     )
     novelty: float | None = None  # how far the question lies from training (probes.novelty; 1.0 = cut-off)
     in_domain: bool | None = None  # novelty <= 1 (None: the artifact has no novelty model)
+    domain: str | None = None  # the domain its calibration used: the client's tag, else the assigned cluster
+    domain_assigned: bool = (
+        False  # True when `domain` is the artifact's cluster of the prompt (no client tag)
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,6 +105,8 @@ class ProbedScore:
     artifact: str | None = None  # digest of the probe artifact that scored it
     novelty: float | None = None  # see ProbedGeneration
     in_domain: bool | None = None
+    domain: str | None = None  # as ProbedGeneration.domain
+    domain_assigned: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -245,6 +251,20 @@ class ProbedModel:
             return [(None, None)] * len(prompt_vectors)
         return [(float(v), bool(v <= 1.0)) for v in novelty]
 
+    def _resolve_domains(
+        self, domains: Sequence[str | None] | None, prompt_vectors: np.ndarray | None, n: int
+    ) -> tuple[list[str | None] | None, list[bool]]:
+        """(domain per row, assigned per row): a client tag wins; untagged rows (None or "") get the artifact's
+        cluster of their prompt_last state at the probe's layer (probes.domains), when it carries clusters."""
+        clusters = getattr(self.artifact, "domains", None)
+        tags = [None] * n if domains is None else list(domains)
+        untagged = [i for i, d in enumerate(tags) if not d]
+        if clusters is None or prompt_vectors is None or not untagged:
+            return (None if domains is None else tags), [False] * n
+        for i, name in zip(untagged, clusters.assign(np.asarray(prompt_vectors)[untagged]), strict=True):
+            tags[i] = str(name)
+        return tags, [i in set(untagged) for i in range(n)]
+
     def _abstains(self, p: float) -> bool:
         # a Python bool: numpy's would not serialize in a /v1/score response
         return bool(self.threshold is not None and p < self.threshold)
@@ -258,7 +278,8 @@ class ProbedModel:
                 f"this hybrid probe reads the answer's logit signals {list(self.logit_features)}: it "
                 "cannot score a prompt before generation; use generate or score"
             )
-        return self._score(self.prompt_states(prompt_ids), domains)
+        vectors = self.prompt_states(prompt_ids)
+        return self._score(vectors, self._resolve_domains(domains, vectors, len(vectors))[0])
 
     def prompt_states(self, prompt_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """[n, hidden] prompt_last states at the probe's layer: one prefill forward per batch."""
@@ -305,10 +326,12 @@ class ProbedModel:
             prompt_ids = [self._encode(p) for p in batch]
             results: list[ProbedGeneration | None] = [None] * len(batch)
             todo = list(range(len(batch)))
+            resolved, assigned = (None if domains is None else list(domains)), [False] * len(batch)
             if self.abstain_before_generating and self.threshold is not None:
-                states = self.prompt_states(prompt_ids)
-                p_pre, s_pre = self._score(states, domains)
-                novelty_pre = self._novelty(states)
+                vectors = self.prompt_states(prompt_ids)
+                resolved, assigned = self._resolve_domains(domains, vectors, len(batch))
+                p_pre, s_pre = self._score(vectors, resolved)
+                novelty_pre = self._novelty(vectors)
                 for i in range(len(batch)):
                     if self._abstains(p_pre[i]):
                         results[i] = self._result(
@@ -320,6 +343,8 @@ class ProbedModel:
                             len(prompt_ids[i]),
                             0,
                             novelty=novelty_pre[i],
+                            domain=None if resolved is None else resolved[i],
+                            domain_assigned=assigned[i],
                         )
                 todo = [i for i in todo if results[i] is None]
             if todo and streamer is not None and len(todo) > 1:
@@ -334,12 +359,12 @@ class ProbedModel:
                     stop_strings=self.default_stop if stop is None else list(stop),
                 )
                 eos = set(eos_token_ids(self.loaded.model, self.loaded.tokenizer))
-                # the probe's position, and prompt_last for the novelty model (the same forward computes it)
-                positions = [self.position] + (
-                    ["prompt_last"]
-                    if self.artifact.novelty is not None and self.position != "prompt_last"
-                    else []
-                )
+                # prompt_last beside the probe's site (the same forward computes it): the novelty model reads
+                # it, and untagged requests get their domain cluster from it
+                assign = getattr(self.artifact, "domains", None) is not None and not any(assigned)
+                positions = [self.position]
+                if (assign or self.artifact.novelty is not None) and self.position != "prompt_last":
+                    positions.append("prompt_last")
                 feed = BatchFeed(
                     self.loaded.tokenizer,
                     len(todo),
@@ -359,9 +384,19 @@ class ProbedModel:
                     partial(cut_answer, stop_sequences=spec.stop_strings),
                     streamer=_Tee(feed, streamer) if streamer is not None else feed,
                 )
+                if assign:
+                    todo_resolved, todo_assigned = self._resolve_domains(
+                        None if domains is None else [domains[i] for i in todo],
+                        capture.activations[:, 0, positions.index("prompt_last"), :],
+                        len(todo),
+                    )
+                    if todo_resolved is not None:
+                        resolved = resolved if resolved is not None else [None] * len(batch)
+                        for k, i in enumerate(todo):
+                            resolved[i], assigned[i] = todo_resolved[k], todo_assigned[k]
                 p, score = self._score(
                     capture.activations[:, 0, 0, :],
-                    None if domains is None else [domains[i] for i in todo],
+                    None if resolved is None else [resolved[i] for i in todo],
                     capture.baselines,
                 )
                 novelty = (
@@ -387,6 +422,8 @@ class ProbedModel:
                         completion_ids=tuple(feed.tokens[k][:n_tokens]),
                         answer_chars=chars,
                         novelty=novelty[k],
+                        domain=None if resolved is None else resolved[i],
+                        domain_assigned=assigned[i],
                     )
         return results  # type: ignore[return-value]
 
@@ -463,12 +500,13 @@ class ProbedModel:
                     prompt_last = width - len(sequences[r]) + len(ids[i]) - 1
                     vectors.append(pool_states(hidden[r], prompt_last, start, end, self.position))
                     prompt_vectors.append(hidden[r, prompt_last])
-                novelty = self._novelty(torch.stack(prompt_vectors).cpu().numpy())
-                p, score = self._score(
-                    torch.stack(vectors).cpu().numpy(),
+                novelty = self._novelty(torch.stack(prompt_vectors).float().cpu().numpy())
+                resolved, assigned = self._resolve_domains(
                     None if domains is None else [domains[i] for i in chunk],
-                    signals,
+                    torch.stack(prompt_vectors).float().cpu().numpy(),
+                    len(chunk),
                 )
+                p, score = self._score(torch.stack(vectors).cpu().numpy(), resolved, signals)
                 for r, i in enumerate(chunk):
                     start, end, answer = spans[i]
                     out.append(
@@ -486,6 +524,8 @@ class ProbedModel:
                             artifact=self.artifact_digest,
                             novelty=novelty[r][0],
                             in_domain=novelty[r][1],
+                            domain=None if resolved is None else resolved[r],
+                            domain_assigned=assigned[r],
                         )
                     )
         return out
@@ -545,6 +585,8 @@ class ProbedModel:
         completion_ids=(),
         answer_chars=None,
         novelty=(None, None),
+        domain=None,
+        domain_assigned=False,
     ) -> ProbedGeneration:
         if abstained and finish != "abstained":
             text, answer_chars = self.abstention_message, None
@@ -564,6 +606,8 @@ class ProbedModel:
             artifact=self.artifact_digest,
             novelty=novelty[0],
             in_domain=novelty[1],
+            domain=domain,
+            domain_assigned=bool(domain_assigned),
         )
 
 

@@ -70,6 +70,8 @@ def confidence(gen: Any) -> dict[str, Any]:
     # how far the question lies from the probe's training (probes.novelty): 1.0 = the cut-off
     out["novelty"] = getattr(gen, "novelty", None)
     out["in_domain"] = getattr(gen, "in_domain", None)
+    if getattr(gen, "domain_assigned", False):  # no client tag: the artifact's cluster of the prompt
+        out["domain"], out["domain_assigned"] = gen.domain, True
     return out
 
 
@@ -196,14 +198,15 @@ class Server:
                 threshold=g.threshold,
                 finish_reason=finish,
                 created=time.time(),
-                domain=domain,
+                domain=getattr(g, "domain", None) if getattr(g, "domain_assigned", False) else domain,
                 artifact=getattr(g, "artifact", None) or getattr(self.model, "artifact_digest", None),
             )
             for i, (text, g, finish) in enumerate(items)
         ]
         await asyncio.to_thread(self.store.record_responses, records)
         for _, g, _ in items:
-            self.metrics.observe_generation(g, domain)
+            assigned = getattr(g, "domain", None) if getattr(g, "domain_assigned", False) else None
+            self.metrics.observe_generation(g, assigned or domain)
 
     def shown_text(self, gen: ProbedGeneration) -> str:
         message = self.settings.abstention_message
@@ -556,7 +559,9 @@ def _artifact_summary(artifact: Any, probe_dir: str | None) -> dict[str, Any]:
         "layer": getattr(meta, "layer", None),
         "position": getattr(meta, "position", None),
         "calibrator": getattr(meta, "calibrator_kind", None),
-        "domains": sorted(getattr(calibrator, "per_category_", {}) or {}),
+        "domains": sorted(
+            getattr(calibrator, "per_category_", None) or getattr(calibrator, "offsets_", None) or {}
+        ),
     }
 
 

@@ -43,6 +43,9 @@ class TrainSpec:
     # what the final calibrator is fit on: calibration (the probe's scores on the calibration split) |
     # cross_domain (each domain's calibration rows scored by the leave-one-domain-out probe fit without it) | both
     calibrate_on: str = "calibration"
+    # k-means domain clusters of the prompt_last state at the probe's layer (probes/domains.py), saved with the
+    # artifact: the server names untagged requests "cluster-<i>" for per-domain calibration (0 = none)
+    domain_clusters: int = 0
 
     def check(self) -> None:
         """Validate the transfer/selection options with messages that name the allowed values."""

@@ -28,6 +28,7 @@ from sklearn.base import clone
 from probecal.splits import SPLITS
 from probes.artifact import ProbeArtifact, hash_arrays
 from probes.calibration import PlattCalibrator, calibrator_kind
+from probes.domains import DOMAIN_POSITION, fit_domain_clusters
 from probes.estimators import HybridProbe, LogisticProbe
 from probes.evaluation.novelty import novelty_transfer
 from probes.evaluation.tables import (
@@ -273,6 +274,14 @@ def train_probe(
         training_data_hash=hash_arrays(X[train], data.y[train]),
         split_sizes=data.sizes(),
     )
+    if spec.domain_clusters:
+        if DOMAIN_POSITION not in store.positions:
+            raise ValueError(
+                f"train.domain_clusters={spec.domain_clusters} clusters the {DOMAIN_POSITION} state, which the "
+                f"store at {store.path} lacks (positions {list(store.positions)}): extract with it, or set 0"
+            )
+        prompt_states = store.read(layer, DOMAIN_POSITION)[train]
+        artifact = artifact.with_domains(fit_domain_clusters(prompt_states, spec.domain_clusters, seed))
     p_calib, _ = artifact.predict(X[calib], categories=data.calibration_groups[calib])
     threshold = choose_threshold(
         p_calib, data.y[calib], spec.target_accuracy, spec.delta, spec.threshold_method
