@@ -132,6 +132,9 @@ def write_run_outputs(
         if not m.startswith(PROBE_METHOD) and (not m.endswith("(raw)") or m == baseline)
     }
     notes = [f"{k}: {v}" for k, v in extra.get("notes", {}).items()]
+    gap = extra.get("refusal_gap")  # a RefusalGapTable (probes.evaluation.refusal_gap) or None
+    if gap is not None:
+        notes.append(refusal_gap_section(gap))
     summary = transfer_summary(extra, baseline)
     inputs = ReportInputs(
         title=title,
@@ -159,7 +162,7 @@ def write_run_outputs(
         else None,
     )
     report = write_report(run_dir, inputs)
-    skipped = {"notes", "transfer", "candidates", "selection", "transfer_seconds", "threshold"}
+    skipped = {"notes", "transfer", "candidates", "selection", "transfer_seconds", "threshold", "refusal_gap"}
     metrics = {
         "title": title,
         "best_baseline": baseline,
@@ -170,9 +173,19 @@ def write_run_outputs(
         "train_spec": asdict(spec),
         **({"transfer": summary} if summary else {}),
         **{k: v for k, v in extra.items() if k not in skipped},
+        **({"refusal_gap": gap.to_dict()} if gap is not None else {}),
     }
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=json_default))
-    return report, headline(table, baseline, transfer)
+    lines = headline(table, baseline, transfer)
+    return report, lines + ("\n\n" + refusal_gap_section(gap) if gap is not None else "")
+
+
+def refusal_gap_section(gap) -> str:
+    """The refusal-gap table (probes.evaluation.refusal_gap) as a titled Markdown paragraph."""
+    return (
+        "Refusal gap (answerable domains: test split; unanswerable and benign_refusal: every row, never fit):\n\n"
+        + gap.markdown()
+    )
 
 
 def threshold_report(threshold, p_test: np.ndarray, y_test: np.ndarray) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from extract.grading import cut_answer
 from extract.hooks import capture_hidden_states
 from extract.models import LoadedModel, from_transformers, load_model
 from extract.prompts import PromptSpec, Question, encode_prompt, render_prompt, saved_prompt_spec
+from extract.refusal import is_refusal
 from extract.settings import GenerationSpec
 from extract.streaming import BatchFeed, finish_text
 from extract.tokens import cut_generation, eos_token_ids, left_pad, pool_states, position_ids
@@ -73,6 +74,9 @@ class ProbedGeneration:
     artifact: str | None = (
         None  # digest of the probe artifact that scored it (hot reload: which one served it)
     )
+    model_refused: bool = (
+        False  # the model's own answer declined (extract.refusal); probecal does not override it
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,6 +101,7 @@ class ProbedScore:
     answer_tokens: tuple[int, int]  # [start, end) of the completion tokens the probe read (graded answer)
     answer_text: str  # the graded answer: completion cut at the stop string / first line, stripped
     artifact: str | None = None  # digest of the probe artifact that scored it
+    model_refused: bool = False  # the graded answer is a refusal (extract.refusal)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -451,6 +456,7 @@ class ProbedModel:
                             answer_tokens=(start, end),
                             answer_text=answer,
                             artifact=self.artifact_digest,
+                            model_refused=is_refusal(answer),
                         )
                     )
         return out
@@ -510,6 +516,8 @@ class ProbedModel:
         completion_ids=(),
         answer_chars=None,
     ) -> ProbedGeneration:
+        # Judged on the model's own answer (the graded part), before an abstention message replaces it.
+        refused = finish != "abstained" and is_refusal(cut_answer(text))
         if abstained and finish != "abstained":
             text, answer_chars = self.abstention_message, None
         return ProbedGeneration(
@@ -526,6 +534,7 @@ class ProbedModel:
             completion_ids=completion_ids,
             answer_chars=answer_chars,
             artifact=self.artifact_digest,
+            model_refused=refused,
         )
 
 

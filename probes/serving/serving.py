@@ -64,6 +64,7 @@ def confidence(gen: Any) -> dict[str, Any]:
         "score": gen.score,
         "layer": gen.layer,
         "position": gen.position,
+        "model_refused": getattr(gen, "model_refused", False),
     }
     chars = getattr(gen, "answer_chars", None)
     out["answer_chars"] = list(chars) if chars is not None else None
@@ -417,6 +418,7 @@ class Server:
             "position": result.position,
             "answer_tokens": list(result.answer_tokens),
             "answer_text": result.answer_text,
+            "model_refused": result.model_refused,
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
             **metadata_echo(body, domain),
         }

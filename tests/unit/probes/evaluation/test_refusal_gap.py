@@ -101,3 +101,20 @@ def test_table_on_a_synthetic_store(store):
     assert table.auroc["probe"] == pytest.approx(expected)
     if artifact.metadata.position != "prompt_last":
         assert "prompt_last probe" in table.auroc
+
+
+def test_run_outputs_show_the_table_in_report_headline_and_metrics(store, tmp_path):
+    import json
+
+    from probes.evaluation.outputs import write_run_outputs
+    from probes.training import evaluate_probe
+
+    spec = TrainSpec(n_folds=3, n_bootstrap=20, select="cv")
+    result = train_probe(store, LogisticProbe(), PlattCalibrator(), spec, seed=0)
+    table, methods, data, mask = evaluate_probe(result.artifact, store, PlattCalibrator(), spec, "test")
+    gap = measure_refusal_gap(result.artifact, store, 0.5)
+    extra = {**result.outputs(), "refusal_gap": gap}
+    report, headline = write_run_outputs(tmp_path, "gap run", table, methods, data, mask, spec, None, extra)
+    assert gap.markdown() in headline and gap.markdown() in report.read_text(encoding="utf-8")
+    saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))["refusal_gap"]
+    assert saved["rows"]["unanswerable"]["n"] == N_UNANSWERABLE and saved["threshold"] == 0.5
