@@ -184,7 +184,7 @@ def accuracy_table(store: ActivationStore) -> str:
     groups: dict[str, list[RowRecord]] = {}
     for row in rows:
         groups.setdefault(row.category, []).append(row)
-    for name, group in [*sorted(groups.items()), ("all (with answers)", [r for r in rows if r.answers])]:
+    for name, group in [*sorted(groups.items()), ("all", [r for r in rows if r.answers])]:
         graded = [r for r in group if r.answers]
         answered = [r.label for r in graded if not r.refused]
         acc = f"{np.mean([r.label for r in graded]):.3f}" if graded else "-"

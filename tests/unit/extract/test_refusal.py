@@ -61,3 +61,23 @@ def test_precision_and_recall_on_hand_labelled_smollm2_answers():
     assert precision >= 0.95, (precision, tp, fp)  # measured: 21 / 22 = 0.955
     assert recall >= 0.95, (recall, tp, fn)  # measured: 21 / 21
     assert not any(is_refusal(r["answer"]) for r in rows if r["domain"] == "benign_refusal")
+
+
+def test_a_refusal_is_its_own_outcome_and_old_records_read_not_refused():
+    from extract.data import QARow
+    from extract.runner import grade_row
+    from extract.settings import ExtractSpec
+    from extract.store import RowRecord
+
+    spec = ExtractSpec()
+    row = QARow("q", "capital", "What is the capital of France?", ("Paris",))
+    refused = grade_row("I'm not sure, but Paris.", row, spec)
+    assert not refused.correct and refused.rule == "refused" and "not_sure" in refused.reason
+    assert grade_row("Paris.", row, spec).correct
+    unanswerable = QARow("u", "fictional_entity", "What is the capital of Ostmi?", (), domain="unanswerable")
+    made_up = grade_row("The capital of Ostmi is Ostburg.", unanswerable, spec)
+    assert not made_up.correct and made_up.rule == "none"
+    assert grade_row("There is no country called Ostmi.", unanswerable, spec).rule == "refused"
+    old = {"id": "q", "category": "c", "question": "Q?", "answers": ["a"], "split": "test", "label": 0,
+           "model_answer": "b"}  # fmt: skip
+    assert RowRecord.from_dict(old).refused is False
