@@ -1,7 +1,7 @@
 """The refusal-gap table of a trained probe: answerable domains from the run's store (test split), the never-fit
 domains from a store extracted apart with the same model (e.g. a store made before they were built in).
 
-    PYTHONPATH=. python benchmarks/refusal_gap.py PROBE_DIR RUN_STORE [HELDOUT_STORE]
+    PYTHONPATH=. python benchmarks/bench_refusal_gap.py PROBE_DIR RUN_STORE [HELDOUT_STORE]
 
 Refusals in a store written before RowRecord.refused existed are recomputed with extract.refusal.
 """
