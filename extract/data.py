@@ -4,9 +4,13 @@ Every source becomes a list of `QARow` (id, category, domain, question, answers 
 A domain groups related categories (geography: capitals, continents, cities; chemistry: ...) so that
 evaluation can hold a whole domain out; a row without one has domain = its category.
 Sources (`DataSpec.name`):
-- facts: extract/data/facts.jsonl shipped with the package (built by scripts/build_facts.py).
+- facts: extract/data/facts.jsonl shipped with the package (built by scripts/build_facts.py), followed (with
+  `heldout_sets`, the default) by the built-in held-out questions: extract/data/unanswerable.jsonl and
+  benign_refusal.jsonl (scripts/build_unanswerable.py; domains in probecal.heldout.NEVER_FIT_DOMAINS: evaluated in
+  every run, never fit or calibrated on).
 - jsonl: one JSON object per line. `question`, `answers` (a string or a list), optional `id`, `category`,
   `domain` and `metadata`; field names are mappable (`question_field`, ...). Other fields go into metadata.
+  A row with `"answerable": false` may have no accepted answers (it is graded only by whether the model refused).
 - csv: a header row; `answers` holds aliases joined by `answers_separator` ("|"). Other columns go into metadata.
 - triviaqa (rc.nocontext), sciq, nq_open: read with the `datasets` extra from the hub (internet), or
   offline from `path`: a .jsonl/.json export of the data set's rows in its own format (TriviaQA's original
@@ -38,6 +42,10 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("facts", "jsonl", "csv", "triviaqa", "sciq", "nq_open")
 FACTS_PATH = Path(__file__).resolve().parent / "data" / "facts.jsonl"
+# Loaded after facts (DataSpec.heldout_sets): never fit or calibrated on, evaluated in every run.
+HELDOUT_PATHS = tuple(
+    Path(__file__).resolve().parent / "data" / f for f in ("unanswerable.jsonl", "benign_refusal.jsonl")
+)
 DEFAULT_CATEGORY = "default"
 # Hub ids and configs, and the split used when `hf_split` is not set (TriviaQA's test answers are hidden).
 HF_SOURCES = {
@@ -54,7 +62,8 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class QARow:
-    """One question. `answers`: every accepted alias (non-empty). Equality and hash ignore `metadata`.
+    """One question. `answers`: every accepted alias (empty only for an unanswerable row, `answerable` False).
+    Equality and hash ignore `metadata`.
 
     `domain` (keyword-only, so positional construction stays `QARow(id, category, question, answers)`):
     the group of related categories the row belongs to; empty or absent = the row's category.
@@ -75,6 +84,11 @@ class QARow:
         elif not isinstance(self.answers, tuple):
             object.__setattr__(self, "answers", tuple(self.answers))
 
+    @property
+    def answerable(self) -> bool:
+        """False for a row with no accepted answer (graded only by whether the model refused)."""
+        return bool(self.answers)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -94,6 +108,7 @@ class DataSpec:
     path: the file for jsonl/csv; for HF sets an optional local file or folder (else the hub is used).
     limit: keep at most this many rows, chosen with `seed`, in proportion to the categories.
     fractions: train / calibration / test shares (sum to 1), assigned per category, by normalized question.
+    heldout_sets: facts only: also load the built-in unanswerable and benign-refusal questions (never fit).
     """
 
     _target_: str = "extract.data.DataSpec"
@@ -112,6 +127,7 @@ class DataSpec:
     calibration_fraction: float = 0.2
     test_fraction: float = 0.2
     seed: int = 0
+    heldout_sets: bool = True
 
 
 @dataclass
@@ -182,9 +198,17 @@ def _make_row(
         raise DataError(f"{where}: missing field {spec.question_field!r} (the question)")
     if not isinstance(question, str) or not question.strip():
         raise DataError(f"{where}: field {spec.question_field!r} must be a non-empty string")
-    if spec.answers_field not in record or record[spec.answers_field] is None:
+    answerable = record.get("answerable", True)
+    if not isinstance(answerable, bool):
+        raise DataError(f"{where}: field 'answerable' must be true or false, got {answerable!r}")
+    if not answerable:
+        if record.get(spec.answers_field):
+            raise DataError(f"{where}: an unanswerable row (answerable: false) must have no accepted answers")
+        answers: tuple[str, ...] = ()
+    elif spec.answers_field not in record or record[spec.answers_field] is None:
         raise DataError(f"{where}: missing field {spec.answers_field!r} (the accepted answers)")
-    answers = _as_aliases(record[spec.answers_field], where, spec.answers_field, separator)
+    else:
+        answers = _as_aliases(record[spec.answers_field], where, spec.answers_field, separator)
     row_id = record.get(spec.id_field)
     if row_id is None or row_id == "":
         row_id = default_id
@@ -206,6 +230,7 @@ def _make_row(
         spec.category_field,
         spec.domain_field,
         "metadata",
+        "answerable",
     }
     extra = {k: v for k, v in record.items() if k not in used}
     return QARow(
@@ -379,8 +404,10 @@ def load_rows_report(spec: DataSpec) -> LoadReport:
     if spec.limit is not None and spec.limit < 1:
         raise DataError(f"data.limit={spec.limit}; must be a positive number of rows or null")
     path = _source_path(spec)
-    if spec.name in {"facts", "jsonl"}:
-        items: Iterable[Item] = _read_jsonl(path, spec)
+    if spec.name == "facts" and spec.heldout_sets:
+        items: Iterable[Item] = (item for p in (path, *HELDOUT_PATHS) for item in _read_jsonl(p, spec))
+    elif spec.name in {"facts", "jsonl"}:
+        items = _read_jsonl(path, spec)
     elif spec.name == "csv":
         items = _read_csv(path, spec)
     else:

@@ -19,10 +19,11 @@ from tqdm.auto import tqdm
 from extract.data import DataSpec, QARow, assign_splits, dataset_hash
 from extract.distributed import DistContext, DistributedError
 from extract.generation import generate_and_capture
-from extract.grading import cut_answer, grade
+from extract.grading import Grade, cut_answer, grade
 from extract.hooks import resolve_layers
 from extract.models import LoadedModel
 from extract.prompts import build_prompt_ids
+from extract.refusal import refusal_match
 from extract.self_eval import p_true_confidence, verbalized_confidence
 from extract.settings import ExtractSpec
 from extract.store import (
@@ -103,8 +104,7 @@ def extract_to_store(
             cut,
         )
         grades = [
-            grade(answer, row.answers, row.question, grader=spec.grader, f1_threshold=spec.f1_threshold)
-            for answer, row in zip(result.answers, batch_rows, strict=True)
+            grade_row(answer, row, spec) for answer, row in zip(result.answers, batch_rows, strict=True)
         ]
         baselines = dict(result.baselines)
         questions = [row.question for row in batch_rows]
@@ -134,6 +134,7 @@ def extract_to_store(
                 grade_reason=g.reason,
                 f1=g.f1,
                 verbalized_parsed=ok,
+                refused=g.rule == "refused",
                 **fields,
             )
             for i, row, g, ok, fields in zip(
@@ -152,6 +153,17 @@ def extract_to_store(
     )
 
 
+def grade_row(answer: str, row: QARow, spec: ExtractSpec) -> Grade:
+    """A refusal is its own outcome (rule "refused", never correct); a row without accepted answers (an
+    unanswerable or benign-refusal question) is graded only by that; every other answer by `grade`."""
+    pattern = refusal_match(answer)
+    if pattern is not None:
+        return Grade(False, "refused", None, 0.0, f"the model refused (pattern {pattern})")
+    if not row.answerable:
+        return Grade(False, "none", None, 0.0, "no accepted answer: graded only by whether the model refused")
+    return grade(answer, row.answers, row.question, grader=spec.grader, f1_threshold=spec.f1_threshold)
+
+
 def rows_and_splits(data_spec) -> tuple[list[QARow], list[str]]:
     from extract.data import load_rows
 
@@ -160,18 +172,26 @@ def rows_and_splits(data_spec) -> tuple[list[QARow], list[str]]:
 
 
 def accuracy_table(store: ActivationStore) -> str:
-    """Markdown: per category, rows, accuracy, truncated answers (cut by max_new_tokens) and empty answers."""
+    """Markdown: per category, rows, accuracy, refusals (their own outcome, never correct), truncated answers
+    (cut by max_new_tokens) and empty answers. Accuracy is over answered rows with accepted answers: a category
+    without any (unanswerable, benign_refusal) shows "-", and "all" counts answerable rows only."""
     # From `records` (dicts), so that a caller may hand in edited records; typed again here.
     rows = [RowRecord.from_dict(r, f"{store.path}: record {i}") for i, r in enumerate(store.records)]
-    lines = ["| category | n | accuracy | truncated | empty |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| category | n | accuracy | accuracy (answered) | refused | truncated | empty |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     groups: dict[str, list[RowRecord]] = {}
     for row in rows:
         groups.setdefault(row.category, []).append(row)
-    for name, group in [*sorted(groups.items()), ("all", rows)]:
-        acc = np.mean([r.label for r in group])
+    for name, group in [*sorted(groups.items()), ("all", [r for r in rows if r.answers])]:
+        graded = [r for r in group if r.answers]
+        answered = [r.label for r in graded if not r.refused]
+        acc = f"{np.mean([r.label for r in graded]):.3f}" if graded else "-"
+        acc_answered = f"{np.mean(answered):.3f}" if answered else "-"
         lines.append(
-            f"| {name} | {len(group)} | {acc:.3f} | {sum(r.truncated for r in group)} "
-            f"| {sum(r.empty_answer for r in group)} |"
+            f"| {name} | {len(group)} | {acc} | {acc_answered} | {sum(r.refused for r in group)} "
+            f"| {sum(r.truncated for r in group)} | {sum(r.empty_answer for r in group)} |"
         )
     parsed = [r.verbalized_parsed for r in rows if r.verbalized_parsed is not None]
     if parsed:

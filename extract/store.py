@@ -69,7 +69,8 @@ class RowRecord:
     """What the store knows about one row besides its activations and baselines.
 
     Fields without a default are required on write. `domain` (a group of related categories) defaults
-    to the category, which is what stores written before the field existed get on read.
+    to the category, which is what stores written before the field existed get on read; likewise
+    `refused` (the model declined, extract.refusal) reads as False from older stores.
     """
 
     id: str
@@ -90,6 +91,7 @@ class RowRecord:
     truncated: bool = False  # cut off by max_new_tokens (not the same as a wrong answer)
     empty_answer: bool = False
     answer_in_text: bool = True
+    refused: bool = False  # the model declined or said it cannot know (extract.refusal); then label is 0
 
     def __post_init__(self) -> None:
         if not self.domain:

@@ -8,7 +8,7 @@ sweep must pick that site. Importable as a module so that the notebook test can 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -75,12 +75,13 @@ def write_synthetic_store(
     signal: float = 1.5,
     shard_size: int = 64,
     seed: int = 0,
+    edit_record: Callable[[int, dict], dict] | None = None,
 ) -> ActivationStore:
     """Write a complete synthetic store at `path` and open it.
 
     Activations `[n_rows, hidden]` per site are N(0, 1); at `signal_site` correct rows (label 1) are shifted
     by `signal` along a fixed unit direction. Two categories of different accuracy, splits 60/20/20 with
-    both labels in every split.
+    both labels in every split. edit_record(i, record) -> record: change row i's record before it is written.
     """
     if signal_site[0] not in layers or signal_site[1] not in positions:
         raise ValueError(
@@ -119,6 +120,8 @@ def write_synthetic_store(
                 "answer_in_text": True,
             }
         )
+        if edit_record is not None:
+            records[-1] = edit_record(i, records[-1])
     settings = {
         "fingerprint": synthetic_fingerprint(hidden, max(layers)),
         "layers": list(layers),

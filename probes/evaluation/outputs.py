@@ -171,6 +171,9 @@ def write_run_outputs(
         if not m.startswith(PROBE_METHOD) and (not m.endswith("(raw)") or m == baseline)
     }
     notes = [f"{k}: {v}" for k, v in extra.get("notes", {}).items()]
+    gap = extra.get("refusal_gap")  # a RefusalGapTable (probes.evaluation.refusal_gap) or None
+    if gap is not None:
+        notes.append(refusal_gap_section(gap))
     summary = transfer_summary(extra, baseline)
     calibration = calibration_by_domain(methods[PROBE_METHOD], data, mask, transfer, spec.n_bins)
     inputs = ReportInputs(
@@ -201,7 +204,7 @@ def write_run_outputs(
         calibration=calibration,
     )
     report = write_report(run_dir, inputs)
-    skipped = {"notes", "transfer", "candidates", "selection", "transfer_seconds", "threshold"}
+    skipped = {"notes", "transfer", "candidates", "selection", "transfer_seconds", "threshold", "refusal_gap"}
     metrics = {
         "title": title,
         "best_baseline": baseline,
@@ -213,10 +216,12 @@ def write_run_outputs(
         **({"transfer": summary} if summary else {}),
         "calibration": calibration,
         **{k: v for k, v in extra.items() if k not in skipped},
+        **({"refusal_gap": gap.to_dict()} if gap is not None else {}),
     }
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=json_default))
     under_table = "\n".join([calibration_headline(calibration), *headline_notes(extra)])
-    return report, headline(table, baseline, transfer) + "\n\n" + under_table
+    text = headline(table, baseline, transfer) + "\n\n" + under_table
+    return report, text + ("\n\n" + refusal_gap_section(gap) if gap is not None else "")
 
 
 def report_sections(extra: dict[str, Any]) -> list[tuple[str, str]]:
@@ -233,6 +238,14 @@ def headline_notes(extra: dict[str, Any]) -> list[str]:
     if extra.get("novelty"):
         lines.append(novelty_headline(extra["novelty"]))
     return lines
+
+
+def refusal_gap_section(gap) -> str:
+    """The refusal-gap table (probes.evaluation.refusal_gap) as a titled Markdown paragraph."""
+    return (
+        "Refusal gap (answerable domains: test split; unanswerable and benign_refusal: every row, never fit):\n\n"
+        + gap.markdown()
+    )
 
 
 def threshold_report(threshold, p_test: np.ndarray, y_test: np.ndarray) -> dict[str, Any]:

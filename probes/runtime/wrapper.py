@@ -33,6 +33,7 @@ from extract.grading import cut_answer
 from extract.hooks import capture_hidden_states
 from extract.models import LoadedModel, from_transformers, load_model
 from extract.prompts import PromptSpec, Question, encode_prompt, render_prompt, saved_prompt_spec
+from extract.refusal import is_refusal
 from extract.settings import GenerationSpec
 from extract.streaming import BatchFeed, finish_text
 from extract.tokens import cut_generation, eos_token_ids, left_pad, pool_states, position_ids
@@ -76,9 +77,10 @@ class ProbedGeneration:
     novelty: float | None = None  # how far the question lies from training (probes.novelty; 1.0 = cut-off)
     in_domain: bool | None = None  # novelty <= 1 (None: the artifact has no novelty model)
     domain: str | None = None  # the domain its calibration used: the client's tag, else the assigned cluster
-    domain_assigned: bool = (
-        False  # True when `domain` is the artifact's cluster of the prompt (no client tag)
-    )
+    # True when `domain` is the artifact's cluster of the prompt (no client tag)
+    domain_assigned: bool = False
+    # the model's own answer declined (extract.refusal); probecal does not override it
+    model_refused: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,6 +109,7 @@ class ProbedScore:
     in_domain: bool | None = None
     domain: str | None = None  # as ProbedGeneration.domain
     domain_assigned: bool = False
+    model_refused: bool = False  # the graded answer is a refusal (extract.refusal)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -526,6 +529,7 @@ class ProbedModel:
                             in_domain=novelty[r][1],
                             domain=None if resolved is None else resolved[r],
                             domain_assigned=assigned[r],
+                            model_refused=is_refusal(answer),
                         )
                     )
         return out
@@ -588,6 +592,8 @@ class ProbedModel:
         domain=None,
         domain_assigned=False,
     ) -> ProbedGeneration:
+        # Judged on the model's own answer (the graded part), before an abstention message replaces it.
+        refused = finish != "abstained" and is_refusal(cut_answer(text))
         if abstained and finish != "abstained":
             text, answer_chars = self.abstention_message, None
         return ProbedGeneration(
@@ -608,6 +614,7 @@ class ProbedModel:
             in_domain=novelty[1],
             domain=domain,
             domain_assigned=bool(domain_assigned),
+            model_refused=refused,
         )
 
 

@@ -64,6 +64,7 @@ def confidence(gen: Any) -> dict[str, Any]:
         "score": gen.score,
         "layer": gen.layer,
         "position": gen.position,
+        "model_refused": getattr(gen, "model_refused", False),
     }
     chars = getattr(gen, "answer_chars", None)
     out["answer_chars"] = list(chars) if chars is not None else None
@@ -425,6 +426,7 @@ class Server:
             "answer_text": result.answer_text,
             "novelty": getattr(result, "novelty", None),
             "in_domain": getattr(result, "in_domain", None),
+            "model_refused": result.model_refused,
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
             **metadata_echo(body, domain),
         }

@@ -87,6 +87,7 @@ def _as_generation(result: Any, text: str, finish: str, completion_tokens: int) 
         artifact=getattr(result, "artifact", None),
         novelty=getattr(result, "novelty", None),
         in_domain=getattr(result, "in_domain", None),
+        model_refused=getattr(result, "model_refused", False),
     )
 
 

@@ -2,7 +2,11 @@
 
 Splits are the ones recorded in the store (`split` per row, seeded and stratified by category): the layer
 sweep and the probe use `train` only, the calibrator and the abstention threshold use `calibration`, and every
-in-domain number uses `test`. `store` is an `extract.store.ActivationStore` (or anything with its `column`,
+in-domain number uses `test`. Rows of the never-fit domains (probecal.heldout: unanswerable, benign_refusal) are
+in no split mask: they are measured apart (probes.evaluation.refusal_gap). Rows the model refused (RowRecord.refused)
+are left out of `train` and `calibration` (a refusal is its own outcome, not a wrong answer to learn from; served
+answers carry `model_refused`) but stay in `test` as wrong answers.
+`store` is an `extract.store.ActivationStore` (or anything with its `column`,
 `read`, `baselines` and `path`): training never imports `extract`.
 """
 
@@ -14,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from probecal.heldout import NEVER_FIT_DOMAINS
 from probecal.splits import SPLITS
 from probes.inference import logit_feature_matrix
 
@@ -26,6 +31,21 @@ def row_domains(store: Any) -> np.ndarray:
     except (RuntimeError, KeyError):  # a store written before records had a domain (StoreError)
         return categories
     return np.where(domains == "", categories, domains)
+
+
+def row_refused(store: Any) -> np.ndarray:
+    """[n] bool: the model refused (RowRecord.refused; False for stores written before the field existed)."""
+    try:
+        return store.column("refused").astype(bool)
+    except (RuntimeError, KeyError):  # a record class without the field (StoreError)
+        return np.zeros(len(store), bool)
+
+
+def fit_exclusions(domains: np.ndarray, refused: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(never_fit [n], not_for_fit [n]): rows of NEVER_FIT_DOMAINS (in no split), and those or refused rows
+    (kept out of train and calibration)."""
+    never_fit = np.isin(np.asarray(domains).astype(str), NEVER_FIT_DOMAINS)
+    return never_fit, never_fit | np.asarray(refused, bool)
 
 
 def probe_features(probe: Any, store: Any, layer: int, position: str) -> np.ndarray:
@@ -60,10 +80,10 @@ class SplitData:
         unknown = sorted(set(split.tolist()) - set(SPLITS))
         if unknown:
             raise ValueError(f"unknown split name(s) {unknown}; allowed: {', '.join(SPLITS)}")
-        masks = {name: split == name for name in SPLITS}
-        return cls(
-            store.column("label").astype(int), store.column("category").astype(str), masks, row_domains(store)
-        )
+        domains = row_domains(store)
+        never_fit, not_for_fit = fit_exclusions(domains, row_refused(store))
+        masks = {name: (split == name) & ~(never_fit if name == "test" else not_for_fit) for name in SPLITS}
+        return cls(store.column("label").astype(int), store.column("category").astype(str), masks, domains)
 
     @property
     def calibration_groups(self) -> np.ndarray:

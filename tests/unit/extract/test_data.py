@@ -40,7 +40,29 @@ def write(tmp_path, name, text, mode="w"):
 
 @pytest.fixture(scope="module")
 def facts():
-    return load_rows(DataSpec())
+    return load_rows(DataSpec(heldout_sets=False))
+
+
+def test_facts_load_the_never_fit_sets_by_default(facts):
+    from probecal.heldout import NEVER_FIT_DOMAINS
+
+    rows = load_rows(DataSpec())
+    assert rows[: len(facts)] == facts
+    extra = rows[len(facts) :]
+    assert len(extra) >= 300 and {r.domain for r in extra} == set(NEVER_FIT_DOMAINS)
+    assert all(not r.answerable and r.answers == () for r in extra)
+    assert sum(r.domain == "benign_refusal" for r in extra) >= 40
+    assert {r.category for r in extra} >= {"fictional_entity", "false_premise", "future", "benign_trigger"}
+
+
+def test_answerable_false_rows_need_no_answers_and_no_other(tmp_path):
+    path = tmp_path / "u.jsonl"
+    path.write_text('{"question": "What is the capital of Ostmi?", "answerable": false}\n', encoding="utf-8")
+    (row,) = load_rows(DataSpec(name="jsonl", path=str(path)))
+    assert not row.answerable and "answerable" not in row.metadata
+    path.write_text('{"question": "Q?", "answers": ["x"], "answerable": false}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"u.jsonl:1: an unanswerable row"):
+        load_rows(DataSpec(name="jsonl", path=str(path)))
 
 
 def test_facts_size_categories_and_aliases(facts):

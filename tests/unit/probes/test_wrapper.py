@@ -263,3 +263,16 @@ def test_chat_messages_and_raw_text_get_bos_once(tiny_llama, monkeypatch, tmp_pa
     assert chat.count(1) == 1 and chat[0] == 1
     assert raw == raw_with_bos == [1, *tok("what is 12 + 30 ?", add_special_tokens=False)["input_ids"]]
     assert wrapped.count_tokens(messages) == len(chat) and wrapped.count_tokens("what is") == 3
+
+
+def test_model_refused_marks_a_declining_answer(loaded, tmp_path):
+    from probes.serving.serving import confidence
+
+    make_artifact(loaded.fingerprint, "answer_last", tmp_path)
+    wrapped = ProbedModel.from_transformers(loaded.model, loaded.tokenizer, tmp_path, threshold=None)
+    prompt = wrapped.question_prompt(QUESTIONS[0])
+    declined, answered = wrapped.score([prompt, prompt], [" i don't know", " paris"])
+    assert declined.model_refused and declined.answer_text == "i don't know"
+    assert not answered.model_refused
+    generated = wrapped.generate(prompt, max_new_tokens=3)[0]
+    assert confidence(generated)["model_refused"] is generated.model_refused

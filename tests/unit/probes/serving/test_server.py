@@ -162,6 +162,7 @@ def test_completion_response(tmp_path):
             "score": pytest.approx(math.log(4)),
             "layer": 2,
             "position": "prompt_last",
+            "model_refused": False,
             "answer_chars": None,
             "novelty": None,  # the fake's artifact has no novelty model
             "in_domain": None,

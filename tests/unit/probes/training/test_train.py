@@ -512,14 +512,23 @@ def test_summarize_puts_runs_without_the_metric_last(tmp_path):
 def test_accuracy_table_counts_per_category(tmp_path):
     from extract.runner import accuracy_table
 
-    store = write_synthetic_store(tmp_path / "store")
+    def refuse_some(i, record):  # a refusal is its own outcome: label 0, counted apart
+        return {**record, "refused": True, "label": 0} if i % 9 == 0 else record
+
+    store = write_synthetic_store(tmp_path / "store", edit_record=refuse_some)
     table = accuracy_table(store)
     records = store.records
     for category in {r["category"] for r in records} | {"all"}:
         group = [r for r in records if category in ("all", r["category"])]
         accuracy = sum(r["label"] for r in group) / len(group)
+        answered = [r["label"] for r in group if not r["refused"]]
+        refused = sum(r["refused"] for r in group)
         truncated = sum(r["truncated"] for r in group)
-        assert f"| {category} | {len(group)} | {accuracy:.3f} | {truncated} | 0 |" in table
+        assert refused > 0
+        row = (
+            f"| {category} | {len(group)} | {accuracy:.3f} | {sum(answered) / len(answered):.3f} | {refused} "
+        )
+        assert row + f"| {truncated} | 0 |" in table
     assert "verbalized" not in table  # the baseline was off: nothing to report
 
 
