@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 app = FastAPI()
 calls = {"n": 0}
 last: dict = {}
+open_bodies = {"n": 0}  # slow bodies being sent now (the proxy must close them when its client leaves)
 
 
 def _prompt(body: dict) -> str:
@@ -37,6 +38,11 @@ def _prompt(body: dict) -> str:
 @app.get("/calls")
 async def count() -> dict:
     return calls
+
+
+@app.get("/open")
+async def still_open() -> dict:
+    return open_bodies
 
 
 @app.get("/last")
@@ -77,9 +83,13 @@ async def _bad(mode: str, chat: bool, stream: bool):
     if mode == "slowbody":
 
         async def trickle():
-            for byte in b'{"choices": []}' * 10:
-                await asyncio.sleep(1)
-                yield bytes([byte])
+            open_bodies["n"] += 1
+            try:
+                for byte in b'{"choices": []}' * 10:
+                    await asyncio.sleep(1)
+                    yield bytes([byte])
+            finally:  # also when the proxy closes the connection
+                open_bodies["n"] -= 1
 
         return StreamingResponse(trickle(), media_type="text/event-stream" if stream else "application/json")
     if mode in ("badindex", "nodone", "endless") and stream:
