@@ -10,7 +10,7 @@ ARGS        ?=
 PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: run test lint install install-dev clean-venv
+.PHONY: run test lint install install-dev clean-venv engine-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,3 +44,9 @@ test: install-dev
 
 clean-venv:
 	rm -rf $(VENV)
+
+# A real engine behind the proxy, driven with the openai SDK (minutes; not part of `make test`).
+# The engine gets its own venv outside the project: ENGINE_VENV (default ~/.cache/probecal/engines/ENGINE).
+ENGINE ?= vllm
+engine-check: install-dev
+	HF_HUB_OFFLINE=1 $(PY) scripts/engine_check.py --engine $(ENGINE) $(ARGS)

@@ -59,12 +59,16 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def find_stop(text: str, stop_strings: Sequence[str]) -> tuple[int, int] | None:
-    """(start, end) of the earliest stop string in `text` (the longest one on a tie), or None."""
+    """(start, end) of the earliest stop string in `text` (the longest one on a tie), or None.
+
+    Leading blank space (line breaks, blank lines) is skipped: a model that opens its turn with a newline
+    has not answered yet, and a stop found there would leave an empty answer to grade or score."""
     best = None
+    lead = len(text) - len(text.lstrip())
     for stop in stop_strings:
         if not stop:
             continue
-        start = text.find(stop)
+        start = text.find(stop, lead)
         if start >= 0 and (best is None or (start, -len(stop)) < (best[0], best[0] - best[1])):
             best = (start, start + len(stop))
     return best

@@ -21,6 +21,7 @@ from probes.serving.protocol import (
     chat_prompt,
     completion_prompt,
     parse_sampling,
+    reject_engine_params,
     reject_unsupported,
 )
 from probes.serving.serving import Server
@@ -45,6 +46,7 @@ async def complete(
     proxy: UpstreamProxy | None = request.app.state.proxy
     if proxy is not None:
         return await proxy.complete(endpoint, body, await request.json(), prompt, param)
+    reject_engine_params(body)
     return await server.generate(endpoint, body, prompt, sampling, param)
 
 
@@ -90,6 +92,10 @@ async def models(request: Request) -> dict:
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
     body, ok = server_of(request).health()
+    if request.app.state.proxy is not None:  # the engine's state too: a dead upstream is not "ok"
+        body["upstream"] = await request.app.state.proxy.health()
+        if body["upstream"]["status"] != "ok" and body["status"] == "ok":
+            body["status"] = "degraded"
     return JSONResponse(body, status_code=200 if ok else 503)
 
 

@@ -133,6 +133,25 @@ class _SamplingFields(_DomainFields):
     frequency_penalty: float | None = None
     logit_bias: Any = None
     seed: int | None = None
+    # engine-specific sampling options (vLLM, llama.cpp's server, SGLang): passed on as they are in proxy mode
+    # (the engine validates them), refused by probecal's own server (reject_engine_params)
+    top_k: Any = None
+    min_p: Any = None
+    repetition_penalty: Any = None
+    repeat_penalty: Any = None
+    length_penalty: Any = None
+    min_tokens: Any = None
+    ignore_eos: Any = None
+    skip_special_tokens: Any = None
+    return_token_ids: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    grammar: Any = None
+    json_schema: Any = None
+    cache_prompt: Any = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -238,6 +257,26 @@ _UNSUPPORTED = {
     "function_call": "function_call is not supported",
     "response_format": "only response_format {'type': 'text'} is supported",
 }
+
+
+ENGINE_PARAMS = (
+    "top_k", "min_p", "repetition_penalty", "repeat_penalty", "length_penalty", "min_tokens", "ignore_eos",
+    "skip_special_tokens", "return_token_ids", "guided_json", "guided_regex", "guided_choice",
+    "guided_grammar", "structured_outputs", "grammar", "json_schema", "cache_prompt",
+)  # fmt: skip
+
+
+def reject_engine_params(body: BaseModel) -> None:
+    """probecal's own server decodes with transformers' greedy/temperature/top_p only: an engine's option
+    is an error here (it is passed on in proxy mode)."""
+    for name in ENGINE_PARAMS:
+        if getattr(body, name, None) is not None:
+            raise APIError(
+                400,
+                f"'{name}' is an engine's sampling option: it is passed on only in proxy mode (serve.upstream).",
+                param=name,
+                code="unsupported_parameter",
+            )
 
 
 def reject_unsupported(body: BaseModel, max_n: int = 1) -> None:

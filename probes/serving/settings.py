@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -28,6 +29,11 @@ class ServeSettings:
     upstream: str | None = None  # proxy mode: an OpenAI-compatible engine's base URL (http://host:port/v1)
     upstream_connect_timeout_s: float = 5.0  # unreachable upstream -> 502 after this long
     upstream_timeout_s: float = 120.0  # no response / no next chunk from the upstream for this long -> 504
+    upstream_deadline_s: float = 300.0  # an upstream answer (or stream) unfinished after this long -> 504
+    upstream_max_bytes: int = 4_000_000  # an upstream answer larger than this -> 502 (memory, model lock)
+    # request fields the proxy sets when the client does not (the probe was trained on greedy answers; an
+    # engine's own default samples at T=0.8-1.0 and may generate thousands of tokens)
+    upstream_defaults: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.0, "max_tokens": 64})
     admin_token: str | None = (
         None  # POST /admin/reload needs "Authorization: Bearer <token>" (None: loopback only)
     )
@@ -47,6 +53,7 @@ class ServeSettings:
             "calibration_bins",
             "max_n",
             "metrics_max_domains",
+            "upstream_max_bytes",
         )
         for name in positive:
             value = getattr(self, name)
@@ -64,7 +71,13 @@ class ServeSettings:
                 f"serve.upstream must be an http(s) URL such as http://127.0.0.1:8001/v1, "
                 f"got {self.upstream!r}"
             )
-        for name in ("upstream_connect_timeout_s", "upstream_timeout_s"):
+        if not isinstance(self.upstream_defaults, dict) or not all(
+            isinstance(k, str) for k in self.upstream_defaults
+        ):
+            raise ValueError(
+                f"serve.upstream_defaults must map request fields to values, got {self.upstream_defaults!r}"
+            )
+        for name in ("upstream_connect_timeout_s", "upstream_timeout_s", "upstream_deadline_s"):
             if not 0 < getattr(self, name) <= 3600:
                 raise ValueError(f"serve.{name} must be in (0, 3600] seconds, got {getattr(self, name)!r}")
         if self.admin_token is not None and (

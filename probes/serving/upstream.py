@@ -1,12 +1,26 @@
-"""Proxy mode (`serve.upstream`): forward completions to an OpenAI-compatible engine (vLLM, SGLang, TGI's
-OpenAI API, ...), then score every returned choice through the /v1/score path and add `confidence`.
+"""Proxy mode (`serve.upstream`): forward completions to an OpenAI-compatible engine (vLLM, llama.cpp's
+server, SGLang, TGI's OpenAI API, ...), then score every returned choice through the /v1/score path and add
+`confidence`.
 
+- Requests: `serve.upstream_defaults` (e.g. `{temperature: 0, max_tokens: 64}`) fills in what a request does
+  not say, so the engine decodes as the probe was trained (greedy) rather than at its own default sampling.
+  Engine-specific sampling options (`top_k`, `min_p`, `repetition_penalty`, guided decoding, ...) pass
+  through; probecal validates only what it interprets itself. `confidence.decoding` says how the scored
+  answer was decoded (`greedy`, `temperature`; `null` temperature: the engine's own default).
 - Pre-generation abstention (a `prompt_last` probe with a threshold) is decided before the upstream is
   called: an abstained request spends no upstream tokens.
-- Streaming passes the upstream's chunks through unchanged and appends, per choice, one chunk with the
-  `finish_reason` and `confidence` before `[DONE]`.
-- Upstream HTTP errors keep the upstream's status and become OpenAI's error shape; an unreachable upstream
-  is a 502 and an upstream that stays silent past `serve.upstream_timeout_s` a 504, never a hang.
+- Abstention, the same in both modes: a non-streamed abstained answer's text is replaced by the abstention
+  message; a streamed one has been sent already, and its final chunk's `confidence.abstained` says so.
+- Streaming passes the upstream's chunks through (our id in place of its own, `finish_reason` held back),
+  then one chunk per choice with its `finish_reason` and `confidence`, then the usage chunk if the engine
+  sent one (`stream_options.include_usage`), then `[DONE]`.
+- Failures are OpenAI's error shape, never a 500 or a hang: an upstream 4xx keeps its status (its
+  `error.code` as a string, its message capped); a 5xx, a redirect, or a malformed answer (not JSON, no
+  usable `choices`, a bad chunk, a stream without `[DONE]`, more than `serve.upstream_max_bytes`, a
+  completion longer than the model's context) is a 502 naming what was wrong; an unreachable engine a 502;
+  silence past `serve.upstream_timeout_s` or an answer unfinished after `serve.upstream_deadline_s` a 504.
+  In a stream the status line has gone: the error comes as an SSE error event. A client that leaves a
+  stream closes the upstream call.
 - The returned text is re-encoded to score it (the OpenAI API returns no token ids): with the same model
   and tokenizer on both sides this matches the engine's tokens for ordinary text; see /v1/score for ids.
 """
@@ -36,6 +50,32 @@ from probes.serving.serving import (
     sse_error,
 )
 
+ERROR_MESSAGE_CHARS = 1000  # an engine's error message is echoed up to this long
+ERROR_BODY_BYTES = 64_000  # of an error answer, no more than this is read
+
+
+class _Malformed(Exception):
+    """What was wrong with the engine's answer (-> 502)."""
+
+
+def _bad_answer(base_url: str, what: str) -> APIError:
+    return APIError(
+        502,
+        f"The upstream engine at {base_url} sent a malformed answer: {what}.",
+        type_="server_error",
+        code="upstream_bad_response",
+    )
+
+
+def _deadline_error(base_url: str, deadline_s: float) -> APIError:
+    return APIError(
+        504,
+        f"The upstream engine at {base_url} did not finish its answer within {deadline_s:g} s "
+        "(serve.upstream_deadline_s).",
+        type_="server_error",
+        code="upstream_timeout",
+    )
+
 
 def _transport_error(err: httpx.HTTPError, base_url: str) -> APIError:
     if isinstance(err, (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout)):
@@ -48,28 +88,86 @@ def _transport_error(err: httpx.HTTPError, base_url: str) -> APIError:
         )
     return APIError(
         502,
-        f"The upstream engine at {base_url} is unreachable ({type(err).__name__}: {err}).",
+        f"The upstream engine at {base_url} is unreachable ({type(err).__name__}: {str(err)[:200]}).",
         type_="server_error",
         code="upstream_unreachable",
     )
 
 
-def _upstream_error(status: int, content: bytes) -> APIError:
-    """The upstream's error, its status kept, in OpenAI's shape."""
+def _capped(text: Any) -> str:
+    text = str(text)
+    return text if len(text) <= ERROR_MESSAGE_CHARS else text[:ERROR_MESSAGE_CHARS] + " ... (cut)"
+
+
+def _upstream_error(status: int, content: bytes, headers: httpx.Headers | None = None) -> APIError:
+    """The upstream's error in OpenAI's shape: a 4xx keeps its status, a 5xx or a redirect is a 502."""
+    if 300 <= status < 400:
+        where = (headers or {}).get("location", "?")
+        return APIError(
+            502,
+            f"The upstream engine answered {status} (a redirect to {_capped(where)}); redirects are not "
+            "followed: set serve.upstream to the engine's own base URL.",
+            type_="server_error",
+            code="upstream_redirect",
+        )
     try:
         error = json.loads(content)["error"]
         if isinstance(error, str):
             error = {"message": error}
-        return APIError(
-            status,
-            str(error.get("message", "upstream error")),
-            type_=error.get("type") or "upstream_error",
-            param=error.get("param"),
-            code=error.get("code"),
-        )
+        message, kind = _capped(error.get("message", "upstream error")), error.get("type")
+        param, code = error.get("param"), error.get("code")
     except (ValueError, KeyError, TypeError, AttributeError):
-        text = content.decode("utf-8", "replace")[:200]
-        return APIError(status, f"The upstream engine answered {status}: {text}", type_="upstream_error")
+        message = _capped(content.decode("utf-8", "replace")) or "(no body)"
+        kind = param = code = None
+    if status >= 500 or status < 400:
+        return APIError(
+            502,
+            f"The upstream engine failed ({status}): {message}",
+            type_="server_error",
+            code="upstream_error",
+        )
+    return APIError(
+        status,
+        message if kind else f"The upstream engine answered {status}: {message}",
+        type_=str(kind) if kind else "upstream_error",
+        param=str(param) if param is not None else None,
+        code=str(code) if code is not None else None,  # llama.cpp sends an integer
+    )
+
+
+def _choice_text(choice: Any, endpoint: str, streamed: bool) -> str:
+    """The text of one choice (a delta's piece when streamed); _Malformed when it has none of the right type."""
+    if not isinstance(choice, dict):
+        raise _Malformed(f"a choice is {type(choice).__name__}, not an object")
+    if endpoint == "completions":
+        text = choice.get("text")
+    else:
+        holder = choice.get("delta" if streamed else "message")
+        if holder is not None and not isinstance(holder, dict):
+            raise _Malformed(f"a choice's {'delta' if streamed else 'message'} is not an object")
+        text = (holder or {}).get("content")
+    if text is not None and not isinstance(text, str):
+        raise _Malformed(f"a choice's text is {type(text).__name__}, not a string")
+    return text or ""
+
+
+def _choice_index(choice: dict, n: int) -> int:
+    index = choice.get("index", 0)
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < n:
+        raise _Malformed(f"a choice's index is {json.dumps(index)[:40]}, not an integer in [0, {n})")
+    return index
+
+
+def _choices(data: Any, endpoint: str, n: int) -> tuple[list[dict], list[str]]:
+    if not isinstance(data, dict):
+        raise _Malformed(f"the body is a JSON {type(data).__name__}, not an object")
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise _Malformed("`choices` is missing, null, empty or not a list")
+    texts = [_choice_text(c, endpoint, streamed=False) for c in choices]
+    for c in choices:
+        _choice_index(c, n)
+    return choices, texts
 
 
 def _as_generation(result: Any, text: str, finish: str, completion_tokens: int) -> ProbedGeneration:
@@ -91,6 +189,22 @@ def _as_generation(result: Any, text: str, finish: str, completion_tokens: int) 
     )
 
 
+def _decoding(forwarded: dict) -> dict[str, Any]:
+    """How the engine decoded: greedy at temperature 0 (or top_k 1); None temperature: the engine's default."""
+    temperature = forwarded.get("temperature")
+    greedy = temperature == 0 or forwarded.get("top_k") == 1
+    return {"greedy": bool(greedy), "temperature": temperature}
+
+
+def _answer_chars(result: Any, text: str) -> list[int] | None:
+    """[start, end) of `text` the probe read (the graded answer), None for a prompt_last probe."""
+    answer = getattr(result, "answer_text", "")
+    if result.position == "prompt_last" or not answer:
+        return None
+    at = text.find(answer)
+    return None if at < 0 else [at, at + len(answer)]
+
+
 class UpstreamProxy:
     """Proxy mode's work: one pooled async HTTP client to the engine (opened on app start, closed on
     shutdown), and the `Server` whose model scores, and whose store records, what the engine returns."""
@@ -98,21 +212,45 @@ class UpstreamProxy:
     def __init__(self, server: Server, base_url: str, connect_timeout_s: float, timeout_s: float):
         self.server = server
         self.base_url = base_url.rstrip("/")
+        settings = server.settings
+        self.deadline_s = float(getattr(settings, "upstream_deadline_s", 300.0))
+        self.max_bytes = int(getattr(settings, "upstream_max_bytes", 4_000_000))
+        self.defaults = dict(getattr(settings, "upstream_defaults", None) or {})
         self.client = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            follow_redirects=False,
         )
 
     async def close(self) -> None:
         await self.client.aclose()
+
+    async def health(self) -> dict[str, Any]:
+        """The engine's state for /health: "ok" when GET {upstream}/models answers 200 within 2 s."""
+        try:
+            reply = await self.client.get("/models", timeout=2.0)
+            state = "ok" if reply.status_code == 200 else f"error {reply.status_code}"
+        except httpx.HTTPError as err:
+            state = f"unreachable ({type(err).__name__})"
+        return {"url": self.base_url, "status": state}
+
+    def forwarded(self, raw: dict) -> dict:
+        """The request as sent to the engine: `serve.upstream_defaults` for what the client did not say,
+        probecal's own top-level `domain` removed (OpenAI's `metadata` goes on to the engine)."""
+        out = {k: v for k, v in self.defaults.items() if raw.get(k) is None}
+        if raw.get("max_completion_tokens") is not None:
+            out.pop("max_tokens", None)
+        out |= {k: v for k, v in raw.items() if k != "domain"}
+        out["model"] = raw.get("model") or self.server.model_name
+        return out
 
     async def complete(self, endpoint: str, body: Any, raw: dict, prompt: Prompt, param: str) -> Any:
         """Forward one completion / chat completion (`raw`: the request's JSON) and add confidences."""
         server = self.server
         domain = request_domain(body)
         echoed = metadata_echo(body, domain)
-        await server.check_length(prompt, 0, param)
+        prompt_tokens = await server.check_length(prompt, 0, param)
         n, stop = body.n or 1, parse_stop(body.stop)
         abstained = await self._abstains_before_generating(prompt, n, domain)
         if abstained is not None:  # no upstream tokens spent
@@ -126,55 +264,88 @@ class UpstreamProxy:
                 futures.append(future)
             return server.stream(endpoint, prompt, futures, events, body, domain)
         path = "/completions" if endpoint == "completions" else "/chat/completions"
-        # the top-level "domain" is probecal's own field; metadata (OpenAI's) goes on to the engine
-        forwarded = {
-            **{k: v for k, v in raw.items() if k != "domain"},
-            "model": raw.get("model") or server.model_name,
-        }
-        if not body.stream:
-            try:
-                reply = await self.client.post(path, json=forwarded)
-            except httpx.HTTPError as err:
-                raise _transport_error(err, self.base_url) from None
-            if reply.status_code != 200:
-                raise _upstream_error(reply.status_code, reply.content)
-            data = reply.json()
-            choices = data.get("choices") or []
-            texts = [
-                (c.get("text") if endpoint == "completions" else (c.get("message") or {}).get("content"))
-                or ""
-                for c in choices
-            ]
-            results = await self._scores(prompt, texts, stop, domain)
-            for choice, result in zip(choices, results, strict=True):
-                choice["confidence"] = confidence(result) | {"answer_chars": None}
-            # our own id (the one /v1/feedback knows): upstream ids need not be unique across engines
-            response_id = data["id"] = f"{OBJECTS[endpoint][0]}-{uuid.uuid4().hex}"
-            await server.record(
-                endpoint,
-                response_id,
-                prompt,
-                [
-                    (t, r, c.get("finish_reason") or "stop")
-                    for t, r, c in zip(texts, results, choices, strict=True)
-                ],
-                domain,
+        forwarded = self.forwarded(raw)
+        decoding = _decoding(forwarded)
+        if body.stream:
+            return await self._open_stream(
+                endpoint, path, forwarded, prompt, prompt_tokens, n, stop, domain, echoed, decoding
             )
-            return JSONResponse(data | echoed)
+        status, content, headers = await self._post(path, forwarded)
+        if status != 200:
+            raise _upstream_error(status, content, headers)
         try:
-            request = self.client.build_request("POST", path, json=forwarded)
-            reply = await self.client.send(request, stream=True)
+            data = json.loads(content)
+        except ValueError as err:
+            raise _bad_answer(self.base_url, f"the body is not JSON ({str(err)[:120]})") from None
+        try:
+            choices, texts = _choices(data, endpoint, n)
+        except _Malformed as err:
+            raise _bad_answer(self.base_url, str(err)) from None
+        await self._check_completions(prompt_tokens, texts)
+        results = await self._scores(prompt, texts, stop, domain)
+        message = server.settings.abstention_message or getattr(server.model, "abstention_message", None)
+        for choice, text, result in zip(choices, texts, results, strict=True):
+            choice["confidence"] = confidence(result) | {
+                "answer_chars": _answer_chars(result, text),
+                "decoding": decoding,
+            }
+            if result.abstained and message is not None:  # as probecal's own server does
+                choice["confidence"]["answer_chars"] = None
+                if endpoint == "completions":
+                    choice["text"] = message
+                else:
+                    choice["message"] = {**(choice.get("message") or {}), "content": message}
+        # our own id (the one /v1/feedback knows): upstream ids need not be unique across engines
+        response_id = data["id"] = f"{OBJECTS[endpoint][0]}-{uuid.uuid4().hex}"
+        data["choices"] = choices
+        await server.record(
+            endpoint,
+            response_id,
+            prompt,
+            [
+                (t, r, c.get("finish_reason") or "stop")
+                for t, r, c in zip(texts, results, choices, strict=True)
+            ],
+            domain,
+        )
+        return JSONResponse(data | echoed)
+
+    async def _post(self, path: str, forwarded: dict) -> tuple[int, bytes, httpx.Headers]:
+        """(status, body, headers) of one non-streamed call, within the deadline and the byte cap."""
+        try:
+            async with asyncio.timeout(self.deadline_s):
+                async with self.client.stream("POST", path, json=forwarded) as reply:
+                    limit = self.max_bytes if reply.status_code == 200 else ERROR_BODY_BYTES
+                    content = bytearray()
+                    async for piece in reply.aiter_bytes():
+                        content += piece
+                        if len(content) > limit:
+                            if reply.status_code != 200:
+                                break  # enough of an error body to say what it was
+                            raise _bad_answer(
+                                self.base_url,
+                                f"the answer is larger than {self.max_bytes} bytes (serve.upstream_max_bytes)",
+                            )
+                    return reply.status_code, bytes(content[:limit]), reply.headers
+        except TimeoutError:
+            raise _deadline_error(self.base_url, self.deadline_s) from None
         except httpx.HTTPError as err:
             raise _transport_error(err, self.base_url) from None
-        if reply.status_code != 200:
-            content = await reply.aread()
-            await reply.aclose()
-            raise _upstream_error(reply.status_code, content)
-        return StreamingResponse(
-            self._pass_through(endpoint, reply, prompt, stop, domain, echoed),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"},
-        )
+
+    async def _check_completions(self, prompt_tokens: int, texts: list[str]) -> None:
+        """502 when a completion is longer than the model's context allows (it could not be scored whole)."""
+        model = self.server.model
+        limit = model.max_context_tokens
+        for text in texts:
+            if len(text) <= limit:  # a token is at least one character: nothing to count
+                continue
+            tokens = await asyncio.to_thread(model.count_tokens, text)
+            if prompt_tokens + tokens > limit:
+                raise _bad_answer(
+                    self.base_url,
+                    f"a completion of {tokens} tokens after a prompt of {prompt_tokens} exceeds the model's "
+                    f"context of {limit} tokens (set max_tokens, or serve.upstream_defaults.max_tokens)",
+                )
 
     async def _scores(
         self, prompt: Prompt, texts: list[str], stop: tuple[str, ...] | None, domain: str | None = None
@@ -204,66 +375,139 @@ class UpstreamProxy:
         )
         return [_as_generation(result, message, "abstained", 0)] * n
 
+    async def _open_stream(
+        self, endpoint, path, forwarded, prompt, prompt_tokens, n, stop, domain, echoed, decoding
+    ) -> StreamingResponse:
+        started = time.monotonic()
+        try:
+            request = self.client.build_request("POST", path, json=forwarded)
+            reply = await asyncio.wait_for(self.client.send(request, stream=True), self.deadline_s)
+        except TimeoutError:
+            raise _deadline_error(self.base_url, self.deadline_s) from None
+        except httpx.HTTPError as err:
+            raise _transport_error(err, self.base_url) from None
+        if reply.status_code != 200 or "text/event-stream" not in reply.headers.get("content-type", ""):
+            try:
+                status, content = reply.status_code, await self._head(reply)
+            finally:
+                await reply.aclose()
+            if status != 200:
+                raise _upstream_error(status, content, reply.headers)
+            raise _bad_answer(
+                self.base_url,
+                f"a streamed request was answered with {reply.headers.get('content-type', 'no content type')}, "
+                "not an event stream",
+            )
+        return StreamingResponse(
+            self._pass_through(
+                endpoint, reply, prompt, prompt_tokens, n, stop, domain, echoed, decoding, started
+            ),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    async def _head(self, reply: httpx.Response) -> bytes:
+        content = bytearray()
+        try:
+            async with asyncio.timeout(min(self.deadline_s, 10.0)):
+                async for piece in reply.aiter_bytes():
+                    content += piece
+                    if len(content) > ERROR_BODY_BYTES:
+                        break
+        except (TimeoutError, httpx.HTTPError):
+            pass
+        return bytes(content[:ERROR_BODY_BYTES])
+
+    async def _lines(self, reply: httpx.Response, started: float) -> AsyncIterator[str]:
+        """The stream's lines, each within what is left of the deadline, all within the byte cap."""
+        lines = reply.aiter_lines()
+        read = 0
+        while True:
+            left = self.deadline_s - (time.monotonic() - started)
+            if left <= 0:
+                raise _deadline_error(self.base_url, self.deadline_s)
+            try:
+                line = await asyncio.wait_for(anext(lines), left)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise _deadline_error(self.base_url, self.deadline_s) from None
+            read += len(line) + 1
+            if read > self.max_bytes:
+                raise _bad_answer(
+                    self.base_url,
+                    f"the stream is larger than {self.max_bytes} bytes (serve.upstream_max_bytes)",
+                )
+            yield line
+
     async def _pass_through(
-        self,
-        endpoint: str,
-        reply: httpx.Response,
-        prompt: Prompt,
-        stop: tuple[str, ...] | None,
-        domain: str | None = None,
-        echoed: dict | None = None,
+        self, endpoint, reply, prompt, prompt_tokens, n, stop, domain, echoed, decoding, started
     ) -> AsyncIterator[str]:
-        """The upstream's chunks unchanged (our id in place of its own), then one chunk per choice with its
-        `finish_reason` and `confidence`, then [DONE]."""
+        """The upstream's chunks (our id in place of its own, finish_reason held back), then one chunk per
+        choice with its `finish_reason` and `confidence`, then the usage chunk if any, then [DONE]."""
         texts: dict[int, str] = {}
         finishes: dict[int, str] = {}
         last: dict[str, Any] = {}
+        usage: dict | None = None
         response_id = f"{OBJECTS[endpoint][0]}-{uuid.uuid4().hex}"  # replaces the upstream's (see complete)
         try:
-            try:
-                async for line in reply.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == "[DONE]":
-                        break
-                    try:
-                        chunk = json.loads(payload)
-                    except ValueError:
-                        yield sse(payload)
-                        continue
-                    if isinstance(chunk, dict) and "id" in chunk:
-                        chunk["id"] = response_id
-                    yield sse(chunk)
-                    if not isinstance(chunk, dict):
-                        continue
-                    last = chunk
-                    for choice in chunk.get("choices") or []:
-                        i = choice.get("index", 0)
-                        piece = (
-                            choice.get("text")
-                            if endpoint == "completions"
-                            else (choice.get("delta") or {}).get("content")
-                        )
-                        texts[i] = texts.get(i, "") + (piece or "")
-                        if choice.get("finish_reason"):
-                            finishes[i] = choice["finish_reason"]
-            except httpx.HTTPError as err:
-                yield sse_error(_transport_error(err, self.base_url))
-                return
+            done = False
+            async for line in self._lines(reply, started):
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments, event:/id: fields
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    done = True
+                    break
+                try:
+                    chunk = json.loads(payload)
+                except ValueError:
+                    raise _Malformed(f"a chunk is not JSON ({_capped(payload)[:80]!r})") from None
+                if not isinstance(chunk, dict):
+                    raise _Malformed(f"a chunk is a JSON {type(chunk).__name__}, not an object")
+                if "error" in chunk:  # the engine's own error event
+                    error = (
+                        chunk["error"] if isinstance(chunk["error"], dict) else {"message": chunk["error"]}
+                    )
+                    raise _Malformed(f"the engine sent an error event: {_capped(error.get('message'))}")
+                choices = chunk.get("choices")
+                if choices is None and chunk.get("usage") is not None:
+                    choices = []
+                if not isinstance(choices, list):
+                    raise _Malformed("a chunk's `choices` is missing or not a list")
+                relayed = []
+                for choice in choices:
+                    piece = _choice_text(choice, endpoint, streamed=True)
+                    i = _choice_index(choice, n)
+                    texts[i] = texts.get(i, "") + piece
+                    if choice.get("finish_reason"):
+                        finishes[i] = str(choice["finish_reason"])
+                        if not piece:
+                            continue  # the finish_reason comes once, with the confidence
+                        choice = {**choice, "finish_reason": None}
+                    relayed.append(choice)
+                last = chunk
+                if chunk.get("usage") is not None and not relayed:
+                    usage = chunk  # sent last, after the confidences
+                    continue
+                if choices and not relayed:
+                    continue
+                yield sse({**chunk, "id": response_id, "choices": relayed})
+            if not done:
+                raise _Malformed("the stream ended without [DONE] (cut off)")
+            if not texts:
+                raise _Malformed("the stream carried no choices")
             indices = sorted(texts)
-            try:
-                results = await self._scores(prompt, [texts[i] for i in indices], stop, domain)
-            except APIError as failure:
-                yield sse_error(failure)
-                return
+            await self._check_completions(prompt_tokens, [texts[i] for i in indices])
+            results = await self._scores(prompt, [texts[i] for i in indices], stop, domain)
             kind = OBJECTS[endpoint][1] + ("" if endpoint == "completions" else ".chunk")
             for i, result in zip(indices, results, strict=True):
                 choice = {
                     "index": i,
                     "logprobs": None,
                     "finish_reason": finishes.get(i, "stop"),
-                    "confidence": confidence(result) | {"answer_chars": None},
+                    "confidence": confidence(result)
+                    | {"answer_chars": _answer_chars(result, texts[i]), "decoding": decoding},
                 }
                 choice |= {"text": ""} if endpoint == "completions" else {"delta": {}}
                 yield sse(
@@ -276,6 +520,8 @@ class UpstreamProxy:
                         **(echoed or {}),
                     }
                 )
+            if usage is not None:
+                yield sse({**usage, "id": response_id})
             await self.server.record(
                 endpoint,
                 response_id,
@@ -284,5 +530,11 @@ class UpstreamProxy:
                 domain,
             )
             yield sse("[DONE]")
+        except _Malformed as err:
+            yield sse_error(_bad_answer(self.base_url, str(err)))
+        except APIError as failure:
+            yield sse_error(failure)
+        except httpx.HTTPError as err:
+            yield sse_error(_transport_error(err, self.base_url))
         finally:
             await reply.aclose()

@@ -83,3 +83,34 @@ def test_hook_layer_follows_the_hidden_states_convention(tiny_llama, word_tokeni
         finally:
             handle.remove()
         torch.testing.assert_close(seen[0], expected[layer], msg=f"layer {layer}")
+
+
+def _char_tokenizer():
+    """A byte-level tokenizer with one token per character, so that line breaks are tokens of their own (the
+    word tokenizer splits them away)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(["</s>", *sorted(alphabet)])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+
+
+@pytest.mark.parametrize("lead", ["\n", "\n\n", " \n \n  ", "\r\n"])
+def test_an_answer_after_leading_line_breaks_is_not_cut_to_empty(lead):
+    """Issue #22 item 6: an engine whose answer opens with a line break had its answer scored as empty (the
+    stop string "\\n" matched at position 0), so different texts got the same p_correct."""
+    tok = _char_tokenizer()
+    tokens = _ids(tok, lead + "Paris is it.\nQuestion: next")
+    assert tok.decode(tokens) == lead + "Paris is it.\nQuestion: next"
+    got = cut_generation(tok, tokens, eos=[tok.eos_token_id], stops=["\n"], cut_answer=cut_answer)
+    assert got.answer == "Paris is it."
+    assert not got.empty and got.found
+    assert tok.decode(tokens[got.start : got.end]).strip() == "Paris is it."
+    assert got.stop is not None and got.before == lead + "Paris is it."
+    only_blank = _ids(tok, lead)
+    got = cut_generation(tok, only_blank, eos=[tok.eos_token_id], stops=["\n"], cut_answer=cut_answer)
+    assert got.empty and got.answer == ""

@@ -239,7 +239,9 @@ def test_proxy_through_the_sdk(tmp_path, stub_upstream):
         assert refused.value.status_code == 400 and refused.value.code == "stub_refusal"
         with pytest.raises(openai.InternalServerError) as crashed:
             client.completions.create(model="fake-probed", prompt="crash p=0.9")
-        assert crashed.value.status_code == 500 and "engine exploded" in crashed.value.message
+        assert (
+            crashed.value.status_code == 502 and "engine exploded" in crashed.value.message
+        )  # #21: 5xx -> 502
         started = time.monotonic()
         slow = httpx.post(f"{base}/v1/completions", json={"prompt": "slow p=0.9"}, timeout=10)
         assert slow.status_code == 504 and slow.json()["error"]["code"] == "upstream_timeout"
