@@ -129,9 +129,10 @@ class ProbedModel:
         self._threshold_setting = threshold
         self._abstain_before_generating_setting = abstain_before_generating
         self._install(artifact)
-        self._lock = (
-            threading.Lock()
-        )  # one generate / tokenizer call at a time (fast tokenizers are not re-entrant)
+        self._lock = threading.Lock()  # one generate / score call at a time (and the artifact swap)
+        # one encode at a time (fast tokenizers are not re-entrant); separate from the model lock so that
+        # counting a prompt's tokens never waits for a generation (lock order: model, then tokenizer)
+        self._tokenizer_lock = threading.Lock()
 
     def _install(self, artifact: ProbeArtifact) -> None:
         """Every attribute derived from the artifact (the hooks are registered per call, so a new layer or
@@ -197,18 +198,24 @@ class ProbedModel:
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         return int(getattr(text_config, "max_position_embeddings", 2048))
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids valid for both the tokenizer and the model's embedding lie in [0, vocab_size)."""
+        embedding = self.loaded.model.get_input_embeddings().num_embeddings
+        return min(int(embedding), len(self.loaded.tokenizer))
+
     def count_tokens(self, prompt: Prompt) -> int:
-        with self._lock:
-            return len(self._encode(prompt))
+        return len(self._encode(prompt))  # the tokenizer lock only: never waits for the model
 
     # -- prompts -----------------------------------------------------------------------------------
     def _encode(self, prompt: Prompt) -> list[int]:
         """The one encoder training uses too (`extract.prompts.encode_prompt`): a Question gets exactly
         the ids the probe was trained on; BOS exactly once for every kind of prompt."""
         try:
-            return encode_prompt(
-                prompt, self.loaded.tokenizer, self.loaded.uses_chat_template, self.prompt_spec
-            )
+            with self._tokenizer_lock:
+                return encode_prompt(
+                    prompt, self.loaded.tokenizer, self.loaded.uses_chat_template, self.prompt_spec
+                )
         except ValueError as err:
             raise ValueError(f"{self.model_name}: {err}") from None
 
@@ -364,8 +371,7 @@ class ProbedModel:
         """Token ids of a prompt (encoded as `generate` encodes it; token ids pass through)."""
         if _is_ids(prompt) and prompt:
             return list(prompt)
-        with self._lock:
-            return self._encode(prompt)
+        return self._encode(prompt)
 
     def score(
         self,
@@ -393,9 +399,11 @@ class ProbedModel:
         out: list[ProbedScore] = []
         with self._lock:
             ids = [list(p) if _is_ids(p) and p else self._encode(p) for p in prompts]
-            comp = [
-                list(c) if _is_ids(c) else tok(c, add_special_tokens=False)["input_ids"] for c in completions
-            ]
+            with self._tokenizer_lock:
+                comp = [
+                    list(c) if _is_ids(c) else tok(c, add_special_tokens=False)["input_ids"]
+                    for c in completions
+                ]
             spans = [self._answer_span(c, stops, eos) for c in comp]
             hybrid = bool(self.logit_features)
             for begin in range(0, len(ids), self.max_batch_size):

@@ -389,8 +389,8 @@ class Server:
         """POST /v1/score: the confidence of a completion another engine generated."""
         self.check_model(body.model)
         domain = request_domain(body)
-        vocab = getattr(self.model, "vocab_size", None)
-        prompt, completion, param = score_inputs(body, vocab)
+        # every request is checked before it is batched: a bad id must not fail the batch it would join
+        prompt, completion, param = score_inputs(body, self.model.vocab_size)
         stop = parse_stop(body.stop)
         if isinstance(completion, list):
             completion_len = len(completion)

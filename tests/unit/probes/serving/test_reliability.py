@@ -1,0 +1,78 @@
+"""Reliability of the serving surfaces: a bad request fails alone (never its batch), tokenizing never waits
+for the model, an unwritable feedback database loses no answer, the admin guard refuses forwarded requests."""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+
+from extract.models import from_transformers
+from probes.runtime.wrapper import ProbedModel
+from probes.serving.app import create_app
+from probes.serving.settings import ServeSettings
+from tests.unit.probes.serving.test_hybrid_serving import hybrid_artifact
+from tests.unit.probes.serving.test_server import FakeProbedModel, serving
+
+
+@pytest.fixture
+def tiny_probed(tiny_llama, word_tokenizer, tmp_path):
+    loaded = from_transformers(tiny_llama, word_tokenizer, name="tiny")
+    hybrid_artifact(loaded.fingerprint, 1, "answer_last", tmp_path / "hybrid")
+    return ProbedModel.from_transformers(tiny_llama, word_tokenizer, tmp_path / "hybrid", threshold=None)
+
+
+def concurrent_posts(client, bodies):
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda b: client.post("/v1/score", json=b), bodies))
+
+
+def test_bad_token_ids_are_400_before_batching_and_never_fail_their_neighbours(tiny_probed, tmp_path):
+    vocab = tiny_probed.vocab_size
+    assert vocab == 99  # the tiny model's embedding rows and the word tokenizer's size
+    settings = ServeSettings(db_path=str(tmp_path / "f.sqlite"), batch_wait_ms=200, max_batch_size=8)
+    with TestClient(create_app(tiny_probed, settings), raise_server_exceptions=False) as client:
+        for bad in (vocab, 10**6, -1, 2**70):
+            r = client.post("/v1/score", json={"prompt": [5, 6, 7], "completion": [8, bad]})
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["param"] == "completion" and "[0, 98]" in r.json()["error"]["message"]
+            r = client.post("/v1/score", json={"prompt": [5, bad], "completion": "paris"})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        good = [{"prompt": "what is the capital of france ?", "completion": f"paris {i}"} for i in range(6)]
+        answers = concurrent_posts(client, [*good, {"prompt": [5, 6, 7], "completion": [99999]}])
+        assert [a.status_code for a in answers] == [200] * 6 + [400]
+        assert all(0 <= a.json()["p_correct"] <= 1 for a in answers[:6])
+
+
+class OneBadScore(FakeProbedModel):
+    """A model whose score fails on one request (a failure the checks cannot foresee)."""
+
+    vocab_size = 1000
+
+    def score(self, prompts, completions, stop=None):
+        self.batch_sizes = [*getattr(self, "batch_sizes", []), len(prompts)]
+        if any("boom" in str(c) for c in completions):
+            raise RuntimeError("simulated failure on one request")
+        return super().score(prompts, completions, stop)
+
+
+def test_a_batch_that_fails_is_retried_one_request_at_a_time(tmp_path):
+    with serving(tmp_path, OneBadScore(), batch_wait_ms=200) as client:
+        bodies = [{"prompt": "q", "completion": f"a {i}"} for i in range(6)] + [
+            {"prompt": "q", "completion": "boom"}
+        ]
+        answers = concurrent_posts(client, bodies)
+        assert [a.status_code for a in answers] == [200] * 6 + [500]
+        assert max(client.model.batch_sizes) > 1  # they did share a batch first
+
+
+def test_counting_tokens_never_waits_for_the_model(tiny_probed):
+    counted = []
+    with tiny_probed._lock:  # a long generation holds the model
+        worker = threading.Thread(
+            target=lambda: counted.append(tiny_probed.count_tokens("what is 12 + 30 ?"))
+        )
+        worker.start()
+        worker.join(5)
+        assert counted and counted[0] > 0
+        assert tiny_probed.prompt_ids("what is 12 + 30 ?")
