@@ -76,3 +76,46 @@ def test_counting_tokens_never_waits_for_the_model(tiny_probed):
         worker.join(5)
         assert counted and counted[0] > 0
         assert tiny_probed.prompt_ids("what is 12 + 30 ?")
+
+
+FORWARDED = [
+    {"Via": "1.1 nginx"},
+    {"X-Forwarded-Host": "probecal.example"},
+    {"X-Forwarded-Proto": "https"},
+    {"X-Client-IP": "203.0.113.9"},
+    {"True-Client-IP": "203.0.113.9"},
+    {"CF-Connecting-IP": "203.0.113.9"},
+    {"X-Original-Forwarded-For": "203.0.113.9"},
+    {"Forwarded": "for=203.0.113.9"},
+    {"X-Real-IP": "203.0.113.9"},
+    {"X-Forwarded-For": "203.0.113.9"},
+]
+
+
+def test_admin_without_a_token_refuses_every_sign_of_forwarding_and_a_non_loopback_bind(tmp_path):
+    import httpx
+
+    from tests.unit.probes.serving.test_online_recalibration import ArtifactModel, artifact, platt
+
+    new = artifact(platt(0.5, 0.2)).save(tmp_path / "new")
+
+    def app_for(**overrides):
+        settings = ServeSettings(db_path=str(tmp_path / f"f{len(overrides)}.sqlite"), **overrides)
+        return create_app(ArtifactModel(artifact(platt(1.0, 0.0))), settings)
+
+    async def from_loopback(app, headers):
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://probecal") as local:
+            return await local.post("/admin/reload", json={"probe_dir": str(new)}, headers=headers)
+
+    app = app_for()
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for headers in FORWARDED:
+            r = client.portal.call(from_loopback, app, headers)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "admin_loopback_only", headers
+        assert client.portal.call(from_loopback, app, {}).status_code == 200
+    app = app_for(host="0.0.0.0")
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.portal.call(from_loopback, app, {})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_token_required"
+        assert "serve.host=0.0.0.0" in r.json()["error"]["message"]
