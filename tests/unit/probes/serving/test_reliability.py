@@ -119,3 +119,48 @@ def test_admin_without_a_token_refuses_every_sign_of_forwarding_and_a_non_loopba
         r = client.portal.call(from_loopback, app, {})
         assert r.status_code == 403 and r.json()["error"]["code"] == "admin_token_required"
         assert "serve.host=0.0.0.0" in r.json()["error"]["message"]
+
+
+def read_only(store) -> None:
+    """Reopen the server's feedback database read-only: every later write fails as on an immutable file."""
+    import sqlite3
+
+    with store._lock:
+        store._conn.close()
+        store._conn = sqlite3.connect(
+            f"file:{store.db_path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
+        )
+
+
+def test_an_unwritable_feedback_db_loses_no_answer_and_health_says_degraded(tmp_path):
+    with serving(tmp_path) as client:
+        assert client.get("/health").json()["status"] == "ok"
+        read_only(client.app.state.store)
+        r = client.post("/v1/completions", json={"prompt": "what is 2 + 2 ?"})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "answer to: what is 2 + 2 ?"
+        assert "confidence" in r.json()["choices"][0]
+        r = client.post("/v1/score", json={"prompt": "q", "completion": "a"})
+        assert r.status_code == 200 and 0 <= r.json()["p_correct"] <= 1
+        with client.stream("POST", "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "stream": True
+        }) as stream:  # fmt: skip
+            events = [line for line in stream.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and '"confidence"' in events[-2]
+        r = client.post("/v1/feedback", json={"id": "cmpl-x", "correct": True})
+        assert r.status_code in (404, 503)
+        health = client.get("/health").json()
+        assert health["status"] == "degraded" and "readonly" in health["feedback_db"]["error"]
+        metrics = client.get("/metrics").text
+        assert "probecal_feedback_write_errors_total 3.0" in metrics
+
+
+def test_start_up_on_an_unusable_feedback_db_is_one_clear_error(tmp_path):
+    from probes.serving.feedback import FeedbackStore
+
+    (tmp_path / "file").write_text("x")
+    for path in (tmp_path / "file" / "feedback.db", tmp_path):  # parent is a file; a directory
+        with pytest.raises(
+            ValueError,
+            match=r"not a usable SQLite database|serve.db_path=.*the feedback database is not usable",
+        ):
+            FeedbackStore(path)
