@@ -69,6 +69,7 @@ def rows_from_data(cfg: DictConfig, parent: ProbeArtifact, parent_path: str) -> 
     site (one layer, one position: a small store), and score them with the parent's probe."""
     from extract.models import load_model
     from extract.runner import extract_to_store, rows_and_splits
+    from probes.training.splits import probe_features
 
     meta = parent.metadata
     data_spec = instantiate_group(cfg.data)
@@ -87,7 +88,9 @@ def rows_from_data(cfg: DictConfig, parent: ProbeArtifact, parent_path: str) -> 
                 store.settings.get(key),
                 trained,
             )
-    X = store.read(meta.layer, meta.position)
+    # the one way training and serving build a probe's input: the hidden state, then (hybrid) the answer's
+    # logit signals the store recorded
+    X = probe_features(parent.probe, store, meta.layer, meta.position)
     domains = store.column("domain")
     p_parent, score = parent.predict(X, categories=domains)
     return make_rows(
