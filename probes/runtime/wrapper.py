@@ -415,14 +415,18 @@ class ProbedModel:
                     sequences.append(ids[i] + comp[i][:end] if use_answer else ids[i])
                 signals = None
                 if hybrid:  # the whole forward: the logit signals need the LM head
+                    # the answer's tokens are scored by the positions just before them, which end one
+                    # before each (left-padded) sequence's end: the LM head runs on those only
+                    keep = max(spans[i][1] - spans[i][0] + 1 for i in chunk)
                     hidden, logits, width = states_and_logits(
-                        self.loaded.model, sequences, self.layer, tok.pad_token_id
+                        self.loaded.model, sequences, self.layer, tok.pad_token_id, keep_last=keep
                     )
+                    kept_from = width - logits.shape[1]  # 0 when the model has no output embeddings to hook
                     rows = [
                         answer_signals(
                             logits[r],
                             comp[i],
-                            width - len(sequences[r]) + len(ids[i]),
+                            width - len(sequences[r]) + len(ids[i]) - kept_from,
                             spans[i][0],
                             spans[i][1],
                             tok.eos_token_id if tok.eos_token_id is not None else min(eos, default=None),

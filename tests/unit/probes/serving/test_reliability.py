@@ -164,3 +164,31 @@ def test_start_up_on_an_unusable_feedback_db_is_one_clear_error(tmp_path):
             match=r"not a usable SQLite database|serve.db_path=.*the feedback database is not usable",
         ):
             FeedbackStore(path)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_hybrid_score_runs_the_lm_head_on_the_answer_only_and_gives_the_same_result(
+    arch, tiny_llama, tiny_gpt2, word_tokenizer, tmp_path, monkeypatch
+):
+    import probes.runtime.wrapper as wrapper
+    from extract.forward import states_and_logits
+
+    model = tiny_llama if arch == "llama" else tiny_gpt2
+    loaded = from_transformers(model, word_tokenizer, name="tiny")
+    hybrid_artifact(loaded.fingerprint, 1, "answer_last", tmp_path / "hybrid")
+    pm = ProbedModel.from_transformers(model, word_tokenizer, tmp_path / "hybrid", threshold=None)
+    prompts = ["what is the capital of france ?", "what is 12 + 30 ?", "which city is in asia ?", "hi"]
+    completions = ["paris is the capital of france", "42", "", [8, 9, 10, 11, 12, 13, 14]]
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.shape[1]))
+    try:
+        sliced = pm.score(prompts, completions, stop=["w98"])
+    finally:
+        handle.remove()
+    assert seen and seen[0] == 8  # the longest answer + 1 positions, not the padded width
+    monkeypatch.setattr(wrapper, "states_and_logits", lambda *a, keep_last=None: states_and_logits(*a))
+    full = pm.score(prompts, completions, stop=["w98"])
+    for a, b in zip(sliced, full, strict=True):
+        assert a.p_correct == pytest.approx(b.p_correct, abs=1e-6) and a.score == pytest.approx(
+            b.score, abs=1e-6
+        )
