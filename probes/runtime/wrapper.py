@@ -122,8 +122,10 @@ class ProbedModel:
         abstention_message: str = DEFAULT_ABSTENTION_MESSAGE,
         abstain_before_generating: bool = True,
         max_batch_size: int = 16,
+        max_batch_tokens: int | None = None,
     ):
         self.loaded = loaded
+        self.max_batch_tokens = max_batch_tokens  # score: most padded tokens per forward (None: no bound)
         self.abstention_message = abstention_message
         self.max_batch_size = max_batch_size
         self._threshold_setting = threshold
@@ -406,8 +408,7 @@ class ProbedModel:
                 ]
             spans = [self._answer_span(c, stops, eos) for c in comp]
             hybrid = bool(self.logit_features)
-            for begin in range(0, len(ids), self.max_batch_size):
-                chunk = range(begin, min(begin + self.max_batch_size, len(ids)))
+            for chunk in self._score_chunks(ids, comp, spans):
                 sequences = []
                 for i in chunk:
                     start, end, _ = spans[i]
@@ -466,6 +467,23 @@ class ProbedModel:
                         )
                     )
         return out
+
+    def _score_chunks(self, ids: list, comp: list, spans: list) -> list[list[int]]:
+        """Consecutive rows in forwards of at most max_batch_size rows and max_batch_tokens padded tokens
+        (rows x the longest sequence; a single longer row runs alone): memory stays bounded whatever the
+        completions' lengths."""
+        chunks: list[list[int]] = [[]]
+        longest = 0
+        for i in range(len(ids)):
+            length = len(ids[i]) + spans[i][1]
+            rows, width = len(chunks[-1]) + 1, max(longest, length)
+            too_many = self.max_batch_tokens is not None and rows * width > self.max_batch_tokens
+            if chunks[-1] and (rows > self.max_batch_size or too_many):
+                chunks.append([])
+                width = length
+            chunks[-1].append(i)
+            longest = width
+        return [c for c in chunks if c]
 
     def _answer_span(self, completion: list[int], stops: list[str], eos: set[int]) -> tuple[int, int, str]:
         """[start, end) of the graded answer within `completion` and its text, cut as generation cuts it."""

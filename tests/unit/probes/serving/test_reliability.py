@@ -192,3 +192,26 @@ def test_hybrid_score_runs_the_lm_head_on_the_answer_only_and_gives_the_same_res
         assert a.p_correct == pytest.approx(b.p_correct, abs=1e-6) and a.score == pytest.approx(
             b.score, abs=1e-6
         )
+
+
+def test_score_bounds_a_batchs_tokens_and_gives_the_same_result(tiny_llama, word_tokenizer, tmp_path):
+    loaded = from_transformers(tiny_llama, word_tokenizer, name="tiny")
+    hybrid_artifact(loaded.fingerprint, 1, "answer_last", tmp_path / "hybrid")
+    pm = ProbedModel.from_transformers(tiny_llama, word_tokenizer, tmp_path / "hybrid", threshold=None)
+    prompts = ["what is the capital of france ?", "what is 12 + 30 ?", "which city is in asia ?"] * 2
+    completions = ["paris", "42", "tokyo", [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], "rome", ""]
+    widths = []
+    handle = tiny_llama.get_input_embeddings().register_forward_hook(
+        lambda m, a, out: widths.append(out.shape)
+    )
+    try:
+        unbounded = pm.score(prompts, completions, stop=["w98"])
+        pm.max_batch_tokens = 40
+        bounded = pm.score(prompts, completions, stop=["w98"])
+    finally:
+        handle.remove()
+    assert len(widths) > 2 and all(rows * width <= 40 or rows == 1 for rows, width, _ in widths[1:])
+    for a, b in zip(bounded, unbounded, strict=True):
+        assert a.p_correct == pytest.approx(b.p_correct, abs=1e-5)
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        ServeSettings(max_batch_tokens=0).validate()
