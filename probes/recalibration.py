@@ -141,7 +141,10 @@ def make_rows(score, y, domain=None, ids=None, parent_p=None, source: str = "") 
         ids=np.asarray([str(i) for i in range(n)] if ids is None else ids).astype(str),
         score=score,
         y=np.asarray(y).astype(np.int64),
-        domain=np.full(n, "", dtype=object).astype(str) if domain is None else np.asarray(domain).astype(str),
+        # a null domain is no domain (""), never a domain named "None"
+        domain=np.asarray(
+            ["" if d is None else str(d) for d in ([None] * n if domain is None else domain)], dtype=str
+        ),
         parent_p=None if parent_p is None else np.asarray(parent_p, dtype=np.float64),
         source=source,
     )
@@ -566,7 +569,7 @@ def read_rows_file(path: str | Path, parent: ProbeArtifact) -> RecalibrationRows
             raise ValueError(f"{where}: field `{p_name}` must be in [0, 1]; got {p}")
         ps.append(p)
         ids.append(str(record.get("id", index)))
-        domains.append(str(record.get("domain", "")))
+        domains.append(record.get("domain"))
     score, p_arr = np.asarray(scores), np.asarray(ps)
     missing = np.isnan(score)
     if missing.any():

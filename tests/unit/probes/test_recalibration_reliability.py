@@ -123,3 +123,22 @@ def test_cli_refuses_an_output_dir_holding_an_artifact_and_a_bad_heldout_fractio
         )  # fmt: skip
         err = capsys.readouterr().err
         assert code == 2 and "must be strictly between 0 and 1" in err and "Traceback" not in err
+
+
+def test_a_null_domain_is_no_domain(tmp_path):
+    from probes.recalibration import read_rows_file
+
+    s, y, _ = new_domain(4, seed=7)
+    path = tmp_path / "rows.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps(
+                {"id": i, "score": s[i], "correct": int(y[i]), "domain": [None, "law", None, "med"][i]}
+            )
+            + "\n"
+            for i in range(4)
+        )
+    )
+    rows = read_rows_file(path, parent_artifact())
+    assert rows.domain.tolist() == ["", "law", "", "med"]
+    assert make_rows([0.1, 0.2], [0, 1], [None, "x"]).domain.tolist() == ["", "x"]
