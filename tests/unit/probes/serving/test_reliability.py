@@ -215,3 +215,13 @@ def test_score_bounds_a_batchs_tokens_and_gives_the_same_result(tiny_llama, word
         assert a.p_correct == pytest.approx(b.p_correct, abs=1e-5)
     with pytest.raises(ValueError, match="max_batch_tokens"):
         ServeSettings(max_batch_tokens=0).validate()
+
+
+def test_a_numeric_looking_admin_token_on_the_command_line_stays_a_string():
+    from probes.cli.config import instantiate_group
+    from tests.conf_groups import group_node
+
+    for token in ("1234567890123456", "0012345678901234"):
+        settings = instantiate_group(group_node("serve", "default", f"serve.admin_token={token}"))
+        assert settings.admin_token == token
+        settings.validate()
