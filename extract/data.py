@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from extract.grading import normalize_tokens
 from probecal.splits import SPLITS
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,14 @@ def _as_aliases(value: Any, where: str, field_name: str, separator: str | None =
     aliases = tuple(dict.fromkeys(item.strip() for item in items if item.strip()))
     if not aliases:
         raise DataError(f"{where}: field {field_name!r} is empty: a row needs at least one accepted answer")
+    if not any(
+        normalize_tokens(alias) for alias in aliases
+    ):  # the grader could never match it (late failure)
+        shown = ", ".join(repr(a[:40]) for a in aliases[:5])
+        raise DataError(
+            f"{where}: field {field_name!r}: every accepted answer ({shown}) is empty after normalisation "
+            "(punctuation only), so no answer can be graded against it"
+        )
     return aliases
 
 

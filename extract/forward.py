@@ -37,11 +37,23 @@ def states_up_to_layer(
 
 
 def states_and_logits(
-    model: Any, sequences: Sequence[Sequence[int]], layer: int, pad_id: int
+    model: Any, sequences: Sequence[Sequence[int]], layer: int, pad_id: int, keep_last: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """As `states_up_to_layer`, from a whole forward: (hidden `[batch, width, hidden]` float32, logits
-    `[batch, width, vocab]` as the model returns them, width)."""
-    return _forward(model, sequences, layer, pad_id, stop_at_layer=False)
+    `[batch, width, vocab]` as the model returns them, width).
+
+    keep_last: the LM head runs on the last `keep_last` positions only (logits `[batch, keep_last, vocab]`,
+    index j = padded position width - keep_last + j): a full-vocabulary projection of every position costs
+    width x vocab floats per row (3 GB for one 3,000-token completion), the answer needs a few rows."""
+    head = model.get_output_embeddings() if keep_last is not None else None
+    handle = None
+    if head is not None:  # slice the hidden states on their way into the LM head (any architecture)
+        handle = head.register_forward_pre_hook(lambda module, args: (args[0][:, -keep_last:], *args[1:]))
+    try:
+        return _forward(model, sequences, layer, pad_id, stop_at_layer=False)
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def answer_signals(

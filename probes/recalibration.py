@@ -47,7 +47,7 @@ import csv
 import json
 import math
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,7 +157,10 @@ def make_rows(score, y, domain=None, ids=None, parent_p=None, source: str = "") 
         ids=np.asarray([str(i) for i in range(n)] if ids is None else ids).astype(str),
         score=score,
         y=np.asarray(y).astype(np.int64),
-        domain=np.full(n, "", dtype=object).astype(str) if domain is None else np.asarray(domain).astype(str),
+        # a null domain is no domain (""), never a domain named "None"
+        domain=np.asarray(
+            ["" if d is None else str(d) for d in ([None] * n if domain is None else domain)], dtype=str
+        ),
         parent_p=None if parent_p is None else np.asarray(parent_p, dtype=np.float64),
         source=source,
     )
@@ -354,6 +357,30 @@ def refusal_reason(comparison: dict[str, Any]) -> str:
 
 
 # -- calibrators and parent probabilities --------------------------------------------------------------
+def reversed_direction(calibrator) -> str:
+    """'' when P(correct) rises with the probe's score; else which fitted map falls (a negative Platt slope
+    or temperature): such a calibrator makes the probe's most confident answers its least trusted, which
+    means the rows were not scored by this probe (or their labels are inverted), not a new calibration."""
+    parts = (
+        [("global", calibrator.global_), *sorted(calibrator.per_category_.items())]
+        if isinstance(calibrator, PerCategoryCalibrator)
+        else [("", calibrator)]
+    )
+    falling = [
+        f"{name + ' ' if name else ''}{attr} = {float(getattr(c, attr)):.3f}"
+        for name, c in parts
+        for attr in ("a_", "temperature_")
+        if hasattr(c, attr) and float(getattr(c, attr)) < 0
+    ]
+    if not falling:
+        return ""
+    return (
+        f"the calibrator fit on these rows reverses the probe's direction ({', '.join(falling)} < 0: higher "
+        "scores would mean less likely correct); were the rows scored by another probe, or are the labels "
+        "inverted?"
+    )
+
+
 def new_calibrator(kind: str):
     if kind == "shrinkage":
         return ShrinkageCalibrator()
@@ -484,6 +511,11 @@ def recalibrate(
     Raises NotEnoughRows below the small-data minimum. See the module doc for the protocol and rules.
     """
     new_calibrator(kind)  # validates kind before any work
+    if not 0.0 < heldout_fraction < 1.0:
+        raise ValueError(
+            f"recalibrate.heldout_fraction={heldout_fraction!r} must be strictly between 0 and 1 (the share of "
+            "rows held out to check the new calibrator; 0.5 by default)"
+        )
     check_enough_rows(rows, kind, heldout_fraction)
     inherited = _parent_threshold_settings(parent)
     target_accuracy = (
@@ -508,7 +540,7 @@ def recalibrate(
     p_new = calibrator.predict(check.score, categories=check.domain)
     comparison = compare(p_parent, p_new, check.y, n_bins, n_bootstrap, seed)
     comparison["per_domain"] = compare_by_domain(p_parent, p_new, check.y, check.domain, n_bins)
-    reason = refusal_reason(comparison)
+    reason = reversed_direction(calibrator) or refusal_reason(comparison)
 
     notes = []
     if kind in STRICTLY_MONOTONE:
@@ -520,6 +552,7 @@ def recalibrate(
             delta,
             threshold_method,
         )
+        reason = reason or reversed_direction(calibrator)
         notes.append(
             f"calibrator refit on all {len(rows)} rows ({kind} is strictly monotone: the held-out numbers "
             "above are for the fit-part calibrator, a conservative estimate)"
@@ -711,7 +744,7 @@ def read_rows_file(path: str | Path, parent: ProbeArtifact) -> RecalibrationRows
             raise ValueError(f"{where}: field `{p_name}` must be in [0, 1]; got {p}")
         ps.append(p)
         ids.append(str(record.get("id", index)))
-        domains.append(str(record.get("domain", "")))
+        domains.append(record.get("domain"))
     score, p_arr = np.asarray(scores), np.asarray(ps)
     missing = np.isnan(score)
     if missing.any():
@@ -721,14 +754,28 @@ def read_rows_file(path: str | Path, parent: ProbeArtifact) -> RecalibrationRows
     return make_rows(score, labels, domains, ids, parent_p, source=str(path))
 
 
+def lineage_digests(artifact: ProbeArtifact) -> list[str]:
+    """[the artifact's digest, its parent's digest (a recalibrated artifact)]: the artifacts whose served
+    rows carry this probe's raw score (a recalibration keeps the probe, only the calibrator changes)."""
+    parent = artifact.metadata.parent
+    return [artifact.digest] + ([parent["digest"]] if parent else [])
+
+
 def read_feedback_rows(
-    db_path: str | Path, layer: int | None = None, position: str | None = None
+    db_path: str | Path,
+    layer: int | None = None,
+    position: str | None = None,
+    artifacts: Sequence[str] | None = None,
 ) -> RecalibrationRows:
     """Labelled responses of the server's feedback database (probes/serving/feedback.py), opened read-only:
     (id, score, p_correct, latest label, domain when the table has that column, else one domain "").
 
     layer / position: keep only responses scored at this capture site (a score read elsewhere means
     nothing to this probe).
+    artifacts: keep only responses scored by these artifact digests (`lineage_digests(parent)`: the parent
+    first, then its lineage, whose rows carry the same raw score but another P(correct), so the parent's p
+    is then recomputed from the scores); rows scored by any other artifact, or with no digest recorded, are
+    dropped and counted in the rows' source. None = every artifact.
     """
     path = Path(db_path)
     if not path.is_file():
@@ -746,21 +793,34 @@ def read_feedback_rows(
                 "(not a probecal feedback database?)"
             )
         domain = "domain" if "domain" in columns else "''"
+        artifact = "artifact" if "artifact" in columns else "NULL"
         query = (
-            f"SELECT id, score, p_correct, correct, COALESCE({domain}, ''), layer, position FROM responses "
-            "WHERE correct IS NOT NULL ORDER BY label_seq"
+            f"SELECT id, score, p_correct, correct, COALESCE({domain}, ''), layer, position, {artifact} "
+            "FROM responses WHERE correct IS NOT NULL ORDER BY label_seq"
         )
         fetched = conn.execute(query).fetchall()
     except sqlite3.DatabaseError as err:
         raise ValueError(f"{path}: not a usable feedback database ({err})") from None
     finally:
         conn.close()
-    kept = [r for r in fetched if (layer is None or r[5] == layer) and (position is None or r[6] == position)]
+    at_site = [
+        r for r in fetched if (layer is None or r[5] == layer) and (position is None or r[6] == position)
+    ]
+    kept = at_site if artifacts is None else [r for r in at_site if r[7] in set(artifacts)]
+    dropped = len(at_site) - len(kept)
+    site = "" if layer is None else f" at layer {layer} / {position}"
+    by = "" if artifacts is None else f" scored by artifact {artifacts[0][:8]} or its lineage"
     if not kept:
-        site = "" if layer is None else f" at layer {layer} / {position}"
-        raise NotEnoughRows(f"{path}: no labelled responses{site} ({len(fetched)} labelled in all)")
+        raise NotEnoughRows(
+            f"{path}: no labelled responses{site}{by} ({len(fetched)} labelled in all, {dropped} of them "
+            "at this site scored by other artifacts)"
+        )
     ids, score, p, y, dom = zip(*[r[:5] for r in kept], strict=True)
-    return make_rows(score, y, dom, ids, p, source=str(path))
+    rescored = artifacts is not None and any(r[7] != artifacts[0] for r in kept)
+    source = (
+        str(path) if not dropped else f"{path} ({dropped} labelled rows scored by other artifacts dropped)"
+    )
+    return make_rows(score, y, dom, ids, None if rescored else p, source=source)
 
 
 # -- which answers to label first ------------------------------------------------------------------------

@@ -24,11 +24,12 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from probecal.files import atomic_write_text, json_default
-from probes.artifact import ProbeArtifact
+from probes.artifact import METADATA_FILE, ProbeArtifact
 from probes.cli.config import RecalibrateSpec, instantiate_group
 from probes.recalibration import (
     RecalibrationRows,
     label_queue,
+    lineage_digests,
     make_rows,
     read_feedback_rows,
     read_rows_file,
@@ -71,6 +72,7 @@ def rows_from_data(cfg: DictConfig, parent: ProbeArtifact, parent_path: str) -> 
     site (one layer, one position: a small store), and score them with the parent's probe."""
     from extract.models import load_model
     from extract.runner import extract_to_store, rows_and_splits
+    from probes.training.splits import probe_features
 
     meta = parent.metadata
     data_spec = instantiate_group(cfg.data)
@@ -89,7 +91,9 @@ def rows_from_data(cfg: DictConfig, parent: ProbeArtifact, parent_path: str) -> 
                 store.settings.get(key),
                 trained,
             )
-    X = store.read(meta.layer, meta.position)
+    # the one way training and serving build a probe's input: the hidden state, then (hybrid) the answer's
+    # logit signals the store recorded
+    X = probe_features(parent.probe, store, meta.layer, meta.position)
     domains = store.column("domain")
     p_parent, score = parent.predict(X, categories=domains)
     return make_rows(
@@ -102,6 +106,22 @@ def rows_from_data(cfg: DictConfig, parent: ProbeArtifact, parent_path: str) -> 
     )
 
 
+def check_output_dir(output: Path, parent_path: str) -> None:
+    """Refuse to write the child where an artifact (the parent above all) or anything else already is: the
+    parent would be overwritten and the child's lineage would point at nothing."""
+    if output.resolve() == Path(parent_path).resolve():
+        raise ValueError(
+            f"recalibrate.output_dir={output} is the parent artifact's directory: the parent would be "
+            "overwritten; choose a new directory (default: <run dir>/probe)"
+        )
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        what = "an artifact" if (output / METADATA_FILE).exists() else "a file or a non-empty directory"
+        raise ValueError(
+            f"recalibrate.output_dir={output} already holds {what}; a recalibrated artifact is written only "
+            "to a new (or empty) directory"
+        )
+
+
 def stage_recalibrate(cfg: DictConfig) -> None:
     """Refit the calibrator + abstention threshold of recalibrate.probe_dir on new rows; refuse a worse one."""
     from hydra.core.hydra_config import HydraConfig
@@ -109,11 +129,22 @@ def stage_recalibrate(cfg: DictConfig) -> None:
     spec = recalibration_spec(cfg)
     if spec.rows and spec.from_feedback:
         raise ValueError("give recalibrate.rows or recalibrate.from_feedback, not both")
+    if not 0.0 < spec.heldout_fraction < 1.0:
+        raise ValueError(
+            f"recalibrate.heldout_fraction={spec.heldout_fraction!r} must be strictly between 0 and 1 (the "
+            "share of rows held out to check the new calibrator; 0.5 by default)"
+        )
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    output = Path(spec.output_dir) if spec.output_dir else run_dir / "probe"
+    check_output_dir(output, spec.probe_dir)  # before any work (extraction takes minutes)
     parent = ProbeArtifact.load(spec.probe_dir)
     if spec.rows:
         rows = read_rows_file(spec.rows, parent)
     elif spec.from_feedback:
-        rows = read_feedback_rows(spec.from_feedback, parent.metadata.layer, parent.metadata.position)
+        meta = parent.metadata
+        rows = read_feedback_rows(spec.from_feedback, meta.layer, meta.position, lineage_digests(parent))
+        if "dropped" in rows.source:
+            log.warning("%s", rows.source)
     else:
         rows = rows_from_data(cfg, parent, spec.probe_dir)
     result = recalibrate(
@@ -129,9 +160,7 @@ def stage_recalibrate(cfg: DictConfig) -> None:
         n_bootstrap=cfg.train.n_bootstrap,
         tau=spec.tau,
     )
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    output = Path(spec.output_dir) if spec.output_dir else run_dir / "probe"
     report = {
         "parent": spec.probe_dir,
         "accepted": result.accepted,

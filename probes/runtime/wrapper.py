@@ -135,16 +135,19 @@ class ProbedModel:
         abstention_message: str = DEFAULT_ABSTENTION_MESSAGE,
         abstain_before_generating: bool = True,
         max_batch_size: int = 16,
+        max_batch_tokens: int | None = None,
     ):
         self.loaded = loaded
+        self.max_batch_tokens = max_batch_tokens  # score: most padded tokens per forward (None: no bound)
         self.abstention_message = abstention_message
         self.max_batch_size = max_batch_size
         self._threshold_setting = threshold
         self._abstain_before_generating_setting = abstain_before_generating
         self._install(artifact)
-        self._lock = (
-            threading.Lock()
-        )  # one generate / tokenizer call at a time (fast tokenizers are not re-entrant)
+        self._lock = threading.Lock()  # one generate / score call at a time (and the artifact swap)
+        # one encode at a time (fast tokenizers are not re-entrant); separate from the model lock so that
+        # counting a prompt's tokens never waits for a generation (lock order: model, then tokenizer)
+        self._tokenizer_lock = threading.Lock()
 
     def _install(self, artifact: ProbeArtifact) -> None:
         """Every attribute derived from the artifact (the hooks are registered per call, so a new layer or
@@ -210,18 +213,24 @@ class ProbedModel:
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         return int(getattr(text_config, "max_position_embeddings", 2048))
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids valid for both the tokenizer and the model's embedding lie in [0, vocab_size)."""
+        embedding = self.loaded.model.get_input_embeddings().num_embeddings
+        return min(int(embedding), len(self.loaded.tokenizer))
+
     def count_tokens(self, prompt: Prompt) -> int:
-        with self._lock:
-            return len(self._encode(prompt))
+        return len(self._encode(prompt))  # the tokenizer lock only: never waits for the model
 
     # -- prompts -----------------------------------------------------------------------------------
     def _encode(self, prompt: Prompt) -> list[int]:
         """The one encoder training uses too (`extract.prompts.encode_prompt`): a Question gets exactly
         the ids the probe was trained on; BOS exactly once for every kind of prompt."""
         try:
-            return encode_prompt(
-                prompt, self.loaded.tokenizer, self.loaded.uses_chat_template, self.prompt_spec
-            )
+            with self._tokenizer_lock:
+                return encode_prompt(
+                    prompt, self.loaded.tokenizer, self.loaded.uses_chat_template, self.prompt_spec
+                )
         except ValueError as err:
             raise ValueError(f"{self.model_name}: {err}") from None
 
@@ -435,8 +444,7 @@ class ProbedModel:
         """Token ids of a prompt (encoded as `generate` encodes it; token ids pass through)."""
         if _is_ids(prompt) and prompt:
             return list(prompt)
-        with self._lock:
-            return self._encode(prompt)
+        return self._encode(prompt)
 
     def score(
         self,
@@ -464,13 +472,14 @@ class ProbedModel:
         out: list[ProbedScore] = []
         with self._lock:
             ids = [list(p) if _is_ids(p) and p else self._encode(p) for p in prompts]
-            comp = [
-                list(c) if _is_ids(c) else tok(c, add_special_tokens=False)["input_ids"] for c in completions
-            ]
+            with self._tokenizer_lock:
+                comp = [
+                    list(c) if _is_ids(c) else tok(c, add_special_tokens=False)["input_ids"]
+                    for c in completions
+                ]
             spans = [self._answer_span(c, stops, eos) for c in comp]
             hybrid = bool(self.logit_features)
-            for begin in range(0, len(ids), self.max_batch_size):
-                chunk = range(begin, min(begin + self.max_batch_size, len(ids)))
+            for chunk in self._score_chunks(ids, comp, spans):
                 sequences = []
                 for i in chunk:
                     start, end, _ = spans[i]
@@ -478,14 +487,18 @@ class ProbedModel:
                     sequences.append(ids[i] + comp[i][:end] if use_answer else ids[i])
                 signals = None
                 if hybrid:  # the whole forward: the logit signals need the LM head
+                    # the answer's tokens are scored by the positions just before them, which end one
+                    # before each (left-padded) sequence's end: the LM head runs on those only
+                    keep = max(spans[i][1] - spans[i][0] + 1 for i in chunk)
                     hidden, logits, width = states_and_logits(
-                        self.loaded.model, sequences, self.layer, tok.pad_token_id
+                        self.loaded.model, sequences, self.layer, tok.pad_token_id, keep_last=keep
                     )
+                    kept_from = width - logits.shape[1]  # 0 when the model has no output embeddings to hook
                     rows = [
                         answer_signals(
                             logits[r],
                             comp[i],
-                            width - len(sequences[r]) + len(ids[i]),
+                            width - len(sequences[r]) + len(ids[i]) - kept_from,
                             spans[i][0],
                             spans[i][1],
                             tok.eos_token_id if tok.eos_token_id is not None else min(eos, default=None),
@@ -533,6 +546,23 @@ class ProbedModel:
                         )
                     )
         return out
+
+    def _score_chunks(self, ids: list, comp: list, spans: list) -> list[list[int]]:
+        """Consecutive rows in forwards of at most max_batch_size rows and max_batch_tokens padded tokens
+        (rows x the longest sequence; a single longer row runs alone): memory stays bounded whatever the
+        completions' lengths."""
+        chunks: list[list[int]] = [[]]
+        longest = 0
+        for i in range(len(ids)):
+            length = len(ids[i]) + spans[i][1]
+            rows, width = len(chunks[-1]) + 1, max(longest, length)
+            too_many = self.max_batch_tokens is not None and rows * width > self.max_batch_tokens
+            if chunks[-1] and (rows > self.max_batch_size or too_many):
+                chunks.append([])
+                width = length
+            chunks[-1].append(i)
+            longest = width
+        return [c for c in chunks if c]
 
     def _answer_span(self, completion: list[int], stops: list[str], eos: set[int]) -> tuple[int, int, str]:
         """[start, end) of the graded answer within `completion` and its text, cut as generation cuts it."""

@@ -112,9 +112,32 @@ def _is_loopback(host: str | None) -> bool:
         return host == "localhost"
 
 
+# Headers a forwarding proxy (nginx, HAProxy, Envoy, Cloudflare, Akamai, Fastly, ...) may add; any one of them,
+# or any X-Forwarded-* header, means the loopback peer is a proxy relaying someone else. A plain nginx
+# proxy_pass adds none of them, so behind ANY reverse proxy serve.admin_token is required.
+FORWARDING_HEADERS = (
+    "forwarded",
+    "via",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "x-original-forwarded-for",
+    "x-cluster-client-ip",
+    "fastly-client-ip",
+    "akamai-origin-hop",
+    "x-proxyuser-ip",
+)
+
+
+def shows_forwarding(request: Request) -> bool:
+    return any(h in FORWARDING_HEADERS or h.startswith("x-forwarded-") for h in request.headers.keys())
+
+
 def authorize_admin(request: Request, settings: ServeSettings) -> None:
     """serve.admin_token set: `Authorization: Bearer <token>` (constant-time compare), else 401. Unset: the
-    client must be on a loopback address and the request must not come through a forwarding proxy, else 403."""
+    server must bind to loopback, the client must be on a loopback address and the request must show no
+    sign of a forwarding proxy (FORWARDING_HEADERS), else 403."""
     if settings.admin_token:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -127,8 +150,15 @@ def authorize_admin(request: Request, settings: ServeSettings) -> None:
                 code="invalid_admin_token",
             )
         return
-    forwarded = any(h in request.headers for h in ("forwarded", "x-forwarded-for", "x-real-ip"))
-    if forwarded or not _is_loopback(request.client.host if request.client else None):
+    if not _is_loopback(settings.host):
+        raise APIError(
+            403,
+            f"Admin endpoints need serve.admin_token when the server binds beyond loopback "
+            f"(serve.host={settings.host}).",
+            type_="permission_error",
+            code="admin_token_required",
+        )
+    if shows_forwarding(request) or not _is_loopback(request.client.host if request.client else None):
         raise APIError(
             403,
             "Admin endpoints answer loopback clients only when serve.admin_token is not set "

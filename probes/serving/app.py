@@ -205,6 +205,7 @@ def build_probed_model(model_spec: Any, settings: ServeSettings) -> ProbedModelL
         model_spec,
         settings.probe_dir,
         max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
         abstention_message=settings.abstention_message or DEFAULT_ABSTENTION_MESSAGE,
     )
 

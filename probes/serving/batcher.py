@@ -201,6 +201,13 @@ class Batcher:
             log.info("generation stopped: all %d clients of the batch went away", len(group))
             return
         except Exception as err:  # a model failure fails this batch only; the worker keeps serving
+            if len(group) > 1:  # find the request that failed: one bad request never fails its neighbours
+                log.warning(
+                    "%s failed on a batch of %d (%s); retrying each request alone", kind, len(group), err
+                )
+                for pending in group:
+                    await self._call(key, [pending])
+                return
             log.exception("%s failed on a batch of %d", kind, len(group))
             self._on_error()
             for pending in group:

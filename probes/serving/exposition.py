@@ -91,6 +91,11 @@ class ServerMetrics:
         self.model_errors = Counter(
             "probecal_model_errors", "generate / score calls that raised.", registry=r
         )
+        self.feedback_write_errors = Counter(
+            "probecal_feedback_write_errors",
+            "Served responses or labels the feedback database failed to store (the answer was still sent).",
+            registry=r,
+        )
         self.queue_depth = Gauge("probecal_queue_depth", "Requests waiting for the model.", registry=r)
         self.stored = Gauge(
             "probecal_stored_responses", "Responses in the feedback database (all time).", registry=r
@@ -194,6 +199,9 @@ class ServerMetrics:
 
     def observe_model_error(self) -> None:
         self.model_errors.inc()
+
+    def observe_feedback_write_error(self) -> None:
+        self.feedback_write_errors.inc()
 
     def observe_reload(self, ok: bool) -> None:
         self.reloads.labels("swapped" if ok else "refused").inc()

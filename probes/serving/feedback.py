@@ -165,8 +165,17 @@ class FeedbackStore:
 
     def __init__(self, db_path: str | Path):
         self.db_path = Path(db_path)
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        try:  # a database the server cannot write is refused at start-up, in one line (no traceback)
+            self.db_path.parent.mkdir(parents=True, exist_ok=True)
+            self._open()
+        except (sqlite3.Error, OSError) as err:
+            raise ValueError(
+                f"serve.db_path={self.db_path}: the feedback database is not usable ({type(err).__name__}: "
+                f"{err}); point serve.db_path at a writable file"
+            ) from None
+
+    def _open(self) -> None:
         try:
             self._conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
@@ -188,7 +197,7 @@ class FeedbackStore:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.executescript(_SCHEMA)
-        self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")  # a write: a read-only file fails here
 
     def _migrate(self, version: int) -> None:
         """Bring an older schema to SCHEMA_VERSION in one transaction (rows are kept; new columns NULL)."""

@@ -38,6 +38,7 @@ class ProbedModelLike(Protocol):
     model_name: str
     max_context_tokens: int
     max_batch_size: int
+    vocab_size: int  # token ids valid for the tokenizer and the model lie in [0, vocab_size)
 
     def generate(
         self,

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -47,6 +49,8 @@ from probes.serving.protocol import (
     score_inputs,
 )
 from probes.serving.settings import ServeSettings
+
+log = logging.getLogger("probecal.serve")
 
 OBJECTS = {"completions": ("cmpl", "text_completion"), "chat.completions": ("chatcmpl", "chat.completion")}
 
@@ -138,6 +142,7 @@ class Server:
         self.probe_dir = probe_dir  # the artifact in service (updated by reload)
         self.reload_lock = asyncio.Lock()
         self.started = time.time()
+        self.store_error: str | None = None  # the last failed feedback write (None: the last one worked)
 
     # -- shared checks and bookkeeping ---------------------------------------------------------------------
 
@@ -204,7 +209,13 @@ class Server:
             )
             for i, (text, g, finish) in enumerate(items)
         ]
-        await asyncio.to_thread(self.store.record_responses, records)
+        try:
+            await asyncio.to_thread(self.store.record_responses, records)
+            self.store_error = None
+        except (sqlite3.Error, OSError) as err:  # the answer still goes out: log, count, /health degraded
+            self.store_error = f"{type(err).__name__}: {err}"
+            self.metrics.observe_feedback_write_error()
+            log.error("feedback database: response %s not stored (%s)", response_id, self.store_error)
         for _, g, _ in items:
             assigned = getattr(g, "domain", None) if getattr(g, "domain_assigned", False) else None
             self.metrics.observe_generation(g, assigned or domain)
@@ -396,8 +407,8 @@ class Server:
         """POST /v1/score: the confidence of a completion another engine generated."""
         self.check_model(body.model)
         domain = request_domain(body)
-        vocab = getattr(self.model, "vocab_size", None)
-        prompt, completion, param = score_inputs(body, vocab)
+        # every request is checked before it is batched: a bad id must not fail the batch it would join
+        prompt, completion, param = score_inputs(body, self.model.vocab_size)
         stop = parse_stop(body.stop)
         if isinstance(completion, list):
             completion_len = len(completion)
@@ -443,6 +454,16 @@ class Server:
                 param="id",
                 code="response_not_found",
             ) from None
+        except (sqlite3.Error, OSError) as err:  # the client learns the label was not stored and can retry
+            self.store_error = f"{type(err).__name__}: {err}"
+            self.metrics.observe_feedback_write_error()
+            log.error("feedback database: label of %s not stored (%s)", response_id, self.store_error)
+            raise APIError(
+                503,
+                f"The label was not stored: the feedback database failed ({self.store_error}). Retry later.",
+                type_="server_error",
+                code="feedback_store_unavailable",
+            ) from None
         return {
             "object": "feedback",
             "id": body.id,
@@ -470,7 +491,9 @@ class Server:
         """(the /health body, whether the server is serving: False gives 503)."""
         ok = self.batcher.running
         body = {
-            "status": "ok" if ok else "unavailable",
+            # degraded: answers are served, but the feedback database failed its last write
+            "status": ("degraded" if self.store_error else "ok") if ok else "unavailable",
+            "feedback_db": {"ok": self.store_error is None, "error": self.store_error},
             "model": self.model_name,
             "queue_depth": self.batcher.depth,
             "max_batch_size": self.batcher.max_batch_size,

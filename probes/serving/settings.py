@@ -15,6 +15,7 @@ class ServeSettings:
     probe_dir: str | None = None  # saved probe artifact the wrapper loads (required by `probecal serve`)
     db_path: str = "outputs/serve/feedback.sqlite"  # responses + feedback; kept across restarts
     max_batch_size: int = 16  # most requests per generate call (also capped by the model's own limit)
+    max_batch_tokens: int = 32768  # most (padded) tokens one /v1/score forward holds; a longer batch is split
     batch_wait_ms: float = 5.0  # after the first queued request, wait this long for more to batch
     max_queue_size: int = 256  # queued requests beyond this get 503 instead of waiting without bound
     default_max_tokens: int = 64  # max_tokens when a request does not set it
@@ -45,6 +46,7 @@ class ServeSettings:
         positive = (
             "port",
             "max_batch_size",
+            "max_batch_tokens",
             "max_queue_size",
             "default_max_tokens",
             "max_tokens_limit",

@@ -310,7 +310,7 @@ def test_domain_read_from_jsonl_defaults_to_category_and_maps(tmp_path):
     (row,) = load_rows(DataSpec(name="jsonl", path=path, domain_field="area"))
     assert (row.category, row.domain, row.metadata) == ("capitals", "geo", {"domain": "x"})
     with pytest.raises(DataError, match=r"mapped.jsonl:1: field 'domain' must be a string"):
-        bad = write(tmp_path, "mapped.jsonl", '{"question": "q?", "answers": "a", "domain": 3}\n')
+        bad = write(tmp_path, "mapped.jsonl", '{"question": "q?", "answers": "x", "domain": 3}\n')
         load_rows(DataSpec(name="jsonl", path=bad))
 
 
@@ -349,18 +349,18 @@ def test_domain_in_qarow_to_dict_and_hash():
     ("content", "message"),
     [
         (
-            '{"question": "q1", "answers": ["a"]}\n{"question": "q2", "answers": ["b"\n',
+            '{"question": "q1", "answers": ["x"]}\n{"question": "q2", "answers": ["b"\n',
             r"qa.jsonl:2: malformed JSON",
         ),
-        ('{"answers": ["a"]}\n', r"qa.jsonl:1: missing field 'question'"),
+        ('{"answers": ["x"]}\n', r"qa.jsonl:1: missing field 'question'"),
         ('{"question": "q", "answers": []}\n', r"qa.jsonl:1: field 'answers' is empty"),
         ('{"question": "q", "answers": ["", "  "]}\n', r"qa.jsonl:1: field 'answers' is empty"),
         ('{"question": "q"}\n', r"qa.jsonl:1: missing field 'answers'"),
         ('{"question": "q", "answers": 5}\n', r"qa.jsonl:1: field 'answers' must be a string or a list"),
-        ('{"question": "  ", "answers": "a"}\n', r"qa.jsonl:1: field 'question' must be a non-empty string"),
+        ('{"question": "  ", "answers": "x"}\n', r"qa.jsonl:1: field 'question' must be a non-empty string"),
         ('["q", "a"]\n', r"qa.jsonl:1: a row must be a JSON object"),
         (
-            '{"id": "x", "question": "q1", "answers": "a"}\n{"id": "x", "question": "q2", "answers": "b"}\n',
+            '{"id": "x", "question": "q1", "answers": "x"}\n{"id": "x", "question": "q2", "answers": "b"}\n',
             r"qa.jsonl:2: duplicate id 'x' in field 'id' \(first at .*qa.jsonl:1\)",
         ),
         ("", r"no usable rows \(the file is empty\)"),
@@ -377,7 +377,7 @@ def test_non_utf8_file_names_the_line(tmp_path):
     path = write(
         tmp_path,
         "qa.jsonl",
-        b'{"question": "q", "answers": "a"}\n{"question": "caf\xe9", "answers": "a"}\n',
+        b'{"question": "q", "answers": "x"}\n{"question": "caf\xe9", "answers": "x"}\n',
         "wb",
     )
     with pytest.raises(DataError, match=r"qa.jsonl:2: not UTF-8"):
@@ -385,13 +385,13 @@ def test_non_utf8_file_names_the_line(tmp_path):
 
 
 def test_bad_csv_row_names_line_and_field(tmp_path):
-    path = write(tmp_path, "qa.csv", "question,answers\nq1,a\nq2,\n")
+    path = write(tmp_path, "qa.csv", "question,answers\nq1,x\nq2,\n")
     with pytest.raises(DataError, match=r"qa.csv:3: field 'answers' is empty"):
         load_rows(DataSpec(name="csv", path=path))
 
 
 def test_skip_bad_rows_reports_count_and_reasons(tmp_path, caplog):
-    lines = ['{"question": "good", "answers": "a"}'] + ['{"question": "bad"}'] * 7 + ["not json"]
+    lines = ['{"question": "good", "answers": "x"}'] + ['{"question": "bad"}'] * 7 + ["not json"]
     path = write(tmp_path, "qa.jsonl", "\n".join(lines) + "\n")
     with caplog.at_level(logging.WARNING, logger="extract.data"):
         report = load_rows_report(DataSpec(name="jsonl", path=path, skip_bad_rows=True))

@@ -79,6 +79,7 @@ class ArtifactModel:
 
     model_name = "tiny-double"
     max_context_tokens = 1000
+    vocab_size = 1000
 
     def __init__(self, art: ProbeArtifact, step_s: float = 0.0, max_batch_size: int = 8):
         self.artifact, self.artifact_digest = art, art.digest

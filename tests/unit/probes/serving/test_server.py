@@ -27,6 +27,7 @@ from probes.serving.settings import ServeSettings
 class FakeProbedModel:
     model_name = "fake-probed"
     max_context_tokens = 100
+    vocab_size = 1000
 
     def __init__(self, max_batch_size: int = 8, gate: threading.Event | None = None):
         self.max_batch_size = max_batch_size
