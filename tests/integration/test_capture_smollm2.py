@@ -7,6 +7,7 @@ import torch
 from extract.generation import generate_and_capture
 from extract.models import ModelSpec, load_model
 from extract.settings import POSITIONS, GenerationSpec
+from tests.paths import TEST_DEVICE
 
 pytestmark = pytest.mark.integration
 
@@ -15,7 +16,7 @@ QUESTIONS = ["What is the capital of France?", "What is the chemical symbol for 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return load_model(ModelSpec(name="smollm2-135m-instruct", device="cpu", dtype="float32"))
+    return load_model(ModelSpec(name="smollm2-135m-instruct", device=TEST_DEVICE, dtype="float32"))
 
 
 def chat_ids(tok, question):

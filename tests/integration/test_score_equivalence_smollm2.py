@@ -13,6 +13,7 @@ from probes.artifact import ProbeArtifact
 from probes.calibration import PerCategoryCalibrator, PlattCalibrator
 from probes.estimators import PROBES
 from probes.runtime.wrapper import ProbedModel
+from tests.paths import TEST_DEVICE
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +31,7 @@ def _platt(a: float, b: float) -> PlattCalibrator:
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return load_model(ModelSpec(name="smollm2-135m-instruct", device="cpu"))
+    return load_model(ModelSpec(name="smollm2-135m-instruct", device=TEST_DEVICE))
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,14 @@ import pytest
 
 from extract import models
 from extract.models import ModelSpec, load_model
+from tests.paths import TEST_DEVICE
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return load_model(ModelSpec(name="smollm2-135m-instruct", device="cpu"))
+    return load_model(ModelSpec(name="smollm2-135m-instruct", device=TEST_DEVICE))
 
 
 def test_answers_capital_of_france(smollm2):
@@ -35,7 +36,7 @@ def test_second_load_comes_from_cache(smollm2, monkeypatch):
 
     monkeypatch.setattr(models, "_convert_gguf", no_conversion)
     start = time.perf_counter()
-    again = load_model(ModelSpec(name="smollm2-135m-instruct", device="cpu"))
+    again = load_model(ModelSpec(name="smollm2-135m-instruct", device=TEST_DEVICE))
     print(f"cached SmolLM2 load: {time.perf_counter() - start:.2f} s")
     assert again.fingerprint == smollm2.fingerprint
     entries = list((models.cache_root() / "models").glob("smollm2-135m-instruct-*"))
