@@ -116,20 +116,13 @@ def test_wrapper_prompt_scores_equal_training_capture(family, prompts, tmp_path)
     """Pre-generation scoring (left-padded prefill) reads the same prompt_last vector as extraction's
     generate: absolute position embeddings (GPT-2) must not shift with the padding."""
     from extract.models import from_transformers
-    from probes.artifact import ProbeArtifact
-    from probes.calibration import PlattCalibrator
-    from probes.estimators import LogisticProbe
     from probes.runtime.wrapper import ProbedModel
+    from tests.factories import fitted_artifact
 
     tok, ids = prompts
     model = tiny_models.tiny_family_model(family)
     loaded = from_transformers(model, tok, name=family)
-    rng = np.random.default_rng(0)
-    X, y = rng.normal(size=(40, 32)), np.arange(40) % 2
-    probe = LogisticProbe(C=1.0).fit(X, y)
-    ProbeArtifact.create(
-        probe, PlattCalibrator().fit(probe.decision_function(X), y), 2, "prompt_last", loaded.fingerprint
-    ).save(tmp_path)
+    fitted_artifact(loaded.fingerprint, 2, "prompt_last", n=40).save(tmp_path)
     wrapped = ProbedModel.from_transformers(model, tok, tmp_path, name=family, max_batch_size=3)
     p_batched, _ = wrapped.score_prompts(ids)
     captured = generate_and_capture(

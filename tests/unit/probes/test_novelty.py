@@ -11,12 +11,11 @@ import torch
 
 from extract.models import from_transformers
 from probes.artifact import ArtifactError, ProbeArtifact
-from probes.calibration import PlattCalibrator
-from probes.estimators import LogisticProbe
 from probes.novelty import NoveltyModel
 from probes.runtime.wrapper import ProbedModel
 from probes.scorer import ProbeScorer
 from probes.training import TrainSpec, train_probe
+from tests.factories import fitted_artifact
 from tests.pipeline_fixtures import write_synthetic_store
 
 HIDDEN = 24
@@ -55,20 +54,8 @@ def test_novelty_options_and_inputs_are_checked():
 
 
 def _artifact(fingerprint, novelty, layer=2, position="answer_last"):
-    rng = np.random.default_rng(1)
-    X = rng.normal(size=(80, fingerprint.hidden_size))
-    y = (X[:, 0] > 0).astype(int)
-    probe = LogisticProbe(C=1.0).fit(X, y)
     settings = {"generation": {"stop_strings": ["?"]}, "prompt": {"instruction": "answer briefly"}}
-    return ProbeArtifact.create(
-        probe,
-        PlattCalibrator().fit(probe.decision_function(X), y),
-        layer,
-        position,
-        fingerprint,
-        novelty=novelty,
-        extract_settings=settings,
-    )
+    return fitted_artifact(fingerprint, layer, position, seed=1, novelty=novelty, extract_settings=settings)
 
 
 def test_round_trip_keeps_novelty_and_the_digest_covers_it(tiny_loaded, tmp_path):

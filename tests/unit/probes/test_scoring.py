@@ -7,10 +7,8 @@ import torch
 
 from extract.models import from_transformers
 from extract.streaming import BatchFeed, finish_text
-from probes.artifact import ProbeArtifact
-from probes.calibration import PlattCalibrator
-from probes.estimators import LogisticProbe
 from probes.runtime.wrapper import ProbedModel
+from tests.factories import fitted_artifact
 
 PROMPTS = ["what is the capital of france ?", "what is 12 + 30 ?", "which city is in asia ?"]
 NEVER = [
@@ -20,19 +18,10 @@ NEVER = [
 
 def wrap(model, tokenizer, directory, layer, position, threshold=None, stop=("?",)):
     loaded = from_transformers(model, tokenizer, name="tiny")
-    rng = np.random.default_rng(layer)
-    X = rng.normal(size=(80, loaded.fingerprint.hidden_size))
-    y = (X[:, 0] + 0.5 * rng.normal(size=80) > 0).astype(int)
-    probe = LogisticProbe(C=1.0).fit(X, y)
-    calibrator = PlattCalibrator().fit(probe.decision_function(X), y)
-    ProbeArtifact.create(
-        probe,
-        calibrator,
-        layer,
-        position,
-        loaded.fingerprint,
-        extract_settings={"generation": {"stop_strings": list(stop)}},
-    ).save(directory)
+    settings = {"generation": {"stop_strings": list(stop)}}
+    fitted_artifact(loaded.fingerprint, layer, position, seed=layer, extract_settings=settings).save(
+        directory
+    )
     return ProbedModel.from_transformers(model, tokenizer, directory, threshold=threshold, max_batch_size=4)
 
 

@@ -10,27 +10,18 @@ import pytest
 import torch
 
 from extract.models import from_transformers
-from probes.artifact import ProbeArtifact
-from probes.calibration import PlattCalibrator
-from probes.estimators import LogisticProbe
 from probes.runtime.wrapper import ProbedModel
 from probes.scorer import ProbeScorer
+from tests.factories import fitted_artifact
 
 LAYER = 2
 QUESTIONS = ["what is the capital of france ?", "what is 12 + 30 ?", "which city is in asia ?"]
 
 
 def make_artifact(fingerprint, position, directory, threshold=None):
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(80, fingerprint.hidden_size))
-    y = (X[:, 0] + 0.5 * rng.normal(size=80) > 0).astype(int)
-    probe = LogisticProbe(C=1.0).fit(X, y)
-    calibrator = PlattCalibrator().fit(probe.decision_function(X), y)
     thresholds = [] if threshold is None else [{"reachable": True, "threshold": threshold}]
     settings = {"generation": {"stop_strings": ["?"]}, "prompt": {"instruction": "answer briefly"}}
-    artifact = ProbeArtifact.create(
-        probe, calibrator, LAYER, position, fingerprint, thresholds=thresholds, extract_settings=settings
-    )
+    artifact = fitted_artifact(fingerprint, LAYER, position, thresholds=thresholds, extract_settings=settings)
     artifact.save(directory)
     return artifact
 
