@@ -47,6 +47,7 @@ MODULE_ATTRS: dict[str, str] = {
     "fit_domain_clusters": "probes.domains",
     "ProbeArtifact": "probes.artifact",
     "ProbeScorer": "probes.scorer",
+    "NoveltyModel": "probes.novelty",
     # training and recalibration (library code the CLI calls)
     "TrainSpec": "probes.training.spec",
     "TrainResult": "probes.training.train",
