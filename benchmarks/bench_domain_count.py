@@ -20,6 +20,7 @@ import numpy as np
 from sklearn.base import clone
 
 from extract.store import open_store
+from probecal.heldout import NEVER_FIT_DOMAINS
 from probes.artifact import ProbeArtifact
 from probes.calibration import PlattCalibrator
 from probes.evaluation.metrics import ece, within_category_auroc
@@ -55,7 +56,8 @@ def main() -> None:
     split = store.column("split").astype(str)
     domain = store.column("domain").astype(str)
     category = store.column("category").astype(str)
-    domains = sorted(set(domain))
+    # never-fit domains (unanswerable, benign_refusal) hold no correct answers: neither train nor held out here
+    domains = sorted(set(domain) - set(NEVER_FIT_DOMAINS))
     C = float(np.ravel(artifact.probe.C_)[0])
     template = clone(artifact.probe).set_params(C=C)
     ks = sorted({k for k in map(int, args.ks.split(",")) if k < len(domains) - 1} | {len(domains) - 1})

@@ -100,10 +100,11 @@ def stage_train(cfg: DictConfig) -> None:
         artifact, store, calibrator, train_spec, "test", cfg.seed, splits=splits
     )
     thresholds = threshold_report(extra["threshold"], methods["probe"], data.y[mask])
-    if thresholds.get("reachable"):
-        from probes.evaluation.refusal_gap import measure_refusal_gap
+    from probes.evaluation.refusal_gap import measure_refusal_gap
 
-        extra["refusal_gap"] = measure_refusal_gap(artifact, store, thresholds["threshold"], splits=splits)
+    # measured in every run; without a reachable threshold probecal never abstains, and the table says so
+    threshold = thresholds["threshold"] if thresholds.get("reachable") else None
+    extra["refusal_gap"] = measure_refusal_gap(artifact, store, threshold, splits=splits)
     artifact = artifact.with_metadata(
         metrics={"test": {k: table.rows["probe"].get(k) for k in table.columns()}},
         thresholds=[thresholds],

@@ -42,7 +42,7 @@ TARGET_ANSWERED_WHILE_UNANSWERABLE = 0.02
 class RefusalGapTable:
     """rows: domain -> {column: value or None}; auroc: method -> AUROC (answerable-and-right vs unanswerable)."""
 
-    threshold: float
+    threshold: float | None  # None: the artifact has no reachable threshold and never abstains
     rows: dict[str, dict[str, float | None]] = field(default_factory=dict)
     auroc: dict[str, float] = field(default_factory=dict)
     abstains: dict[str, dict[str, float]] = field(default_factory=dict)  # other method -> domain -> rate
@@ -72,8 +72,13 @@ class RefusalGapTable:
         if unanswerable is not None:
             rate = unanswerable["answered while unanswerable"]
             verdict = "meets" if rate <= TARGET_ANSWERED_WHILE_UNANSWERABLE else "misses"
+            where = (
+                "No reachable abstention threshold (probecal never abstains)"
+                if self.threshold is None
+                else f"Abstention threshold p={self.threshold:.3f}"
+            )
             text += (
-                f"\n\nAbstention threshold p={self.threshold:.3f}: answered while unanswerable {_cell(rate)} "
+                f"\n\n{where}: answered while unanswerable {_cell(rate)} "
                 f"({verdict} the target <= {TARGET_ANSWERED_WHILE_UNANSWERABLE:.0%})."
             )
         return text
@@ -90,7 +95,7 @@ def refusal_gap_table(
     labels: Sequence[int],
     refused: Sequence[bool],
     p: np.ndarray,
-    threshold: float,
+    threshold: float | None,
     others: dict[str, np.ndarray] | None = None,
 ) -> RefusalGapTable:
     """The table over n rows: domains [n] str, labels [n] (1 = correct), refused [n] bool, p [n] P(correct) of the
@@ -103,8 +108,13 @@ def refusal_gap_table(
             f"domains {domains.shape}, labels {labels.shape}, refused {refused.shape} and p {p.shape} must have the "
             "same shape [n]"
         )
-    abstain = p < threshold
-    table = RefusalGapTable(float(threshold))
+    below = (
+        (lambda q: np.zeros(len(q), bool))
+        if threshold is None
+        else (lambda q: np.asarray(q, float) < threshold)
+    )
+    abstain = below(p)
+    table = RefusalGapTable(None if threshold is None else float(threshold))
     answerable = ~np.isin(domains, NEVER_FIT_DOMAINS)
     order = [*sorted(set(domains[answerable].tolist())), *[d for d in NEVER_FIT_DOMAINS if d in set(domains)]]
     groups = [(d, domains == d) for d in order]
@@ -132,9 +142,7 @@ def refusal_gap_table(
             m: auroc(np.asarray(q, float)[pair], positives[pair].astype(int)) for m, q in methods.items()
         }
     for m, q in (others or {}).items():
-        table.abstains[m] = {
-            name: float((np.asarray(q, float) < threshold)[rows].mean()) for name, rows in groups
-        }
+        table.abstains[m] = {name: float(below(q)[rows].mean()) for name, rows in groups}
     return table
 
 
@@ -184,7 +192,7 @@ def gap_inputs(
 def measure_refusal_gap(
     artifact: Any,
     store: Any,
-    threshold: float,
+    threshold: float | None,
     splits: Sequence[str] | None = None,
     compare_prompt_last: bool = True,
 ) -> RefusalGapTable:

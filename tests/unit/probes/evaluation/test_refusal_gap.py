@@ -41,6 +41,17 @@ def test_table_numbers_by_hand():
     assert "misses the target <= 2%" in md
 
 
+def test_without_a_threshold_probecal_never_abstains_and_the_table_says_so():
+    domains = ["geo"] * 2 + ["unanswerable"] * 2
+    table = refusal_gap_table(
+        domains, [1, 0, 0, 0], np.array([0, 0, 1, 0], bool), np.array([0.9, 0.1, 0.2, 0.3]), None
+    )
+    assert table.rows["unanswerable"]["abstains"] == 0.0
+    assert table.rows["unanswerable"]["answered while unanswerable"] == 0.5  # the one that did not refuse
+    assert table.to_dict()["threshold"] is None
+    assert "No reachable abstention threshold (probecal never abstains)" in table.markdown()
+
+
 def test_shapes_must_agree():
     with pytest.raises(ValueError, match="same shape"):
         refusal_gap_table(["a", "b"], [1, 0], [False], np.array([0.1, 0.2]), 0.5)
