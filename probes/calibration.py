@@ -23,6 +23,7 @@ from probes.inference import (
     LOGIT_CLIP,
     TAU_KEY,
     check_scores,
+    group_tensors,
     isotonic_probability,
     per_category_probability,
     platt_probability,
@@ -226,10 +227,7 @@ class PerCategoryCalibrator(BaseEstimator):
     def from_tensors(cls, params: dict, tensors: dict[str, np.ndarray]):
         calibrator = cls(**params)
         base_cls = type(calibrator._new_base())
-        grouped: dict[str, dict[str, np.ndarray]] = {}
-        for key, value in tensors.items():
-            cat, _, name = key.rpartition("/")
-            grouped.setdefault(cat, {})[name] = value
+        grouped = group_tensors(tensors)
         if GLOBAL_KEY not in grouped:
             raise ValueError("per-category calibrator tensors lack the global fallback")
         calibrator.global_ = base_cls.from_tensors({}, grouped.pop(GLOBAL_KEY))
@@ -369,10 +367,7 @@ class ShrinkageCalibrator(BaseEstimator):
     def from_tensors(cls, params: dict, tensors: dict[str, np.ndarray]):
         calibrator = cls(**params)
         base_cls = type(calibrator._new_base())
-        grouped: dict[str, dict[str, np.ndarray]] = {}
-        for key, value in tensors.items():
-            cat, _, name = key.rpartition("/")
-            grouped.setdefault(cat, {})[name] = value
+        grouped = group_tensors(tensors)
         if GLOBAL_KEY not in grouped or "tau" not in grouped.get(TAU_KEY, {}):
             raise ValueError("shrinkage calibrator tensors lack the global calibrator or the prior width tau")
         calibrator.global_ = base_cls.from_tensors({}, grouped.pop(GLOBAL_KEY))

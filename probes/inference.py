@@ -288,6 +288,16 @@ def calibrated_probability(kind: str, params: Mapping, tensors: Mapping[str, np.
     return lambda scores, categories=None: probability(check_scores(scores))
 
 
+def group_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """A grouped calibrator's tensors "<group>/<name>" as {group: {name: tensor}} (groups: domains, GLOBAL_KEY,
+    TAU_KEY); the group name is everything before the last "/", so a domain may itself contain "/"."""
+    grouped: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        group, _, name = key.rpartition("/")
+        grouped.setdefault(group, {})[name] = value
+    return grouped
+
+
 def _calibrator_probability(kind: str, params: Mapping, tensors: Mapping[str, np.ndarray]):
     if kind not in (PER_CATEGORY, SHRINKAGE):
         function, args = _arguments(CALIBRATOR_PROBABILITIES, "calibrator", kind, tensors, dtype=np.float64)
@@ -298,10 +308,7 @@ def _calibrator_probability(kind: str, params: Mapping, tensors: Mapping[str, np
         raise InferenceError(
             f"{kind} calibrator: base={base!r}; allowed: {', '.join(CALIBRATOR_PROBABILITIES)}"
         )
-    grouped: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in tensors.items():
-        cat, _, name = key.rpartition("/")
-        grouped.setdefault(cat, {})[name] = value
+    grouped = group_tensors(tensors)
     if GLOBAL_KEY not in grouped:
         raise InferenceError(f"{kind} calibrator tensors lack the global fallback")
     fallback = _calibrator_probability(base, {}, grouped.pop(GLOBAL_KEY))
