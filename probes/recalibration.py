@@ -581,17 +581,9 @@ def recalibrate(
                 or "unknown domains only"
             )
         )
-    record = {
-        "data_hash": rows.data_hash(),
-        "n_rows": len(rows),
-        "n_fit": len(fit),
-        "n_heldout": len(check),
-        "source": rows.source,
-        "kind": kind,
-        "heldout_fraction": heldout_fraction,
-        "seed": seed,
-        "domains": {str(d): int(c) for d, c in zip(*np.unique(rows.domain, return_counts=True), strict=True)},
-    }
+    record = _record(
+        rows, kind, seed, n_fit=len(fit), n_heldout=len(check), heldout_fraction=heldout_fraction
+    )
     artifact = None if reason else build_artifact(parent, calibrator, threshold, comparison, record)
     return RecalibrationResult(not reason, reason, calibrator, threshold, comparison, record, artifact, notes)
 
@@ -611,7 +603,9 @@ def _recalibrate_shrinkage(
     prior = shrinkage_prior(parent)
     tau, tau_source = shrinkage_tau(parent, rows, prior, tau)
     p_cross = shrinkage_cross_fit(prior, tau, rows, SHRINKAGE_FOLDS, seed)
-    comparison = compare(parent_probabilities(parent, rows), p_cross, rows.y, n_bins, n_bootstrap, seed)
+    p_parent = parent_probabilities(parent, rows)
+    comparison = compare(p_parent, p_cross, rows.y, n_bins, n_bootstrap, seed)
+    comparison["per_domain"] = compare_by_domain(p_parent, p_cross, rows.y, rows.domain, n_bins)
     reason = refusal_reason(comparison)
     calibrator = ShrinkageCalibrator(base=calibrator_kind(prior), tau=tau).fit(
         rows.score, rows.y, categories=rows.domain, prior=prior
@@ -628,21 +622,31 @@ def _recalibrate_shrinkage(
         f"before/after on all {len(rows)} rows with {n_folds}-fold cross-fitted p (each row's p from offsets fit "
         "without it); threshold chosen on the cross-fitted p; calibrator refit on all rows",
     ]
-    record = {
-        "data_hash": rows.data_hash(),
-        "n_rows": len(rows),
-        "n_fit": len(rows),
-        "n_heldout": len(rows),
-        "source": rows.source,
-        "kind": "shrinkage",
-        "check": f"{n_folds}-fold cross-fit",
-        "tau": tau,
-        "tau_source": tau_source,
-        "seed": seed,
-        "domains": {str(d): int(c) for d, c in zip(*np.unique(rows.domain, return_counts=True), strict=True)},
-    }
+    record = _record(
+        rows,
+        "shrinkage",
+        seed,
+        n_fit=len(rows),
+        n_heldout=len(rows),
+        check=f"{n_folds}-fold cross-fit",
+        tau=tau,
+        tau_source=tau_source,
+    )
     artifact = None if reason else build_artifact(parent, calibrator, threshold, comparison, record)
     return RecalibrationResult(not reason, reason, calibrator, threshold, comparison, record, artifact, notes)
+
+
+def _record(rows: RecalibrationRows, kind: str, seed: int, **how: Any) -> dict[str, Any]:
+    """The recalibration record a child artifact's lineage carries: the rows, the kind, and `how` it was checked."""
+    return {
+        "data_hash": rows.data_hash(),
+        "n_rows": len(rows),
+        "source": rows.source,
+        "kind": kind,
+        "seed": seed,
+        **how,
+        "domains": {str(d): int(c) for d, c in zip(*np.unique(rows.domain, return_counts=True), strict=True)},
+    }
 
 
 def build_artifact(
