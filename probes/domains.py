@@ -17,7 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DOMAIN_POSITION = "prompt_last"
+from probes.novelty import NOVELTY_POSITION
+
+# clusters read the question's own state, the one the novelty model reads
+DOMAIN_POSITION = NOVELTY_POSITION
 CLUSTER_PREFIX = "cluster-"
 TENSOR_NAMES = ("mean", "scale", "centroids")
 

@@ -144,6 +144,11 @@ def train_probe(
     data = SplitData.from_store(store, splits)
     for split in ("train", "calibration"):
         data.check_split(split)
+    if spec.domain_clusters and DOMAIN_POSITION not in store.positions:  # before the sweep, not after
+        raise ValueError(
+            f"train.domain_clusters={spec.domain_clusters} clusters the {DOMAIN_POSITION} state, which the "
+            f"store at {store.path} lacks (positions {list(store.positions)}): extract with it, or set 0"
+        )
     train, calib = data.masks["train"], data.masks["calibration"]
     layers = spec.layers if spec.layers is not None else list(store.layers)
     positions = spec.positions if spec.positions is not None else list(store.positions)
@@ -256,8 +261,9 @@ def train_probe(
     selection["calibrate_on"] = spec.calibrate_on
     fitted_calibrator = clone(calibrator).fit(scores, data.y[rows], categories=data.calibration_groups[rows])
     novelty, novelty_held_out = None, None
-    if NOVELTY_POSITION in store.positions:  # the question's own state at the probe's layer
-        prompts = store.read(layer, NOVELTY_POSITION)
+    # the question's own state at the probe's layer: the novelty model and the domain clusters read it
+    prompts = store.read(layer, NOVELTY_POSITION) if NOVELTY_POSITION in store.positions else None
+    if prompts is not None:
         try:
             novelty = NoveltyModel().fit(prompts[train], prompts[calib])
             if folds is not None:
@@ -275,13 +281,7 @@ def train_probe(
         split_sizes=data.sizes(),
     )
     if spec.domain_clusters:
-        if DOMAIN_POSITION not in store.positions:
-            raise ValueError(
-                f"train.domain_clusters={spec.domain_clusters} clusters the {DOMAIN_POSITION} state, which the "
-                f"store at {store.path} lacks (positions {list(store.positions)}): extract with it, or set 0"
-            )
-        prompt_states = store.read(layer, DOMAIN_POSITION)[train]
-        artifact = artifact.with_domains(fit_domain_clusters(prompt_states, spec.domain_clusters, seed))
+        artifact = artifact.with_domains(fit_domain_clusters(prompts[train], spec.domain_clusters, seed))
     p_calib, _ = artifact.predict(X[calib], categories=data.calibration_groups[calib])
     threshold = choose_threshold(
         p_calib, data.y[calib], spec.target_accuracy, spec.delta, spec.threshold_method
