@@ -24,15 +24,7 @@ from probecal.heldout import NEVER_FIT_DOMAINS
 from probes.artifact import ProbeArtifact
 from probes.calibration import PlattCalibrator
 from probes.evaluation.metrics import ece, within_category_auroc
-from probes.inference import logit_feature_matrix
-
-
-def features(store, artifact: ProbeArtifact) -> np.ndarray:
-    X = store.read(artifact.metadata.layer, artifact.metadata.position)
-    names = getattr(artifact.probe, "logit_features", None)
-    if names is None:
-        return X
-    return np.hstack([X, logit_feature_matrix(store.baselines, list(names))])
+from probes.training import probe_features
 
 
 def main() -> None:
@@ -51,7 +43,7 @@ def main() -> None:
     run = Path(args.run)
     artifact = ProbeArtifact.load(run / "probe")
     store = open_store(args.store or Path((run / "store.txt").read_text().strip()))
-    Z = features(store, artifact)
+    Z = probe_features(artifact.probe, store, artifact.metadata.layer, artifact.metadata.position)
     y = store.column("label").astype(int)
     split = store.column("split").astype(str)
     domain = store.column("domain").astype(str)

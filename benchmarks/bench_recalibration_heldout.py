@@ -22,16 +22,8 @@ from extract.store import open_store
 from probes.artifact import ProbeArtifact
 from probes.calibration import PlattCalibrator
 from probes.evaluation.metrics import brier, ece, within_category_auroc
-from probes.inference import logit_feature_matrix
 from probes.recalibration import make_rows, recalibrate
-
-
-def features(store, artifact: ProbeArtifact) -> np.ndarray:
-    X = store.read(artifact.metadata.layer, artifact.metadata.position)
-    names = getattr(artifact.probe, "logit_features", None)
-    if names is None:
-        return X
-    return np.hstack([X, logit_feature_matrix(store.baselines, list(names))])
+from probes.training import probe_features
 
 
 def main() -> None:
@@ -45,7 +37,7 @@ def main() -> None:
     run = Path(args.run)
     artifact = ProbeArtifact.load(run / "probe")
     store = open_store(Path((run / "store.txt").read_text().strip()))
-    Z = features(store, artifact)
+    Z = probe_features(artifact.probe, store, artifact.metadata.layer, artifact.metadata.position)
     y = store.column("label").astype(int)
     split = store.column("split").astype(str)
     domain = store.column("domain").astype(str)
