@@ -111,7 +111,7 @@ def create_app(probed_model: ProbedModelLike, settings: ServeSettings) -> FastAP
     """The FastAPI app serving `probed_model` (or proxying to `settings.upstream` and scoring with it).
     One lifespan per app: shutdown closes its database and upstream client."""
     settings.validate()
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(settings.metrics_max_domains)
     batcher = Batcher(
         probed_model,
         max_batch_size=max(1, min(settings.max_batch_size, probed_model.max_batch_size)),

@@ -56,7 +56,9 @@ class ServerMetrics:
     BATCH_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128)
     NOVELTY_BOUNDS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0)
 
-    def __init__(self) -> None:
+    def __init__(self, max_domains: int = 20) -> None:
+        self.max_domains = max_domains  # domain tags come from clients: label at most this many, then "other"
+        self._domains: set[str] = set()
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "probecal_requests",
@@ -181,13 +183,20 @@ class ServerMetrics:
         self.requests.labels(endpoint, str(status)).inc()
         self.latency.labels(endpoint).observe(seconds)
 
+    def _domain_label(self, domain: str) -> str:
+        """`domain` while fewer than `max_domains` tags have been seen, else "other" (bounded label sets)."""
+        if domain in self._domains or len(self._domains) < self.max_domains:
+            self._domains.add(domain)
+            return domain
+        return "other"
+
     def observe_generation(self, gen: ProbedGeneration, domain: str | None = None) -> None:
         self._served += 1
         self._abstained += int(gen.abstained)
         self.responses.inc()
         self.abstentions.inc(int(gen.abstained))
         self.confidence.observe(gen.p_correct)
-        tag = domain or ""
+        tag = self._domain_label(domain or "")
         self.domain_answers.labels(tag).inc()
         novelty = getattr(gen, "novelty", None)
         if novelty is not None:
