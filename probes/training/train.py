@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -298,6 +298,29 @@ def train_probe(
     )
 
 
+def fold_scorer(
+    probe, X: np.ndarray, y: np.ndarray, stats_rows: np.ndarray
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A function fit masks [k, n] -> decision scores [k, n] of the probe as trained (same kind, features
+    and C), refit on each mask. stats_rows [n] bool: rows that standardize the design (fixed-C logistic /
+    hybrid probes solve all masks in one batch; any other probe is fit once per mask)."""
+    if type(probe) in (LogisticProbe, HybridProbe) and probe.C is not None:
+        n_logits = len(getattr(probe, "logit_features", ()))
+        hidden = X[:, : X.shape[1] - n_logits]
+        logits = X[:, X.shape[1] - n_logits :] if n_logits else None
+        Z = design_matrix(
+            hidden,
+            logits,
+            "hidden+logits" if n_logits else "hidden",
+            getattr(probe, "logit_weight", 1.0),
+            stats_rows,
+        )
+        return lambda masks: fold_logistic_scores(
+            Z, y, masks, float(probe.C), probe._class_weight(), tol=1e-4, max_iter=500
+        )[0]
+    return lambda masks: generic_fold_scores(X, y, masks, lambda: clone(probe))
+
+
 def measure_transfer(
     probe,
     X: np.ndarray,
@@ -314,28 +337,7 @@ def measure_transfer(
     is fit on the other domains' calibration rows scored by inner probes fit without D and without that domain
     (k (k - 1) fits, one batched solve for a fixed-C logistic / hybrid probe); D's rows never calibrate D.
     Returns (table, the outer fold scores [k, n]: row f = the probe fit without domain f)."""
-    if type(probe) in (LogisticProbe, HybridProbe) and probe.C is not None:
-        # fixed C: all folds in one batched solve, standardized (and logit-weighted) as the probe does
-        n_logits = len(getattr(probe, "logit_features", ()))
-        hidden = X[:, : X.shape[1] - n_logits]
-        logits = X[:, X.shape[1] - n_logits :] if n_logits else None
-        Z = design_matrix(
-            hidden,
-            logits,
-            "hidden+logits" if n_logits else "hidden",
-            getattr(probe, "logit_weight", 1.0),
-            folds.fit.any(axis=0),
-        )
-
-        def fit_scores(masks):
-            return fold_logistic_scores(
-                Z, data.y, masks, float(probe.C), probe._class_weight(), tol=1e-4, max_iter=500
-            )[0]
-    else:  # any other probe (or C chosen by CV): one fit per mask
-
-        def fit_scores(masks):
-            return generic_fold_scores(X, data.y, masks, lambda: clone(probe))
-
+    fit_scores = fold_scorer(probe, X, data.y, folds.fit.any(axis=0))
     scores = fit_scores(folds.fit)
     sets = None
     if spec.calibrate_on != "calibration":

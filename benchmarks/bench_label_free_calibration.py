@@ -1,0 +1,195 @@
+"""Label-free calibration of a domain the probe never saw (issue 19 §2): options against the default.
+
+Leave-one-domain-out on a run's store with the run's probe (same site, features and C, refit per fold), nested:
+for held-out domain D, everything an option learns comes from the OTHER domains, each scored by an inner probe
+fit without D and without that domain, so each training domain is as new to its probe as D is to the outer
+one. Per option: mean per-domain ECE on the held-out domains, how many are within floor + 0.03, pooled ECE and
+within-category AUROC. Options:
+
+- `platt (default)`: Platt on the outer probe's in-domain calibration rows (what `make run` ships).
+- `cross_domain`: Platt on the other domains' out-of-domain scores (`train.calibrate_on=cross_domain`).
+- `novelty-conditioned`: logistic regression on (calibrated logit, log novelty, their product) fit on the
+  out-of-domain scores of the other domains and the in-domain calibration rows: the offset may grow with
+  how far a question lies from the training data.
+- `domain offset (ridge)`: a domain-level model. For each training domain, its unlabelled traffic's summary
+  (mean and spread of the calibrated logit, mean log novelty, the model's own mean sequence_prob and
+  mean_logprob) against the logit offset that would have made its mean p equal its accuracy; ridge across
+  domains; applied to D's summary, D's logits move by the predicted offset (ranking inside D unchanged).
+- `constant offset`: the same with no features (the mean offset of the training domains): the control that
+  says whether the summaries carry information.
+
+    PYTHONPATH=. python benchmarks/bench_label_free_calibration.py --run /work/shared_runs/final
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+
+from probes.artifact import ProbeArtifact
+from probes.calibration import PlattCalibrator
+from probes.evaluation.metrics import domain_calibration, within_category_auroc
+from probes.evaluation.transfer import domain_folds, nested_fit_masks
+from probes.novelty import NOVELTY_POSITION, NoveltyModel
+from probes.training import SplitData, TrainSpec, probe_features
+from probes.training.train import fold_scorer
+
+SUMMARY_SIGNALS = ("sequence_prob", "mean_logprob")
+
+
+def logit(p):
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def matching_offset(z: np.ndarray, accuracy: float) -> float:
+    """The shift d with mean(sigmoid(z + d)) = accuracy (bisection; accuracy clipped to [0.01, 0.99])."""
+    target, lo, hi = float(np.clip(accuracy, 0.01, 0.99)), -20.0, 20.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sigmoid(z + mid).mean() < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+class Scoring:
+    """One probe fit (a fit mask) with its Platt map and novelty model: calibrated logit and novelty per row."""
+
+    def __init__(self, scores, fit_rows, calibration_rows, y, prompts):
+        platt = PlattCalibrator().fit(scores[calibration_rows], y[calibration_rows])
+        self.z = logit(platt.predict(scores))
+        novelty = NoveltyModel().fit(prompts[fit_rows], prompts[calibration_rows])
+        self.log_novelty = np.log(np.maximum(novelty.score(prompts), 1e-3))
+
+
+def summary(scoring: Scoring, rows: np.ndarray, signals: dict[str, np.ndarray]) -> np.ndarray:
+    z = scoring.z[rows]
+    return np.array(
+        [z.mean(), z.std(), scoring.log_novelty[rows].mean(), *(signals[s][rows].mean() for s in signals)]
+    )
+
+
+def novelty_design(z, log_novelty):
+    return np.column_stack([z, log_novelty, z * log_novelty])
+
+
+def fit_logistic(A: np.ndarray, y: np.ndarray, l2: float = 1e-3) -> np.ndarray:
+    """Weights [d + 1] of an L2-regularised logistic regression (Newton; small d)."""
+    A1 = np.column_stack([A, np.ones(len(A))])
+    w = np.zeros(A1.shape[1])
+    for _ in range(50):
+        p = sigmoid(A1 @ w)
+        grad = A1.T @ (p - y) + l2 * np.r_[w[:-1], 0]
+        hess = (A1 * (p * (1 - p))[:, None]).T @ A1 + l2 * np.eye(len(w))
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return w
+
+
+def ridge_predict(F: np.ndarray, t: np.ndarray, f: np.ndarray, alpha: float) -> float:
+    mean, scale = F.mean(0), F.std(0) + 1e-9
+    G = (F - mean) / scale
+    w = np.linalg.solve(G.T @ G + alpha * np.eye(G.shape[1]), G.T @ (t - t.mean()))
+    return float(t.mean() + ((f - mean) / scale) @ w)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True, help="run dir: probe/, metrics.json, store.txt")
+    parser.add_argument("--store", type=Path, help="activation store (default: the path in <run>/store.txt)")
+    parser.add_argument("--alpha", type=float, default=10.0, help="ridge penalty of the domain offset model")
+    args = parser.parse_args()
+    # the benchmark reads the store; the probe core never imports extract
+    from extract.store import open_store
+
+    metrics = json.loads((args.run / "metrics.json").read_text())
+    store = open_store(args.store or (args.run / "store.txt").read_text().strip())
+    artifact = ProbeArtifact.load(args.run / "probe")
+    known = {f.name for f in fields(TrainSpec)}
+    spec = TrainSpec(**{k: v for k, v in metrics["train_spec"].items() if k in known})
+    started = time.perf_counter()
+
+    data = SplitData.from_store(store)
+    y, categories = data.y, data.categories
+    folds = domain_folds(data.domains, data.masks["train"], data.masks["calibration"], y)
+    layer = artifact.metadata.layer
+    X = probe_features(artifact.probe, store, layer, artifact.metadata.position)
+    prompts = store.read(layer, NOVELTY_POSITION).astype(np.float64)
+    signals = {s: np.asarray(store.baselines[s], float) for s in SUMMARY_SIGNALS if s in store.baselines}
+    fit_scores = fold_scorer(artifact.probe, X, y, folds.fit.any(axis=0))
+    outer_scores = fit_scores(folds.fit)
+    masks, pairs = nested_fit_masks(folds)
+    inner_scores = fit_scores(masks)
+    print(f"{len(folds.domains)} held-out domains, {len(pairs)} inner fits ({time.perf_counter() - started:.0f} s)")
+
+    k = len(folds.domains)
+    p_by_option: dict[str, np.ndarray] = {}
+    options = ("platt (default)", "cross_domain", "novelty-conditioned", "domain offset (ridge)", "constant offset")
+    for name in options:
+        p_by_option[name] = np.full(len(y), np.nan)
+    for f in range(k):
+        held = folds.held_out[f]
+        outer = Scoring(outer_scores[f], folds.fit[f], folds.calibrate[f], y, prompts)
+        inner = {
+            g: Scoring(inner_scores[m], masks[m], folds.calibrate[f] & ~folds.held_out[g], y, prompts)
+            for m, (ff, g) in enumerate(pairs)
+            if ff == f
+        }
+        p_by_option["platt (default)"][held] = sigmoid(outer.z[held])
+
+        # out-of-domain rows of every other domain g, as its inner probe scores them
+        rows = {g: folds.held_out[g] for g in inner}
+        z_ood = np.concatenate([inner[g].z[rows[g]] for g in inner])
+        nov_ood = np.concatenate([inner[g].log_novelty[rows[g]] for g in inner])
+        y_ood = np.concatenate([y[rows[g]] for g in inner])
+        w = fit_logistic(z_ood[:, None], y_ood)
+        p_by_option["cross_domain"][held] = sigmoid(w[0] * outer.z[held] + w[1])
+
+        calib = folds.calibrate[f]
+        A = np.vstack([novelty_design(z_ood, nov_ood), novelty_design(outer.z[calib], outer.log_novelty[calib])])
+        w = fit_logistic(A, np.r_[y_ood, y[calib]])
+        p_by_option["novelty-conditioned"][held] = sigmoid(
+            novelty_design(outer.z[held], outer.log_novelty[held]) @ w[:-1] + w[-1]
+        )
+
+        F = np.array([summary(inner[g], rows[g], signals) for g in inner])
+        t = np.array([matching_offset(inner[g].z[rows[g]], y[rows[g]].mean()) for g in inner])
+        offset = ridge_predict(F, t, summary(outer, held, signals), args.alpha)
+        p_by_option["domain offset (ridge)"][held] = sigmoid(outer.z[held] + offset)
+        p_by_option["constant offset"][held] = sigmoid(outer.z[held] + t.mean())
+
+    held_any = folds.held_out.any(axis=0)
+    domains = data.domains
+    print(
+        f"\n{metrics['title']}: {artifact.metadata.kind} probe, layer {layer} / {artifact.metadata.position}; "
+        f"{held_any.sum()} held-out rows in {k} domains\n"
+    )
+    print(
+        "| option | held-out per-domain ECE (mean) | floor (mean) | within floor + 0.03 | pooled ECE "
+        "| within-cat AUROC |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in options:
+        p = p_by_option[name][held_any]
+        cal = domain_calibration(p, y[held_any], domains[held_any], spec.n_bins)
+        s = cal.summary
+        auc = within_category_auroc(p, y[held_any], categories[held_any]).mean
+        print(
+            f"| {name} | {s['mean_ece']:.3f} | {s['mean_floor']:.3f} | {s['n_within']} of {s['n_domains']} "
+            f"| {s['pooled_ece']:.3f} | {auc:.3f} |"
+        )
+    print(f"\n{time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
