@@ -130,11 +130,19 @@ def main() -> None:
     outer_scores = fit_scores(folds.fit)
     masks, pairs = nested_fit_masks(folds)
     inner_scores = fit_scores(masks)
-    print(f"{len(folds.domains)} held-out domains, {len(pairs)} inner fits ({time.perf_counter() - started:.0f} s)")
+    print(
+        f"{len(folds.domains)} held-out domains, {len(pairs)} inner fits ({time.perf_counter() - started:.0f} s)"
+    )
 
     k = len(folds.domains)
     p_by_option: dict[str, np.ndarray] = {}
-    options = ("platt (default)", "cross_domain", "novelty-conditioned", "domain offset (ridge)", "constant offset")
+    options = (
+        "platt (default)",
+        "cross_domain",
+        "novelty-conditioned",
+        "domain offset (ridge)",
+        "constant offset",
+    )
     for name in options:
         p_by_option[name] = np.full(len(y), np.nan)
     for f in range(k):
@@ -156,7 +164,9 @@ def main() -> None:
         p_by_option["cross_domain"][held] = sigmoid(w[0] * outer.z[held] + w[1])
 
         calib = folds.calibrate[f]
-        A = np.vstack([novelty_design(z_ood, nov_ood), novelty_design(outer.z[calib], outer.log_novelty[calib])])
+        A = np.vstack(
+            [novelty_design(z_ood, nov_ood), novelty_design(outer.z[calib], outer.log_novelty[calib])]
+        )
         w = fit_logistic(A, np.r_[y_ood, y[calib]])
         p_by_option["novelty-conditioned"][held] = sigmoid(
             novelty_design(outer.z[held], outer.log_novelty[held]) @ w[:-1] + w[-1]
