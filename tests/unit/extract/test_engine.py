@@ -174,12 +174,7 @@ def test_failure_keeps_written_shards_and_the_rerun_resumes(tiny_loaded, hf_stor
 
 
 def test_engine_is_checked_before_any_work(tiny_loaded, tmp_path):
-    import socket
-
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/v1"
+    url = _closed_port_url()
     with pytest.raises(
         EngineError, match=rf"extract.engine_url={url}: GET /models: the engine cannot be reached"
     ):
@@ -218,3 +213,62 @@ def test_completion_ids_rules():
     assert completion_ids(EngineAnswer("a b", None, "stop"), encode, eos) == ([7, 7, 2], True)
     assert completion_ids(EngineAnswer("a b", None, "length"), encode, eos) == ([7, 7], True)
     assert completion_ids(EngineAnswer("", [], "stop"), encode, eos) == ([2], False)
+
+
+def _closed_port_url() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+def _cli(args, tmp_path, capsys):
+    from probes.cli import main as cli
+
+    try:
+        code = cli.main([*args, f"hydra.run.dir={tmp_path / 'run'}"])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    return code, capsys.readouterr().err
+
+
+def test_cli_checks_the_engine_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("PROBECAL_DEBUG", raising=False)
+    monkeypatch.setattr("extract.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    url = _closed_port_url()
+    code, err = _cli(["extract", "extract.engine=openai", f"extract.engine_url={url}"], tmp_path, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(
+        f"probecal extract: error: extract.engine_url={url}: GET /models: the engine cannot be reached"
+    )
+
+
+def test_cli_bad_engine_answer_is_one_line_exit_2(tmp_path, capsys, monkeypatch, engine, tiny_llama_dir):
+    import json
+
+    monkeypatch.delenv("PROBECAL_DEBUG", raising=False)
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({**r.__dict__, "answers": list(r.answers)}) + "\n" for r in _rows(3)))
+    engine.mode = "e500"
+    args = [
+        "extract",
+        "model=hf",
+        f"model.path={tiny_llama_dir}",
+        "model.device=cpu",
+        "data=jsonl",
+        f"data.path={data}",
+        f"extract.store_root={tmp_path / 'stores'}",
+        "extract.engine=openai",
+        f"extract.engine_url={engine.url}",
+        "extract.engine_concurrency=1",
+    ]
+    code, err = _cli(args, tmp_path, capsys)
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert code == 2 and "Traceback" not in err
+    assert errors == [
+        f"probecal extract: error: extract.engine_url={engine.url}: question q0: the engine answered HTTP 500: "
+        "engine core died. Rows already stored are kept: rerun to resume once the engine answers "
+        "(PROBECAL_DEBUG=1 shows the traceback)"
+    ]
