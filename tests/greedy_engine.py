@@ -84,7 +84,7 @@ class GreedyEngine:
                 return 200, b'{"choices": [{"te', 5000
             if self.mode == "huge":
                 return 200, b'{"choices": [], "pad": "' + b"x" * 2_000_000 + b'"}', None
-            ids = torch.tensor([body["prompt"]])
+            ids = torch.tensor([body["prompt"]], device=next(self.model.parameters()).device)
             with torch.no_grad():
                 out = self.model.generate(
                     input_ids=ids,
