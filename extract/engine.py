@@ -194,6 +194,13 @@ class OpenAIEngine:
         "vllm", llama.cpp's "llamacpp"). Not the URL: the same engine at another address resumes the store."""
         return {"kind": "openai", "model": self.model, "owned_by": self.owned_by}
 
+    def error(self, question_id: str, what: str) -> EngineError:
+        """The one line a bad answer to `question_id` ends the run with ("the engine <what>")."""
+        return EngineError(
+            f"extract.engine_url={self.url}: question {question_id}: the engine {what}. "
+            "Rows already stored are kept: rerun to resume once the engine answers"
+        )
+
     def complete(
         self,
         prompts: Sequence[Sequence[int]],
@@ -216,10 +223,7 @@ class OpenAIEngine:
             try:
                 return _answer(http_json("POST", f"{self.url}/completions", body, self.timeout_s))
             except _BadAnswer as err:
-                raise EngineError(
-                    f"extract.engine_url={self.url}: question {question_ids[i]}: the engine {err}. "
-                    "Rows already stored are kept: rerun to resume once the engine answers"
-                ) from None
+                raise self.error(question_ids[i], str(err)) from None
 
         with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(prompts)))) as pool:
             futures = [pool.submit(one, i) for i in range(len(prompts))]

@@ -5,6 +5,8 @@ as the probe's layer has produced its output: blocks above that layer, the final
 never run (the expensive vocabulary projection included). A hybrid probe also reads the answer's logit
 signals, which need the LM head: `states_and_logits` runs the whole forward (same hook, no early stop) and
 `answer_signals` turns its logits into the signals generation records (extract.generation.answer_baselines).
+`capture_completions` is extraction's use of the same forward (extract.engine=openai): an engine's answers in,
+generation's `CaptureResult` out, at every stored layer (`layer_states_and_logits`).
 """
 
 from __future__ import annotations

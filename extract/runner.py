@@ -115,6 +115,13 @@ def capture_engine_answers(
         ),
         strict=True,
     )
+    vocab = loaded.model.get_input_embeddings().num_embeddings
+    for qid, answer in zip(question_ids, ids, strict=True):
+        if any(t >= vocab for t in answer):
+            raise engine.error(
+                qid,
+                f"sent token ids outside the model's vocabulary (0..{vocab - 1}): does it serve this model?",
+            )
     if any(reencoded):
         log.warning(
             "the engine at %s returned no token ids for %d of %d answers: their text was re-encoded "

@@ -35,7 +35,8 @@ class GenerationSpec:
 
     max_new_tokens: answer budget; an answer not finished within it is flagged `truncated`.
     stop_strings: generation of a row stops at the first of these (the text before it is graded).
-    batch_size: prompts per `model.generate` call (left padding).
+    batch_size: prompts per `model.generate` call (left padding); with extract.engine=openai, rows per
+    teacher-forced forward.
     """
 
     _target_: str = "extract.settings.GenerationSpec"

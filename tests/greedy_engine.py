@@ -4,8 +4,9 @@
 
 `engine.mode` makes it misbehave as a real engine can: e500 (a 500 in OpenAI's error shape), badjson,
 nochoices, hang (a 500 after 3 s), cut (a body shorter than its Content-Length), huge (a 2 MB body),
-text_only (no token ids: the client re-encodes the text). `engine.fail_after = n`: a 500 from the
-(n+1)-th completion on. `engine.completions` counts the completions served.
+text_only (no token ids: the client re-encodes the text), foreign (token ids outside the vocabulary).
+`engine.fail_after = n`: a 500 from the (n+1)-th completion on. `engine.completions` counts the
+completions served.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ class GreedyEngine:
                 return 200, b'{"id": "cmpl-1", "object": "text_completion"}', None
             if self.mode == "cut":
                 return 200, b'{"choices": [{"te', 5000
+            if self.mode == "foreign":  # ids of another model's vocabulary
+                choice = {"index": 0, "text": "x", "token_ids": [500, 501], "finish_reason": "length"}
+                return 200, json.dumps({"choices": [choice]}).encode(), None
             if self.mode == "huge":
                 return 200, b'{"choices": [], "pad": "' + b"x" * 2_000_000 + b'"}', None
             ids = torch.tensor([body["prompt"]], device=next(self.model.parameters()).device)

@@ -143,6 +143,7 @@ def test_text_only_engine_is_re_encoded_and_recorded(tiny_loaded, hf_store, engi
         ("hang", "sent no complete answer within 1 s (extract.engine_timeout_s)"),
         ("cut", "cut its answer short (17 of 5,000 bytes)"),
         ("huge", "sent an answer over 1,000,000 bytes"),
+        ("foreign", "sent token ids outside the model's vocabulary (0..98): does it serve this model?"),
     ],
 )
 def test_bad_engine_answers_end_the_run_with_one_line(tiny_loaded, engine, tmp_path, monkeypatch, mode, what):
