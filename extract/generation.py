@@ -221,7 +221,7 @@ class _Row:
     found: bool
 
 
-def _finish_row(
+def finish_row(
     tokenizer, generated: list[int], max_new_tokens: int, eos_ids: set[int], stops, cut_answer
 ) -> _Row:
     """Turn one row's generated tokens into raw text, graded answer and its token span."""
@@ -235,7 +235,7 @@ def _finish_row(
     return _Row(cut.answer, raw, cut.start, cut.end, truncated=truncated, found=cut.found)
 
 
-def _check_prompts(prompt_ids: Sequence[Sequence[int]], vocab_size: int | None) -> None:
+def check_prompts(prompt_ids: Sequence[Sequence[int]], vocab_size: int | None) -> None:
     for i, prompt in enumerate(prompt_ids):
         if len(prompt) == 0:
             raise CaptureError(f"prompt_ids[{i}] is empty")
@@ -301,7 +301,7 @@ def generate_and_capture(
     position_list = check_positions(positions)
     _check_generation(generation)
     vocab_size = getattr(model.get_input_embeddings(), "num_embeddings", None)
-    _check_prompts(prompt_ids, vocab_size)
+    check_prompts(prompt_ids, vocab_size)
     if tokenizer.pad_token_id is None:
         raise CaptureError("the tokenizer has no pad token: wrap it with extract.models.prepare_tokenizer")
     if streamer is not None and len(prompt_ids) > generation.batch_size:
@@ -372,7 +372,7 @@ def _generate_batch(
     states = recorder.stacked(steps)  # [steps, batch, layers, hidden]; index t = state of token t-1
 
     rows = [
-        _finish_row(tokenizer, g, spec.max_new_tokens, set(eos), spec.stop_strings, cut_answer)
+        finish_row(tokenizer, g, spec.max_new_tokens, set(eos), spec.stop_strings, cut_answer)
         for g in generated.tolist()
     ]
     vectors = torch.empty(

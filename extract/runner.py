@@ -18,7 +18,9 @@ from tqdm.auto import tqdm
 
 from extract.data import DataSpec, QARow, assign_splits, dataset_hash
 from extract.distributed import DistContext, DistributedError
-from extract.generation import generate_and_capture
+from extract.engine import OpenAIEngine, completion_ids
+from extract.forward import capture_completions
+from extract.generation import CaptureResult, generate_and_capture
 from extract.grading import Grade, cut_answer, grade
 from extract.hooks import resolve_layers
 from extract.models import LoadedModel
@@ -40,12 +42,24 @@ from extract.store import (
     store_dir_for,
     store_key,
 )
+from extract.tokens import eos_token_ids
 
 log = logging.getLogger(__name__)
 
 
-def store_settings(loaded: LoadedModel, rows: Sequence[QARow], spec: ExtractSpec, data_name: str) -> dict:
-    """Everything that changes the store's content; its hash names the store directory."""
+def store_settings(
+    loaded: LoadedModel,
+    rows: Sequence[QARow],
+    spec: ExtractSpec,
+    data_name: str,
+    engine: OpenAIEngine | None = None,
+) -> dict:
+    """Everything that changes the store's content; its hash names the store directory.
+
+    engine: where the answers came from (extract.engine=openai): its model and server are part of the key,
+    so a store of transformers' answers is never reused for an engine's (bf16 or quantized engines answer
+    differently) nor the other way round. With hf the key has no engine entry: stores written before
+    extract.engine existed keep their key and are reused."""
     from dataclasses import asdict
 
     layers = resolve_layers(spec.layers, loaded.fingerprint.num_layers, loaded.fingerprint.name)
@@ -64,7 +78,62 @@ def store_settings(loaded: LoadedModel, rows: Sequence[QARow], spec: ExtractSpec
         "generation": generation,
         "grader": {"grader": spec.grader, "f1_threshold": spec.f1_threshold},
         "self_eval": {"p_true": spec.p_true, "verbalized": spec.verbalized},
+        **({} if engine is None else {"engine": engine.identity()}),
     }
+
+
+def connect_engine(spec: ExtractSpec) -> OpenAIEngine | None:
+    """The engine extract.engine=openai names, checked with GET /models (None for hf): the CLI calls this
+    before loading the model, so a wrong URL costs a second, not a model load."""
+    spec.check()
+    if spec.engine != "openai":
+        return None
+    return OpenAIEngine.connect(
+        spec.engine_url, spec.engine_model, spec.engine_timeout_s, spec.engine_concurrency
+    )
+
+
+def capture_engine_answers(
+    loaded: LoadedModel,
+    engine: OpenAIEngine,
+    prompt_ids: Sequence[Sequence[int]],
+    question_ids: Sequence[str],
+    layers: Sequence[int],
+    spec: ExtractSpec,
+    cut: Callable[[str], str],
+) -> tuple[CaptureResult, list[bool]]:
+    """Greedy answers from the engine, then their states and logit signals from one teacher-forced forward
+    per batch (extract.forward.capture_completions). Returns (result, per row: ids re-encoded from text)."""
+    tokenizer = loaded.tokenizer
+    eos = eos_token_ids(loaded.model, tokenizer)
+    answers = engine.complete(prompt_ids, question_ids, spec.generation.max_new_tokens, eos)
+    # encoded here, after the requests: a fast tokenizer is not to be shared between threads
+    ids, reencoded = zip(
+        *(
+            completion_ids(a, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], eos)
+            for a in answers
+        ),
+        strict=True,
+    )
+    vocab = loaded.model.get_input_embeddings().num_embeddings
+    for qid, answer in zip(question_ids, ids, strict=True):
+        if any(t >= vocab for t in answer):
+            raise engine.error(
+                qid,
+                f"sent token ids outside the model's vocabulary (0..{vocab - 1}): does it serve this model?",
+            )
+    if any(reencoded):
+        log.warning(
+            "the engine at %s returned no token ids for %d of %d answers: their text was re-encoded "
+            "(recorded per row as answer_reencoded)",
+            engine.url,
+            sum(reencoded),
+            len(reencoded),
+        )
+    result = capture_completions(
+        loaded.model, tokenizer, prompt_ids, ids, layers, spec.positions, spec.generation, cut
+    )
+    return result, list(reencoded)
 
 
 def extract_to_store(
@@ -75,6 +144,7 @@ def extract_to_store(
     data_name: str = "custom",
     store_root: str | Path | None = None,
     dist: DistContext | None = None,
+    engine: OpenAIEngine | None = None,
 ) -> ActivationStore:
     """Generate, grade and capture every row into a store under `store_root` (default spec.store_root).
 
@@ -83,26 +153,38 @@ def extract_to_store(
     A complete store with the same settings is reused; an interrupted one resumes.
     dist: this process's place in a data-parallel launch (extract.distributed.distributed_context);
     every rank passes the same rows and spec, computes its share of the shards, and gets the store.
+    engine: with spec.engine=openai, the engine to ask (None: `connect_engine(spec)` here); the answers
+    come from it, the states from one teacher-forced forward of `loaded.model` (extract.engine).
     """
     spec = ExtractSpec() if spec is None else spec
     splits = assign_splits(rows, DataSpec()) if splits is None else splits
     spec.check()
-    settings = store_settings(loaded, rows, spec, data_name)
+    if spec.engine == "openai" and engine is None:
+        engine = connect_engine(spec)
+    engine = engine if spec.engine == "openai" else None
+    settings = store_settings(loaded, rows, spec, data_name, engine)
     store_dir = store_dir_for(store_root or spec.store_root, settings)
     prompt_ids = build_prompt_ids(rows, loaded.tokenizer, loaded.uses_chat_template, spec.prompt)
     cut = partial(cut_answer, stop_sequences=spec.generation.stop_strings)
 
     def compute_shard(index: int, shard_rows: range) -> ShardData:
         batch_rows = [rows[i] for i in shard_rows]
-        result = generate_and_capture(
-            loaded.model,
-            loaded.tokenizer,
-            [prompt_ids[i] for i in shard_rows],
-            settings["layers"],
-            spec.positions,
-            spec.generation,
-            cut,
-        )
+        shard_prompts = [prompt_ids[i] for i in shard_rows]
+        reencoded = [False] * len(batch_rows)
+        if engine is None:
+            result = generate_and_capture(
+                loaded.model,
+                loaded.tokenizer,
+                shard_prompts,
+                settings["layers"],
+                spec.positions,
+                spec.generation,
+                cut,
+            )
+        else:
+            result, reencoded = capture_engine_answers(
+                loaded, engine, shard_prompts, [r.id for r in batch_rows], settings["layers"], spec, cut
+            )
         grades = [
             grade_row(answer, row, spec) for answer, row in zip(result.answers, batch_rows, strict=True)
         ]
@@ -135,10 +217,11 @@ def extract_to_store(
                 f1=g.f1,
                 verbalized_parsed=ok,
                 refused=g.rule == "refused",
+                answer_reencoded=again,
                 **fields,
             )
-            for i, row, g, ok, fields in zip(
-                shard_rows, batch_rows, grades, parsed, result.row_fields(), strict=True
+            for i, row, g, ok, again, fields in zip(
+                shard_rows, batch_rows, grades, parsed, reencoded, result.row_fields(), strict=True
             )
         ]
         return ShardData(

@@ -17,9 +17,11 @@ Positions (see `extract.generation`):
 
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
+from extract.engine import ENGINES
 from extract.grading import GRADERS
 from extract.prompts import PromptSpec
 
@@ -33,7 +35,8 @@ class GenerationSpec:
 
     max_new_tokens: answer budget; an answer not finished within it is flagged `truncated`.
     stop_strings: generation of a row stops at the first of these (the text before it is graded).
-    batch_size: prompts per `model.generate` call (left padding).
+    batch_size: prompts per `model.generate` call (left padding); with extract.engine=openai, rows per
+    teacher-forced forward.
     """
 
     _target_: str = "extract.settings.GenerationSpec"
@@ -57,6 +60,11 @@ class ExtractSpec:
     p_true / verbalized: optional self-evaluation baselines (one more model call per question each).
     prompt: how questions become model inputs (extract.prompts.PromptSpec).
     grader: exact | contains | f1 (extract.grading); f1_threshold for the f1 grader.
+    engine: hf (transformers' generate, states captured in the same pass) | openai (answers from an
+    OpenAI-compatible engine at engine_url, `http://host:port/v1`; states from one teacher-forced forward
+    in probecal: extract.engine). engine_model: the served model's name ("" = the one /v1/models lists);
+    engine_timeout_s: the most one request may take, whole answer included; engine_concurrency: requests
+    in flight at once.
     """
 
     _target_: str = "extract.settings.ExtractSpec"
@@ -71,6 +79,11 @@ class ExtractSpec:
     prompt: PromptSpec = field(default_factory=PromptSpec)
     grader: str = "contains"
     f1_threshold: float = 0.5
+    engine: str = "hf"
+    engine_url: str = ""
+    engine_model: str = ""
+    engine_timeout_s: float = 120.0
+    engine_concurrency: int = 16
 
     def __post_init__(self) -> None:
         # Hydra builds nested nodes without a _target_ as plain dicts.
@@ -82,3 +95,22 @@ class ExtractSpec:
     def check(self) -> None:
         if self.grader not in GRADERS:
             raise ValueError(f"extract.grader={self.grader!r}; allowed: {', '.join(GRADERS)}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"extract.engine={self.engine!r}; allowed: {', '.join(ENGINES)}")
+        if self.engine != "openai":
+            return
+        url = urllib.parse.urlsplit(self.engine_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(
+                f"extract.engine_url={self.engine_url!r}: extract.engine=openai needs the engine's "
+                "OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1"
+            )
+        if not self.engine_timeout_s > 0:
+            raise ValueError(f"extract.engine_timeout_s={self.engine_timeout_s}: must be > 0")
+        if isinstance(self.engine_concurrency, bool) or not self.engine_concurrency >= 1:
+            raise ValueError(f"extract.engine_concurrency={self.engine_concurrency}: must be an integer >= 1")
+        if self.generation.do_sample:
+            raise ValueError(
+                "extract.engine=openai decodes greedily (probes are trained on greedy answers): "
+                "set extract.generation.do_sample=false"
+            )

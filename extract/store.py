@@ -92,6 +92,7 @@ class RowRecord:
     empty_answer: bool = False
     answer_in_text: bool = True
     refused: bool = False  # the model declined or said it cannot know (extract.refusal); then label is 0
+    answer_reencoded: bool = False  # extract.engine=openai: the engine sent text only; its ids are re-encoded
 
     def __post_init__(self) -> None:
         if not self.domain:

@@ -12,8 +12,11 @@ official `openai` SDK. Not part of `make test` (an engine install takes minutes)
    reads the prompt only), p_correct agreement with /v1/score, and p50/p99 through the proxy vs straight to
    the engine at 1, 4 and 16 concurrent clients, measured in the same run. Both processes are stopped at the
    end, also on failure.
+5. With --extract N: `probecal extract` on N questions of the default data, once with transformers' generate
+   (extract.engine=hf) and once with this engine generating (extract.engine=openai), into separate stores:
+   questions/s of each (wall time of the command, model load included) and how many answers agree.
 
-Usage: python scripts/engine_check.py [--probe DIR] [--questions 16] [--engine vllm]
+Usage: python scripts/engine_check.py [--probe DIR] [--questions 16] [--engine vllm] [--extract 600 --device cuda]
 """
 
 from __future__ import annotations
@@ -130,6 +133,38 @@ def latency(client, questions: list[str], clients: int) -> list[float]:
         return list(pool.map(lambda q: timed(client, q), questions))
 
 
+def extract_throughput(n: int, device: str, engine_url: str, logs: Path) -> bool:
+    """`probecal extract` on n questions with extract.engine=hf and =openai: questions/s and answer agreement."""
+    from extract.store import open_store
+
+    answers, ok = {}, True
+    for name, extra in [("hf", []), ("openai", ["extract.engine=openai", f"extract.engine_url={engine_url}",
+                                                "extract.engine_model=smollm2"])]:  # fmt: skip
+        run_dir = logs / f"extract-{name}"
+        command = [sys.executable, "-m", "probes.cli", "extract", f"model.device={device}", f"data.limit={n}",
+                   f"extract.store_root={logs / 'stores'}", f"hydra.run.dir={run_dir}", *extra]  # fmt: skip
+        started = time.perf_counter()
+        done = subprocess.run(
+            command, cwd=ROOT, capture_output=True, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+        seconds = time.perf_counter() - started
+        if done.returncode != 0:
+            print(f"FAIL  extract engine={name}: {(done.stderr or done.stdout).strip()[-300:]}", flush=True)
+            ok = False
+            continue
+        store = open_store((run_dir / "store.txt").read_text().strip())
+        answers[name] = store.column("model_answer").tolist()
+        print(
+            f"extract {n} questions, engine={name}: {seconds:.0f} s, {n / seconds:.2f} questions/s",
+            flush=True,
+        )
+    if len(answers) == 2:
+        same = sum(a == b for a, b in zip(answers["hf"], answers["openai"], strict=True))
+        print(f"extract answers equal, engine=openai vs hf: {same} of {n}", flush=True)
+    return ok
+
+
 def check(name: str, call) -> bool:
     try:
         detail = call()
@@ -146,6 +181,10 @@ def main() -> int:
     parser.add_argument("--probe", default="/work/shared_runs/default_run/probe")
     parser.add_argument("--questions", type=int, default=16)
     parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument(
+        "--extract", type=int, default=0, help="questions for the extraction throughput (0: skip)"
+    )
+    parser.add_argument("--device", default="cpu", help="model.device of the extraction runs")
     parser.add_argument(
         "--venv", default=os.environ.get("ENGINE_VENV") or str(Path.home() / ".cache/probecal/engines/vllm")
     )
@@ -243,6 +282,8 @@ def main() -> int:
                 f"p99 {p99:7.0f} | p50 overhead {100 * (p50 / d50 - 1):+.0f}%",
                 flush=True,
             )
+        if args.extract:
+            ok &= extract_throughput(args.extract, args.device, engine_url, logs)
     finally:
         stop(proxy)
         stop(engine)

@@ -5,7 +5,8 @@
 #    plain forward's hidden_states, /v1/score equals generation's p_correct.
 # 2. A short default run on CUDA (600 questions): extraction throughput and the same probe pipeline.
 # 3. vLLM on the GPU behind the proxy (scripts/engine_check.py with a CUDA vLLM): p_correct agreement and
-#    proxy overhead at 1, 4 and 16 clients (target on a GPU: <= 5% p50).
+#    proxy overhead at 1, 4 and 16 clients (target on a GPU: <= 5% p50); then extraction throughput on 600
+#    questions, extract.engine=openai (vLLM generates, one teacher-forced forward captures) vs hf's generate.
 # Nothing here runs in `make test`; every step is bounded by `timeout` so a stuck step cannot eat the budget.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,6 @@ step capture_parity 600 env PROBECAL_TEST_DEVICE=cuda HF_HUB_OFFLINE=1 .venv/bin
 step short_run 600 env HF_HUB_OFFLINE=1 .venv/bin/probecal run model.device=cuda data.limit=600 \
   extract.store_root="$OUT/stores" hydra.run.dir="$OUT/short_run"
 step vllm_proxy 900 env HF_HUB_OFFLINE=1 ENGINE_VENV="${ENGINE_VENV:-$HOME/.cache/probecal/engines/vllm-cuda}" \
-  .venv/bin/python scripts/engine_check.py --engine vllm --questions 16
-grep -h "extract facts\|questions/s\|p50\|overhead\|max difference" "$OUT"/*.log | tail -20
+  .venv/bin/python scripts/engine_check.py --engine vllm --questions 16 --extract 600 --device cuda
+grep -h "extract facts\|questions/s\|answers equal\|p50\|overhead\|max difference" "$OUT"/*.log | tail -20
 exit $status

@@ -49,8 +49,10 @@ def _extract(cfg: DictConfig):
 
     from extract.distributed import distributed_context, main_rank_first
     from extract.models import PACKAGED_MODELS, load_model
-    from extract.runner import accuracy_table, extract_to_store, rows_and_splits
+    from extract.runner import accuracy_table, connect_engine, extract_to_store, rows_and_splits
 
+    extract_spec = _build(cfg.extract)
+    engine = connect_engine(extract_spec)  # extract.engine=openai: is the engine up? before anything loads
     data_spec = _build(cfg.data)
     rows, splits = rows_and_splits(data_spec)
     model_spec = _build(cfg.model)
@@ -59,7 +61,7 @@ def _extract(cfg: DictConfig):
     with distributed_context(model_spec.device) as dist:
         with main_rank_first(dist) if gguf else nullcontext():
             loaded = load_model(replace(model_spec, device=dist.device))
-        store = extract_to_store(loaded, rows, splits, _build(cfg.extract), data_spec.name, dist=dist)
+        store = extract_to_store(loaded, rows, splits, extract_spec, data_spec.name, dist=dist, engine=engine)
     if not dist.is_main:
         return loaded, store, splits
     if store.column("split").tolist() != list(splits):
