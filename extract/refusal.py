@@ -12,7 +12,8 @@ thing cannot be known:
   know", "not (yet) known", "has not (yet) been discovered".
 Not refusals: an answer that is short or negative ("No.", "No, it is Canberra."), a correction that still
 answers ("Paris is the capital of France, not Germany."), a hedge followed by an answer ("I think it is Rome.").
-Measured on hand-labelled SmolLM2-135M-Instruct answers in tests/unit/extract/data_fixtures/refusals.jsonl.
+Measured on hand-labelled real answers of SmolLM2-135M-Instruct (477) and Gemma 3 270M base (392, none a refusal)
+in tests/unit/extract/data_fixtures/refusals.jsonl (scripts/sample_refusal_answers.py writes them to label).
 """
 
 from __future__ import annotations
