@@ -206,6 +206,8 @@ class Server:
                 created=time.time(),
                 domain=getattr(g, "domain", None) if getattr(g, "domain_assigned", False) else domain,
                 artifact=getattr(g, "artifact", None) or getattr(self.model, "artifact_digest", None),
+                domain_assigned=bool(getattr(g, "domain_assigned", False)),
+                prompt_state=getattr(g, "prompt_state", None),
             )
             for i, (text, g, finish) in enumerate(items)
         ]
