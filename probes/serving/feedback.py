@@ -320,6 +320,17 @@ class FeedbackStore:
             ).fetchall()
         return calibration_stats([r[0] for r in rows], [bool(r[1]) for r in rows], n_bins)
 
+    def labels_since(self, digest: str, after_seq: int) -> list[tuple[int, str, float, bool]]:
+        """(label_seq, domain ('' untagged), p_correct, latest label) of the responses scored by the artifact
+        `digest` whose latest label arrived after feedback.seq `after_seq`, in label order."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT label_seq, COALESCE(domain, ''), p_correct, correct FROM responses WHERE artifact = ? "
+                "AND label_seq > ? ORDER BY label_seq",
+                (digest, after_seq),
+            ).fetchall()
+        return [(int(seq), str(d), float(p), bool(c)) for seq, d, p, c in rows]
+
     def record_artifact(self, digest: str, probe_dir: str | None) -> None:
         """Note that `digest` started serving now (unless it is already the current one)."""
         with self._lock:
