@@ -908,12 +908,14 @@ def read_served_prompts(
 
 
 def refit_domains(
-    rows: RecalibrationRows, served: ServedPrompts, n_clusters: int, seed: int
+    parent: ProbeArtifact, rows: RecalibrationRows, served: ServedPrompts, n_clusters: int, seed: int
 ) -> tuple[RecalibrationRows, DomainRefit]:
     """k-means clusters (probes.domains.fit_domain_clusters, seeded) of the stored prompt states of the
     untagged served responses (the traffic the clusters are for: a client tag always wins), and `rows` with
     every untagged row's domain reassigned by them. An untagged labelled row without a stored state is dropped
-    (its old cluster name means another cluster now); tagged rows keep their tag.
+    (its old cluster name means another cluster now); tagged rows keep their tag. The rows keep the parent's
+    P(correct) under the OLD domains (computed here when they do not carry it): a new "cluster-0" is not the
+    parent's "cluster-0", so the parent's p must not be recomputed with the new names.
 
     The parent's clusters are not mixed in: they describe the training questions, and the refit is there to
     follow what is served now."""
@@ -942,9 +944,8 @@ def refit_domains(
         f"{int(untagged.sum())} served prompts"
         + (f", {dropped} untagged rows without a stored state dropped" if dropped else "")
     )
-    out = RecalibrationRows(rows.ids, rows.score, rows.y, domain.astype(str), rows.parent_p, source).subset(
-        keep
-    )
+    parent_p = parent_probabilities(parent, rows)
+    out = RecalibrationRows(rows.ids, rows.score, rows.y, domain.astype(str), parent_p, source).subset(keep)
     record = {
         "n_clusters": n_clusters,
         "seed": seed,

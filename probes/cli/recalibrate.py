@@ -159,7 +159,7 @@ def stage_recalibrate(cfg: DictConfig) -> None:
             served = read_served_prompts(
                 spec.from_feedback, meta.layer, meta.position, lineage_digests(parent)
             )
-            rows, refit = refit_domains(rows, served, spec.refit_domains, cfg.seed)
+            rows, refit = refit_domains(parent, rows, served, spec.refit_domains, cfg.seed)
         if "dropped" in rows.source:
             log.warning("%s", rows.source)
     else:

@@ -10,6 +10,7 @@ import pytest
 from scipy.special import expit
 
 from probes.artifact import ProbeArtifact
+from probes.calibration import ShrinkageCalibrator
 from probes.domains import decode_state, encode_state, fit_domain_clusters, purity
 from probes.recalibration import (
     NotEnoughRows,
@@ -129,10 +130,10 @@ def test_refit_clusters_follow_the_served_traffic_and_recalibrate_by_them(tmp_pa
     assert set(rows.domain) == {parent.domains.names[parent.domains.nearest([[8.0] * 6 + [0.0] * 18])[0]]}
     assert purity(rows.domain, group) == 0.5  # the parent's clusters put all of it in one cluster
 
-    refit_rows, refit = refit_domains(rows, served, 2, seed=0)
+    refit_rows, refit = refit_domains(parent, rows, served, 2, seed=0)
     assert purity(refit_rows.domain, group) == 1.0 and len(refit_rows) == len(rows)
     assert refit.record["n_prompts"] == 80 and refit.record["n_reassigned"] == 80
-    again_rows, again = refit_domains(rows, served, 2, seed=0)  # seeded: the same clusters
+    again_rows, again = refit_domains(parent, rows, served, 2, seed=0)  # seeded: the same clusters
     np.testing.assert_array_equal(again.clusters.centroids, refit.clusters.centroids)
     assert again_rows.domain.tolist() == refit_rows.domain.tolist()
 
@@ -168,12 +169,12 @@ def test_client_tags_are_kept_and_rows_without_a_state_are_dropped(tmp_path):
     store.close()
     rows = read_feedback_rows(db, 2, "answer_last", [parent.digest])
     served = read_served_prompts(db, 2, "answer_last", [parent.digest])
-    refit_rows, refit = refit_domains(rows, served, 2, seed=0)
+    refit_rows, refit = refit_domains(parent, rows, served, 2, seed=0)
     assert refit.record["n_prompts"] == 20 and refit.record["n_dropped"] == 1  # tagged prompts not fit on
     assert "x" not in refit_rows.ids and (refit_rows.domain == "med").sum() == 10
     assert "1 untagged rows without a stored state dropped" in refit_rows.source
     with pytest.raises(NotEnoughRows, match="only 20 untagged served responses"):
-        refit_domains(rows, served, 21, seed=0)
+        refit_domains(parent, rows, served, 21, seed=0)
 
 
 def test_cli_refit_domains(tmp_path, monkeypatch, capsys):
@@ -209,3 +210,23 @@ def test_refit_needs_a_schema_3_database(tmp_path):
     )
     with pytest.raises(ValueError, match="stores no prompt states"):
         read_served_prompts(db, 2, "answer_last")
+
+
+def test_refit_rows_keep_the_parents_p_under_the_old_cluster_names(tmp_path):
+    """A parent whose calibrator has offsets for ITS cluster-0 / cluster-1: rows scored by its lineage (p not
+    carried) get the parent's p computed with the old names, not with the refit's new ones."""
+    calibrator = ShrinkageCalibrator(tau=1.0).fit(np.zeros(4), [0, 1, 0, 1], prior=platt(0.8, -0.6))
+    calibrator.offsets_, calibrator.counts_ = (
+        {"cluster-0": 2.0, "cluster-1": -2.0},
+        {"cluster-0": 9, "cluster-1": 9},
+    )
+    parent = parent_artifact(calibrator).with_domains(parent_with_clusters().domains)
+    db = tmp_path / "feedback.sqlite"
+    serve(db, parent, *blobs(20, SERVED_SPLIT, seed=2, shift=8.0))
+    recorded = read_feedback_rows(db, 2, "answer_last", [parent.digest]).parent_p
+    rows = read_feedback_rows(db, 2, "answer_last", ["f" * 64, parent.digest])  # a child's view: rescored
+    assert rows.parent_p is None
+    served = read_served_prompts(db, 2, "answer_last")
+    refit_rows, _ = refit_domains(parent, rows, served, 2, seed=0)
+    assert set(refit_rows.domain) == {"cluster-0", "cluster-1"}  # the new names, on other clusters
+    np.testing.assert_allclose(refit_rows.parent_p, recorded, rtol=1e-9)
