@@ -133,7 +133,8 @@ def test_better_child_swapped_worse_refused_under_concurrent_requests(
     assert len(statuses) > 60 and set(statuses) == {200}, sorted(set(statuses))
     assert isinstance(child.calibrator, ShrinkageCalibrator) and child.calibrator.offsets_["geo"] < -1.0
     assert child.metadata.parent["digest"] == parent_digest
-    assert (tmp_path / "children" / child_digest[:16] / "probe.json").is_file()
+    written = [d.name for d in (tmp_path / "children").iterdir()]
+    assert written == [child_digest[:16]]  # the refused child was never written
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("auto-recalibrate:")]
     assert len(lines) == 2
     assert "domain geo (" in lines[0] and f"child {child_digest[:12]}" in lines[0] and "replaced" in lines[0]
