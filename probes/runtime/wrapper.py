@@ -381,7 +381,6 @@ class ProbedModel:
                 # it is stored with the feedback so the clusters can be refit from served traffic
                 assign = getattr(self.artifact, "domains", None) is not None and not any(assigned)
                 positions = list(dict.fromkeys([self.position, "prompt_last"]))
-                prompt_states = None
                 feed = BatchFeed(
                     self.loaded.tokenizer,
                     len(todo),
