@@ -28,7 +28,7 @@ in that run, so no "artifact" row):
     refit 48   0.905              0.143                 +0.004   13/20
     floor      -                  0.106                 -0.033
   the issue's target (assigned within 0.02 of tags, mean over domains) holds from K = 16 clusters on; with
-  K = 9 (about one per old domain) it misses by 0.002; per domain, 5-10 of 20 stay more than 0.02 behind.
+  K = 9 it misses by 0.002; per domain, 5-10 of 20 stay more than 0.02 behind.
 
     PYTHONPATH=. python benchmarks/bench_assigned_domains.py --run RUN_DIR [--k 9 16 24] [--labels 20] [--draws 30]
     (RUN_DIR: a `probecal train` run with probe/ and store.txt)
