@@ -44,7 +44,7 @@ def main() -> None:
         f"queue rule: nearest p = {centre:.3f} ({'the threshold' if centre == threshold else 'no usable threshold'})"
     )
     results = {k: {"random": [], "chosen": []} for k in KS}
-    for f, (name, s, y, global_cal) in enumerate(inputs):
+    for f, (name, s, y, global_cal, _) in enumerate(inputs):
         tau = other_domains_tau(inputs, f)
         p_global = global_cal.predict(s)
         for k in KS:

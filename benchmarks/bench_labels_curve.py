@@ -41,8 +41,8 @@ import numpy as np
 from extract.store import open_store
 from probes.artifact import ProbeArtifact
 from probes.calibration import IsotonicCalibrator, PlattCalibrator, ShrinkageCalibrator, estimate_tau
-from probes.evaluation.metrics import ece
-from probes.evaluation.transfer import domain_folds, ece_floor
+from probes.evaluation.metrics import ece, ece_floor
+from probes.evaluation.transfer import domain_folds
 from probes.recalibration import make_rows, recalibrate
 from probes.training.spec import TrainSpec
 from probes.training.splits import SplitData, probe_features
@@ -59,7 +59,8 @@ def logit(p: np.ndarray) -> np.ndarray:
 
 
 def fold_inputs(run: Path):
-    """Per held-out domain: (name, its rows' LODO scores, labels, the fold's global Platt), and the artifact."""
+    """Per held-out domain: (name, its rows' LODO scores, labels, the fold's global Platt, its rows' mask in the
+    store [n] bool), and the artifact."""
     artifact = ProbeArtifact.load(run / "probe")
     store = open_store((run / "store.txt").read_text().strip())
     meta = artifact.metadata
@@ -72,20 +73,20 @@ def fold_inputs(run: Path):
     for f, domain in enumerate(folds.domains):
         held, calib = folds.held_out[f], folds.calibrate[f]
         global_cal = PlattCalibrator().fit(scores[f][calib], data.y[calib])
-        out.append((str(domain), scores[f][held], data.y[held], global_cal))
+        out.append((str(domain), scores[f][held], data.y[held], global_cal, held))
     return artifact, out
 
 
 def cross_domain_global(inputs, exclude: int) -> PlattCalibrator:
     """Platt on the other domains' held-out rows, each scored by the probe fit without it."""
-    s = np.concatenate([s for g, (_, s, _, _) in enumerate(inputs) if g != exclude])
-    y = np.concatenate([y for g, (_, _, y, _) in enumerate(inputs) if g != exclude])
+    s = np.concatenate([s for g, (_, s, _, _, _) in enumerate(inputs) if g != exclude])
+    y = np.concatenate([y for g, (_, _, y, _, _) in enumerate(inputs) if g != exclude])
     return PlattCalibrator().fit(s, y)
 
 
 def other_domains_tau(inputs, exclude: int, global_cal=None) -> float:
     logits, ys, names = [], [], []
-    for g, (name, s, y, own_global) in enumerate(inputs):
+    for g, (name, s, y, own_global, _) in enumerate(inputs):
         if g != exclude:
             logits.append(logit((global_cal if global_cal is not None else own_global).predict(s)))
             ys.append(y)
@@ -109,7 +110,7 @@ def main() -> None:
     # results[k][method] = list over domains of the mean over draws
     results = {k: {m: [] for m in (*METHODS, "floor", "accepted")} for k in KS}
     per_domain_20 = []
-    for f, (name, s, y, global_cal) in enumerate(inputs):
+    for f, (name, s, y, global_cal, _) in enumerate(inputs):
         tau = other_domains_tau(inputs, f)
         global_xd = cross_domain_global(inputs, f)
         tau_xd = other_domains_tau(inputs, f, global_xd)

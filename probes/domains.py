@@ -23,6 +23,19 @@ from probes.novelty import NOVELTY_POSITION
 DOMAIN_POSITION = NOVELTY_POSITION
 CLUSTER_PREFIX = "cluster-"
 TENSOR_NAMES = ("mean", "scale", "centroids")
+# prompt states stored with served responses (the feedback database) to refit the clusters on: float16, as
+# the activation store keeps them (2 bytes per hidden unit), little-endian
+STATE_DTYPE = np.dtype("<f2")
+
+
+def encode_state(state) -> bytes | None:
+    """[hidden] vector -> float16 bytes (None stays None)."""
+    return None if state is None else np.asarray(state, dtype=STATE_DTYPE).reshape(-1).tobytes()
+
+
+def decode_state(blob: bytes | None) -> np.ndarray | None:
+    """float16 bytes -> [hidden] float32 vector (None stays None)."""
+    return None if blob is None else np.frombuffer(blob, dtype=STATE_DTYPE).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ from probes.calibration import (
     calibrator_kind,
     estimate_tau,
 )
+from probes.domains import CLUSTER_PREFIX, DomainClusters, decode_state, fit_domain_clusters
 from probes.evaluation.metrics import auroc, bootstrap_ci, brier, domain_calibration, ece
 from probes.selection.thresholds import ThresholdResult, choose_threshold
 
@@ -503,11 +504,14 @@ def recalibrate(
     n_bins: int = 15,
     n_bootstrap: int = 1000,
     tau: float | None = None,
+    refit: DomainRefit | None = None,
 ) -> RecalibrationResult:
     """Refit the calibrator (kind in KINDS) and the abstention threshold of `parent` on `rows`.
 
     target_accuracy / delta / threshold_method: None = the parent's (else 0.9 / 0.1 / ltt).
     tau: the prior width of kind="shrinkage" (None: see the module doc); heldout_fraction is unused there.
+    refit: domain clusters refit on served traffic (`refit_domains`, whose rows carry the reassigned domains):
+    the child carries them instead of the parent's and its lineage record says how they were fit.
     Raises NotEnoughRows below the small-data minimum. See the module doc for the protocol and rules.
     """
     new_calibrator(kind)  # validates kind before any work
@@ -526,7 +530,7 @@ def recalibrate(
 
     if kind == "shrinkage":
         return _recalibrate_shrinkage(
-            parent, rows, seed, target_accuracy, delta, threshold_method, n_bins, n_bootstrap, tau
+            parent, rows, seed, target_accuracy, delta, threshold_method, n_bins, n_bootstrap, tau, refit
         )
     held_out = split_rows(rows.y, rows.domain, heldout_fraction, seed)
     fit, check = rows.subset(~held_out), rows.subset(held_out)
@@ -582,9 +586,9 @@ def recalibrate(
             )
         )
     record = _record(
-        rows, kind, seed, n_fit=len(fit), n_heldout=len(check), heldout_fraction=heldout_fraction
+        rows, kind, seed, refit, n_fit=len(fit), n_heldout=len(check), heldout_fraction=heldout_fraction
     )
-    artifact = None if reason else build_artifact(parent, calibrator, threshold, comparison, record)
+    artifact = None if reason else build_artifact(parent, calibrator, threshold, comparison, record, refit)
     return RecalibrationResult(not reason, reason, calibrator, threshold, comparison, record, artifact, notes)
 
 
@@ -598,6 +602,7 @@ def _recalibrate_shrinkage(
     n_bins: int,
     n_bootstrap: int,
     tau: float | None,
+    refit: DomainRefit | None,
 ) -> RecalibrationResult:
     """kind="shrinkage": cross-fitted check on every row, then the offsets fit on all rows (module doc)."""
     prior = shrinkage_prior(parent)
@@ -626,18 +631,22 @@ def _recalibrate_shrinkage(
         rows,
         "shrinkage",
         seed,
+        refit,
         n_fit=len(rows),
         n_heldout=len(rows),
         check=f"{n_folds}-fold cross-fit",
         tau=tau,
         tau_source=tau_source,
     )
-    artifact = None if reason else build_artifact(parent, calibrator, threshold, comparison, record)
+    artifact = None if reason else build_artifact(parent, calibrator, threshold, comparison, record, refit)
     return RecalibrationResult(not reason, reason, calibrator, threshold, comparison, record, artifact, notes)
 
 
-def _record(rows: RecalibrationRows, kind: str, seed: int, **how: Any) -> dict[str, Any]:
-    """The recalibration record a child artifact's lineage carries: the rows, the kind, and `how` it was checked."""
+def _record(
+    rows: RecalibrationRows, kind: str, seed: int, refit: DomainRefit | None, **how: Any
+) -> dict[str, Any]:
+    """The recalibration record a child artifact's lineage carries: the rows, the kind, `how` it was checked,
+    and how its domain clusters were refit (when they were)."""
     return {
         "data_hash": rows.data_hash(),
         "n_rows": len(rows),
@@ -646,6 +655,7 @@ def _record(rows: RecalibrationRows, kind: str, seed: int, **how: Any) -> dict[s
         "seed": seed,
         **how,
         "domains": {str(d): int(c) for d, c in zip(*np.unique(rows.domain, return_counts=True), strict=True)},
+        **({"domain_refit": refit.record} if refit is not None else {}),
     }
 
 
@@ -655,9 +665,11 @@ def build_artifact(
     threshold: ThresholdResult,
     comparison: dict[str, Any],
     record: dict[str, Any],
+    refit: DomainRefit | None = None,
 ) -> ProbeArtifact:
-    """The parent's probe (same direction, same site) with the new calibrator and threshold; the lineage
-    (`parent`: the parent's digest and the recalibration record) is part of the new artifact's metadata."""
+    """The parent's probe (same direction, same site) with the new calibrator and threshold and the parent's
+    domain clusters (or those `refit` on served traffic); the lineage (`parent`: the parent's digest and the
+    recalibration record) is part of the new artifact's metadata."""
     meta = parent.metadata
     return ProbeArtifact.create(
         parent.probe,
@@ -673,7 +685,7 @@ def build_artifact(
         thresholds=[threshold.to_dict()],
         extract_settings=dict(meta.extract_settings),
         parent={"digest": parent.digest, "recalibration": record},
-    ).with_domains(parent.domains)
+    ).with_domains(parent.domains if refit is None else refit.clusters)
 
 
 # -- reading rows -------------------------------------------------------------------------------------
@@ -825,6 +837,124 @@ def read_feedback_rows(
         str(path) if not dropped else f"{path} ({dropped} labelled rows scored by other artifacts dropped)"
     )
     return make_rows(score, y, dom, ids, None if rescored else p, source=source)
+
+
+# -- domain clusters refit on served traffic -----------------------------------------------------------
+@dataclass(frozen=True)
+class ServedPrompts:
+    """Served responses' prompt side, all [m] (the feedback database's `prompt_state`, schema 3).
+
+    ids: response ids. tagged: the client gave the domain (never reassigned). states [m, hidden] float32: the
+    prompt_last state at the probe's layer; a NaN row where none was stored (older rows)."""
+
+    ids: np.ndarray
+    tagged: np.ndarray
+    states: np.ndarray
+
+    @property
+    def stored(self) -> np.ndarray:
+        return ~np.isnan(self.states).any(axis=1)
+
+
+@dataclass(frozen=True)
+class DomainRefit:
+    """Domain clusters refit on served traffic and how (the child's lineage record carries `record`)."""
+
+    clusters: DomainClusters
+    record: dict[str, Any]
+
+
+def read_served_prompts(
+    db_path: str | Path, layer: int, position: str, artifacts: Sequence[str] | None = None
+) -> ServedPrompts:
+    """Every response of the feedback database scored at this site (by these artifact digests; None = any),
+    labelled or not, with its stored prompt state. Opened read-only."""
+    path = Path(db_path)
+    if not path.is_file():
+        raise ValueError(f"{path}: feedback database does not exist")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(responses)")}
+            if "prompt_state" not in columns:
+                raise ValueError(
+                    f"{path}: the feedback database stores no prompt states (schema < 3): serve with this "
+                    "probecal version to collect them, then refit the domains"
+                )
+            fetched = conn.execute(
+                "SELECT id, domain, domain_assigned, prompt_state, artifact FROM responses "
+                "WHERE layer = ? AND position = ? ORDER BY created, id",
+                (layer, position),
+            ).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as err:
+        raise ValueError(f"{path}: not a usable feedback database ({err})") from None
+    kept = [r for r in fetched if artifacts is None or r[4] in set(artifacts)]
+    states = [decode_state(r[3]) for r in kept]
+    width = next((len(v) for v in states if v is not None), 0)
+    if width == 0:
+        raise NotEnoughRows(f"{path}: no stored prompt states at layer {layer} / {position}")
+    # a domain is a client tag unless the server assigned it (rows of before schema 3: by its name)
+    tagged = [
+        domain is not None and not (assigned if assigned is not None else domain.startswith(CLUSTER_PREFIX))
+        for _, domain, assigned, _, _ in kept
+    ]
+    return ServedPrompts(
+        np.asarray([r[0] for r in kept], dtype=str),
+        np.asarray(tagged, dtype=bool),
+        np.stack([np.full(width, np.nan, np.float32) if v is None else v for v in states]),
+    )
+
+
+def refit_domains(
+    parent: ProbeArtifact, rows: RecalibrationRows, served: ServedPrompts, n_clusters: int, seed: int
+) -> tuple[RecalibrationRows, DomainRefit]:
+    """k-means clusters (probes.domains.fit_domain_clusters, seeded) of the stored prompt states of the
+    untagged served responses (the traffic the clusters are for: a client tag always wins), and `rows` with
+    every untagged row's domain reassigned by them. An untagged labelled row without a stored state is dropped
+    (its old cluster name means another cluster now); tagged rows keep their tag. The rows keep the parent's
+    P(correct) under the OLD domains (computed here when they do not carry it): a new "cluster-0" is not the
+    parent's "cluster-0", so the parent's p must not be recomputed with the new names.
+
+    The parent's clusters are not mixed in: they describe the training questions, and the refit is there to
+    follow what is served now."""
+    untagged = ~served.tagged & served.stored
+    if n_clusters < 1:
+        raise ValueError(
+            f"recalibrate.refit_domains={n_clusters} must be >= 1 (0 keeps the parent's clusters)"
+        )
+    if untagged.sum() < n_clusters:
+        raise NotEnoughRows(
+            f"recalibrate.refit_domains={n_clusters}: only {int(untagged.sum())} untagged served responses with "
+            "a stored prompt state; serve more traffic or ask for fewer clusters"
+        )
+    clusters = fit_domain_clusters(served.states[untagged], n_clusters=n_clusters, seed=seed)
+    where = {rid: i for i, rid in enumerate(served.ids)}
+    index = np.asarray([where.get(str(rid), -1) for rid in rows.ids])
+    known = index >= 0
+    reassign = known & ~served.tagged[index] & served.stored[index]
+    keep = ~known | reassign | served.tagged[index]  # untagged with no state: dropped
+    domain = rows.domain.astype(object)
+    if reassign.any():
+        domain[reassign] = clusters.assign(served.states[index[reassign]])
+    dropped = int((~keep).sum())
+    source = (
+        f"{rows.source}; {int(reassign.sum())} untagged rows reassigned to {n_clusters} clusters refit on "
+        f"{int(untagged.sum())} served prompts"
+        + (f", {dropped} untagged rows without a stored state dropped" if dropped else "")
+    )
+    parent_p = parent_probabilities(parent, rows)
+    out = RecalibrationRows(rows.ids, rows.score, rows.y, domain.astype(str), parent_p, source).subset(keep)
+    record = {
+        "n_clusters": n_clusters,
+        "seed": seed,
+        "n_prompts": int(untagged.sum()),
+        "prompts_hash": hash_arrays(served.ids[untagged], served.states[untagged].astype(np.float64)),
+        "n_reassigned": int(reassign.sum()),
+        "n_dropped": dropped,
+    }
+    return out, DomainRefit(clusters, record)
 
 
 # -- which answers to label first ------------------------------------------------------------------------

@@ -44,6 +44,9 @@ class RecalibrateSpec:
     delta: float | None = None
     threshold_method: str | None = None
     tau: float | None = None  # shrinkage prior width (logit units); None = the parent's, or estimated
+    # K > 0 (with from_feedback): refit K domain clusters on the prompt states the server stored with its
+    # untagged responses; the child carries them and untagged rows are recalibrated by their new cluster
+    refit_domains: int = 0
     # base URL of a running `probecal serve` (e.g. http://127.0.0.1:8000): POST /admin/reload with the new
     # artifact once it is written (never when refused); admin_token: its serve.admin_token, if set
     reload: str | None = None

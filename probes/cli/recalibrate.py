@@ -33,7 +33,9 @@ from probes.recalibration import (
     make_rows,
     read_feedback_rows,
     read_rows_file,
+    read_served_prompts,
     recalibrate,
+    refit_domains,
     request_reload,
 )
 
@@ -129,6 +131,15 @@ def stage_recalibrate(cfg: DictConfig) -> None:
     spec = recalibration_spec(cfg)
     if spec.rows and spec.from_feedback:
         raise ValueError("give recalibrate.rows or recalibrate.from_feedback, not both")
+    if spec.refit_domains and not spec.from_feedback:
+        raise ValueError(
+            f"recalibrate.refit_domains={spec.refit_domains} refits the domain clusters on the prompt states the "
+            "server stored: it needs recalibrate.from_feedback=<the server's feedback database>"
+        )
+    if spec.refit_domains < 0:
+        raise ValueError(
+            f"recalibrate.refit_domains={spec.refit_domains} must be >= 0 (0 = keep the parent's)"
+        )
     if not 0.0 < spec.heldout_fraction < 1.0:
         raise ValueError(
             f"recalibrate.heldout_fraction={spec.heldout_fraction!r} must be strictly between 0 and 1 (the "
@@ -138,11 +149,17 @@ def stage_recalibrate(cfg: DictConfig) -> None:
     output = Path(spec.output_dir) if spec.output_dir else run_dir / "probe"
     check_output_dir(output, spec.probe_dir)  # before any work (extraction takes minutes)
     parent = ProbeArtifact.load(spec.probe_dir)
+    refit = None
     if spec.rows:
         rows = read_rows_file(spec.rows, parent)
     elif spec.from_feedback:
         meta = parent.metadata
         rows = read_feedback_rows(spec.from_feedback, meta.layer, meta.position, lineage_digests(parent))
+        if spec.refit_domains:
+            served = read_served_prompts(
+                spec.from_feedback, meta.layer, meta.position, lineage_digests(parent)
+            )
+            rows, refit = refit_domains(parent, rows, served, spec.refit_domains, cfg.seed)
         if "dropped" in rows.source:
             log.warning("%s", rows.source)
     else:
@@ -159,6 +176,7 @@ def stage_recalibrate(cfg: DictConfig) -> None:
         n_bins=cfg.train.n_bins,
         n_bootstrap=cfg.train.n_bootstrap,
         tau=spec.tau,
+        refit=refit,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     report = {

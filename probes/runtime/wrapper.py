@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -81,9 +81,12 @@ class ProbedGeneration:
     domain_assigned: bool = False
     # the model's own answer declined (extract.refusal); probecal does not override it
     model_refused: bool = False
+    # [hidden] the question's prompt_last state at the probe's layer (what novelty and domain clusters read),
+    # stored with the feedback so `probecal recalibrate recalibrate.refit_domains=K` can refit the clusters
+    prompt_state: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "prompt_state"}
 
 
 # Raw completion text, chat messages, or a Question (asked in the format the probe was trained on).
@@ -110,9 +113,10 @@ class ProbedScore:
     domain: str | None = None  # as ProbedGeneration.domain
     domain_assigned: bool = False
     model_refused: bool = False  # the graded answer is a refusal (extract.refusal)
+    prompt_state: np.ndarray | None = field(default=None, repr=False, compare=False)  # see ProbedGeneration
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "prompt_state"}
 
 
 class ProbedModel:
@@ -357,6 +361,7 @@ class ProbedModel:
                             novelty=novelty_pre[i],
                             domain=None if resolved is None else resolved[i],
                             domain_assigned=assigned[i],
+                            prompt_state=vectors[i],
                         )
                 todo = [i for i in todo if results[i] is None]
             if todo and streamer is not None and len(todo) > 1:
@@ -371,12 +376,11 @@ class ProbedModel:
                     stop_strings=self.default_stop if stop is None else list(stop),
                 )
                 eos = set(eos_token_ids(self.loaded.model, self.loaded.tokenizer))
-                # prompt_last beside the probe's site (the same forward computes it): the novelty model reads
-                # it, and untagged requests get their domain cluster from it
+                # prompt_last beside the probe's site (the same forward computes it, one more vector per
+                # row): the novelty model reads it, untagged requests get their domain cluster from it, and
+                # it is stored with the feedback so the clusters can be refit from served traffic
                 assign = getattr(self.artifact, "domains", None) is not None and not any(assigned)
-                positions = [self.position]
-                if (assign or self.artifact.novelty is not None) and self.position != "prompt_last":
-                    positions.append("prompt_last")
+                positions = list(dict.fromkeys([self.position, "prompt_last"]))
                 feed = BatchFeed(
                     self.loaded.tokenizer,
                     len(todo),
@@ -396,11 +400,10 @@ class ProbedModel:
                     partial(cut_answer, stop_sequences=spec.stop_strings),
                     streamer=_Tee(feed, streamer) if streamer is not None else feed,
                 )
+                prompt_states = np.asarray(capture.activations[:, 0, positions.index("prompt_last"), :])
                 if assign:
                     todo_resolved, todo_assigned = self._resolve_domains(
-                        None if domains is None else [domains[i] for i in todo],
-                        capture.activations[:, 0, positions.index("prompt_last"), :],
-                        len(todo),
+                        None if domains is None else [domains[i] for i in todo], prompt_states, len(todo)
                     )
                     if todo_resolved is not None:
                         resolved = resolved if resolved is not None else [None] * len(batch)
@@ -411,11 +414,7 @@ class ProbedModel:
                     None if resolved is None else [resolved[i] for i in todo],
                     capture.baselines,
                 )
-                novelty = (
-                    self._novelty(capture.activations[:, 0, positions.index("prompt_last"), :])
-                    if ("prompt_last" in positions)
-                    else [(None, None)] * len(todo)
-                )
+                novelty = self._novelty(prompt_states)
                 for k, i in enumerate(todo):
                     text, n_tokens, finish = finish_text(
                         self.loaded.tokenizer, feed.tokens[k], max_new_tokens, eos, spec.stop_strings
@@ -436,6 +435,7 @@ class ProbedModel:
                         novelty=novelty[k],
                         domain=None if resolved is None else resolved[i],
                         domain_assigned=assigned[i],
+                        prompt_state=prompt_states[k],
                     )
         return results  # type: ignore[return-value]
 
@@ -516,11 +516,10 @@ class ProbedModel:
                     prompt_last = width - len(sequences[r]) + len(ids[i]) - 1
                     vectors.append(pool_states(hidden[r], prompt_last, start, end, self.position))
                     prompt_vectors.append(hidden[r, prompt_last])
-                novelty = self._novelty(torch.stack(prompt_vectors).float().cpu().numpy())
+                prompt_states = torch.stack(prompt_vectors).float().cpu().numpy()
+                novelty = self._novelty(prompt_states)
                 resolved, assigned = self._resolve_domains(
-                    None if domains is None else [domains[i] for i in chunk],
-                    torch.stack(prompt_vectors).float().cpu().numpy(),
-                    len(chunk),
+                    None if domains is None else [domains[i] for i in chunk], prompt_states, len(chunk)
                 )
                 p, score = self._score(torch.stack(vectors).cpu().numpy(), resolved, signals)
                 for r, i in enumerate(chunk):
@@ -543,6 +542,7 @@ class ProbedModel:
                             domain=None if resolved is None else resolved[r],
                             domain_assigned=assigned[r],
                             model_refused=is_refusal(answer),
+                            prompt_state=prompt_states[r],
                         )
                     )
         return out
@@ -621,6 +621,7 @@ class ProbedModel:
         novelty=(None, None),
         domain=None,
         domain_assigned=False,
+        prompt_state=None,
     ) -> ProbedGeneration:
         # Judged on the model's own answer (the graded part), before an abstention message replaces it.
         refused = finish != "abstained" and is_refusal(cut_answer(text))
@@ -645,6 +646,7 @@ class ProbedModel:
             domain=domain,
             domain_assigned=bool(domain_assigned),
             model_refused=refused,
+            prompt_state=prompt_state,
         )
 
 

@@ -36,6 +36,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from probes.serving.api_router import router
+from probes.serving.autorecal import AutoRecalibrator
 from probes.serving.batcher import Batcher
 from probes.serving.exposition import ServerMetrics
 from probes.serving.feedback import FeedbackStore
@@ -111,6 +112,13 @@ def create_app(probed_model: ProbedModelLike, settings: ServeSettings) -> FastAP
     """The FastAPI app serving `probed_model` (or proxying to `settings.upstream` and scoring with it).
     One lifespan per app: shutdown closes its database and upstream client."""
     settings.validate()
+    if settings.auto_recalibrate and not all(
+        hasattr(probed_model, name) for name in ("artifact", "load_artifact", "swap_artifact")
+    ):
+        raise ValueError(
+            "serve.auto_recalibrate=true needs a model that can hot reload its probe artifact "
+            "(probes.runtime.ProbedModel); this one cannot"
+        )
     metrics = ServerMetrics(settings.metrics_max_domains)
     batcher = Batcher(
         probed_model,
@@ -140,9 +148,14 @@ def create_app(probed_model: ProbedModelLike, settings: ServeSettings) -> FastAP
             app.state.proxy = UpstreamProxy(
                 server, settings.upstream, settings.upstream_connect_timeout_s, settings.upstream_timeout_s
             )
+        if settings.auto_recalibrate:
+            server.auto = AutoRecalibrator(server, asyncio.get_running_loop())
+            server.auto.start()
         try:
             yield
         finally:
+            if server.auto is not None:  # off the loop: a refit in flight may still await a reload on it
+                await asyncio.to_thread(server.auto.stop)
             if app.state.proxy is not None:
                 await app.state.proxy.close()
             await batcher.stop()

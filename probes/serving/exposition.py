@@ -143,6 +143,12 @@ class ServerMetrics:
         self.reloads = Counter(
             "probecal_reloads", "POST /admin/reload outcomes since start.", ["outcome"], registry=r
         )
+        self.auto_recalibrations = Counter(
+            "probecal_auto_recalibrations",
+            "serve.auto_recalibrate refits since start, by outcome (swapped | refused | skipped | failed).",
+            ["outcome"],
+            registry=r,
+        )
         bins = ["lower", "upper"]
         self.bin_accuracy = Gauge(
             "probecal_calibration_bin_accuracy",
@@ -214,6 +220,11 @@ class ServerMetrics:
 
     def observe_reload(self, ok: bool) -> None:
         self.reloads.labels("swapped" if ok else "refused").inc()
+
+    def observe_auto_recalibration(self, outcome: str) -> None:
+        """serve.auto_recalibrate: swapped | refused (its own refusal rule or worse on held-back labels) |
+        skipped (too few labels to refit) | failed."""
+        self.auto_recalibrations.labels(outcome).inc()
 
     def render(
         self,

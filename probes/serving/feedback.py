@@ -13,7 +13,11 @@ label arrived last (label order, not response order), so a late label for an old
 Domains and artifacts (schema 2): each response stores the request's domain tag (NULL: none given) and the
 digest of the probe artifact that scored it; the `artifacts` table lists every artifact the server put in
 service (start-up and hot reloads), so `/metrics` can show the ECE per domain of the current artifact beside
-the previous one. A schema-1 database is migrated in place on open (columns added; old rows get NULL).
+the previous one. Prompt states (schema 3): each response stores the question's prompt_last state at the
+probe's layer as a float16 BLOB (`encode_state`: 2 bytes per hidden unit, 1,152 bytes for SmolLM2-135M) and
+whether its domain was assigned by the artifact's clusters (not a client tag), so `probecal recalibrate
+recalibrate.refit_domains=K` can refit the clusters on served traffic. An older database is migrated in place
+on open (columns added; old rows get NULL).
 """
 
 from __future__ import annotations
@@ -24,13 +28,16 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from probes.domains import decode_state, encode_state
 from probes.evaluation.metrics import ece as expected_calibration_error
 from probes.evaluation.metrics import ece_floor, reliability_curve, smooth_ece
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEFAULT_DOMAIN = "default"  # the metrics label of responses served without a domain tag
 
 _SCHEMA = """
@@ -51,7 +58,9 @@ CREATE TABLE IF NOT EXISTS responses (
     correct INTEGER,                -- latest label: 1 correct, 0 wrong, NULL unlabelled
     label_seq INTEGER,              -- feedback.seq of the latest label (orders the rolling window)
     domain TEXT,                    -- the request's domain tag (metadata.domain); NULL when none was given
-    artifact TEXT                   -- digest of the probe artifact that scored the response
+    artifact TEXT,                  -- digest of the probe artifact that scored the response
+    prompt_state BLOB,              -- float16 prompt_last state at the probe's layer (NULL: not computed)
+    domain_assigned INTEGER         -- 1: `domain` is the artifact's cluster of the prompt, not a client tag
 );
 CREATE INDEX IF NOT EXISTS responses_label_seq ON responses(label_seq) WHERE label_seq IS NOT NULL;
 CREATE TABLE IF NOT EXISTS feedback (
@@ -69,6 +78,10 @@ CREATE TABLE IF NOT EXISTS artifacts (
 """
 _MIGRATIONS = {  # from version -> statements bringing it to version + 1
     1: ["ALTER TABLE responses ADD COLUMN domain TEXT", "ALTER TABLE responses ADD COLUMN artifact TEXT"],
+    2: [
+        "ALTER TABLE responses ADD COLUMN prompt_state BLOB",
+        "ALTER TABLE responses ADD COLUMN domain_assigned INTEGER",
+    ],
 }
 
 
@@ -95,6 +108,9 @@ class ResponseRecord:
     created: float
     domain: str | None = None  # the request's domain tag (None: none given)
     artifact: str | None = None  # digest of the artifact that scored it
+    domain_assigned: bool = False  # `domain` is the artifact's cluster of the prompt (no client tag)
+    # [hidden] prompt_last state at the probe's layer (None: not computed), stored as float16
+    prompt_state: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -231,6 +247,8 @@ class FeedbackStore:
                 r.finish_reason,
                 r.domain,
                 r.artifact,
+                int(r.domain_assigned),
+                encode_state(r.prompt_state),
             )
             for r in records
         ]
@@ -238,8 +256,8 @@ class FeedbackStore:
             with self._transaction():
                 self._conn.executemany(
                     "INSERT INTO responses (id, created, endpoint, model, prompt, text, p_correct, score, "
-                    "layer, position, abstained, threshold, finish_reason, domain, artifact) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "layer, position, abstained, threshold, finish_reason, domain, artifact, domain_assigned, "
+                    "prompt_state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
 
@@ -270,14 +288,16 @@ class FeedbackStore:
         with self._lock:
             row = self._conn.execute(
                 "SELECT id, endpoint, model, prompt, text, p_correct, score, layer, position, abstained, "
-                "threshold, finish_reason, created, domain, artifact, correct FROM responses WHERE id = ?",
+                "threshold, finish_reason, created, domain, artifact, domain_assigned, prompt_state, correct "
+                "FROM responses WHERE id = ?",
                 (response_id,),
             ).fetchone()
         if row is None:
             raise UnknownResponseError(response_id)
-        *fields, correct = row
-        fields[9] = bool(fields[9])  # abstained
-        return ResponseRecord(*fields), None if correct is None else bool(correct)
+        *values, assigned, state, correct = row
+        values[9] = bool(values[9])  # abstained
+        record = ResponseRecord(*values, domain_assigned=bool(assigned), prompt_state=decode_state(state))
+        return record, None if correct is None else bool(correct)
 
     def counts(self) -> dict[str, int]:
         """All-time totals: responses stored, responses labelled, feedback posts (duplicates included)."""
@@ -299,6 +319,17 @@ class FeedbackStore:
                 (window,),
             ).fetchall()
         return calibration_stats([r[0] for r in rows], [bool(r[1]) for r in rows], n_bins)
+
+    def labels_since(self, digest: str, after_seq: int) -> list[tuple[int, str, float, bool]]:
+        """(label_seq, domain ('' untagged), p_correct, latest label) of the responses scored by the artifact
+        `digest` whose latest label arrived after feedback.seq `after_seq`, in label order."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT label_seq, COALESCE(domain, ''), p_correct, correct FROM responses WHERE artifact = ? "
+                "AND label_seq > ? ORDER BY label_seq",
+                (digest, after_seq),
+            ).fetchall()
+        return [(int(seq), str(d), float(p), bool(c)) for seq, d, p, c in rows]
 
     def record_artifact(self, digest: str, probe_dir: str | None) -> None:
         """Note that `digest` started serving now (unless it is already the current one)."""

@@ -143,6 +143,9 @@ class Server:
         self.reload_lock = asyncio.Lock()
         self.started = time.time()
         self.store_error: str | None = None  # the last failed feedback write (None: the last one worked)
+        self.auto = (
+            None  # probes.serving.autorecal.AutoRecalibrator under serve.auto_recalibrate (app lifespan)
+        )
 
     # -- shared checks and bookkeeping ---------------------------------------------------------------------
 
@@ -206,6 +209,8 @@ class Server:
                 created=time.time(),
                 domain=getattr(g, "domain", None) if getattr(g, "domain_assigned", False) else domain,
                 artifact=getattr(g, "artifact", None) or getattr(self.model, "artifact_digest", None),
+                domain_assigned=bool(getattr(g, "domain_assigned", False)),
+                prompt_state=getattr(g, "prompt_state", None),
             )
             for i, (text, g, finish) in enumerate(items)
         ]
@@ -464,6 +469,8 @@ class Server:
                 type_="server_error",
                 code="feedback_store_unavailable",
             ) from None
+        if self.auto is not None:  # wakes the background worker; never waits for it
+            self.auto.notify()
         return {
             "object": "feedback",
             "id": body.id,

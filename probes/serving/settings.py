@@ -41,6 +41,18 @@ class ServeSettings:
     metrics_max_domains: int = (
         20  # /metrics shows per-domain ECE for at most this many domains (most labelled)
     )
+    # auto-recalibration (probes.serving.autorecal, off by default): when a domain has collected
+    # auto_recalibrate_labels new labels since the last refit and the serving artifact's ECE on them exceeds
+    # auto_recalibrate_max_ece, a background thread refits the calibrator (auto_recalibrate_kind) on the older
+    # labels, compares child and parent on the newest auto_recalibrate_holdback share, and hot-swaps the child
+    # only if it is better there (lower ECE and Brier); children are written under auto_recalibrate_dir
+    # (None: <db_path's folder>/auto_recalibrate)
+    auto_recalibrate: bool = False
+    auto_recalibrate_labels: int = 20
+    auto_recalibrate_max_ece: float = 0.1
+    auto_recalibrate_kind: str = "shrinkage"
+    auto_recalibrate_holdback: float = 0.3
+    auto_recalibrate_dir: str | None = None
 
     def validate(self) -> None:
         positive = (
@@ -91,3 +103,31 @@ class ServeSettings:
             )
         if not self.db_path:
             raise ValueError("serve.db_path must name a SQLite file")
+        self._validate_auto_recalibrate()
+
+    def _validate_auto_recalibrate(self) -> None:
+        from probes.recalibration import KINDS
+
+        if not isinstance(self.auto_recalibrate, bool):
+            raise ValueError(f"serve.auto_recalibrate must be true or false, got {self.auto_recalibrate!r}")
+        labels = self.auto_recalibrate_labels
+        if not isinstance(labels, int) or isinstance(labels, bool) or labels < 5:
+            raise ValueError(
+                f"serve.auto_recalibrate_labels must be an integer >= 5 (new labels a domain collects before a "
+                f"refit), got {labels!r}"
+            )
+        if not 0 < self.auto_recalibrate_max_ece < 1:
+            raise ValueError(
+                f"serve.auto_recalibrate_max_ece must be in (0, 1) (the ECE bound on a domain's new labels), "
+                f"got {self.auto_recalibrate_max_ece!r}"
+            )
+        if self.auto_recalibrate_kind not in KINDS:
+            raise ValueError(
+                f"serve.auto_recalibrate_kind={self.auto_recalibrate_kind!r} is not allowed; allowed values: "
+                + ", ".join(KINDS)
+            )
+        if not 0 < self.auto_recalibrate_holdback < 1:
+            raise ValueError(
+                f"serve.auto_recalibrate_holdback must be in (0, 1) (the newest share of the labels held back "
+                f"to compare child and parent), got {self.auto_recalibrate_holdback!r}"
+            )

@@ -14,6 +14,7 @@ from probes.calibration import ShrinkageCalibrator
 from probes.domains import fit_domain_clusters
 from probes.estimators import LogisticProbe
 from probes.runtime.wrapper import ProbedModel
+from probes.serving.feedback import FeedbackStore
 
 LAYER = 2
 QUESTIONS = [
@@ -86,13 +87,19 @@ def test_untagged_generations_get_the_cluster_of_their_prompt_and_a_tag_wins(loa
     assert (tagged[1].domain, tagged[1].domain_assigned) == (expected[1], True)
     scored = wrapped.score(prompts, [" paris", " 42", " tokyo", " 8"])
     assert [s.domain for s in scored] == expected.tolist() and all(s.domain_assigned for s in scored)
+    # the prompt state the clusters read travels with each result (the server stores it to refit them)
+    for out in (results, scored):
+        np.testing.assert_allclose(np.stack([r.prompt_state for r in out]), states, rtol=1e-4, atol=1e-4)
+    assert "prompt_state" not in results[0].to_dict()
     assert wrapped.score(prompts[:1], [" paris"], domains=["law"])[0].domain == "law"
 
 
 def test_without_clusters_nothing_is_assigned(loaded, tmp_path):
-    wrapped, _ = build(loaded, tmp_path, with_clusters=False)
+    wrapped, states = build(loaded, tmp_path, with_clusters=False)
     result = wrapped.generate(wrapped.question_prompt(QUESTIONS[0]), max_new_tokens=3)[0]
     assert result.domain is None and result.domain_assigned is False
+    # the prompt state is read anyway (one more vector of the same forward): clusters can be fit on it later
+    np.testing.assert_allclose(result.prompt_state, states[0], rtol=1e-4, atol=1e-4)
 
 
 def test_server_echoes_and_stores_the_assigned_domain(loaded, tmp_path):
@@ -118,3 +125,7 @@ def test_server_echoes_and_stores_the_assigned_domain(loaded, tmp_path):
         sqlite3.connect(tmp_path / "db.sqlite").execute("SELECT id, domain FROM responses").fetchall()
     )
     assert rows[untagged["id"]] == expected[1] and rows[tagged["id"]] == "med"
+    stored, _ = FeedbackStore(tmp_path / "db.sqlite").get_response(untagged["id"])
+    assert stored.domain_assigned is True and stored.prompt_state.dtype == np.float32
+    np.testing.assert_allclose(stored.prompt_state, states[1], rtol=2e-3, atol=2e-3)  # float16 in the DB
+    assert FeedbackStore(tmp_path / "db.sqlite").get_response(tagged["id"])[0].domain_assigned is False

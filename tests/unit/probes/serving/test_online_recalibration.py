@@ -258,7 +258,7 @@ def test_schema_1_database_is_migrated_in_place(tmp_path):
     assert record.domain is None and record.artifact is None and label is True
     assert store.counts() == {"responses": 1, "labelled": 1, "feedback": 1}
     store.close()
-    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     rows = read_feedback_rows(db, 2, "answer_last")
     assert list(rows.domain) == [""] and list(rows.y) == [1]
 
