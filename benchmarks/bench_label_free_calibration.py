@@ -17,6 +17,8 @@ within-category AUROC. Options:
   domains; applied to D's summary, D's logits move by the predicted offset (ranking inside D unchanged).
 - `constant offset`: the same with no features (the mean offset of the training domains): the control that
   says whether the summaries carry information.
+- `novelty-gated`: the default's p for an answer whose question is in domain (novelty <= 1), the
+  `cross_domain` p for a novel one.
 - `domain-centred states`: the probe refit on hidden states centred by their domain's mean (every domain's
   own traffic, unlabelled; the logit signals left as they are), so that it cannot read "which domain" and the
   level comes from signals that may transfer; Platt on the in-domain calibration rows.
@@ -153,6 +155,7 @@ def main() -> None:
         "novelty-conditioned",
         "domain offset (ridge)",
         "constant offset",
+        "novelty-gated",
         "domain-centred states",
     )
     for name in options:
@@ -174,6 +177,10 @@ def main() -> None:
         y_ood = np.concatenate([y[rows[g]] for g in inner])
         w = fit_logistic(z_ood[:, None], y_ood)
         p_by_option["cross_domain"][held] = sigmoid(w[0] * outer.z[held] + w[1])
+        novel = outer.log_novelty[held] > 0
+        p_by_option["novelty-gated"][held] = np.where(
+            novel, p_by_option["cross_domain"][held], p_by_option["platt (default)"][held]
+        )
 
         calib = folds.calibrate[f]
         A = np.vstack(
