@@ -16,14 +16,7 @@ and each is read by ECE (15 bins) on D's remaining rows, beside the floor: the E
 shrinkage p) reads on those rows with labels drawn from p itself. Domains with fewer than k + 30 rows are
 skipped at that k. Prints the table (mean over domains of the mean over draws) and writes the PNG curve.
 
-Measured on the SmolLM2-135M default run (hybrid probe, layer 21, 9 domains, 30 draws, 20 min on 2 shared cores):
-    labels/domain      5      10     20     50     100
-    none (global)      0.148  0.150  0.154  0.169  0.193
-    shrinkage          0.129  0.116  0.107  0.105  0.107
-    recal (CLI path)   0.138  0.114  0.107  0.105  0.107   accepted 25% / 51% / 83% / 96% / 98%
-    platt per domain   0.161  0.138  0.121  0.105  0.107
-    isotonic           0.198  0.150  0.124  0.095  0.090
-    floor              0.068  0.068  0.073  0.077  0.079
+Measured numbers (date, command, table): docs/recalibration.md#from-20-labels-the-shrinkage-calibrator.
 
     PYTHONPATH=. python benchmarks/bench_labels_curve.py [--run RUN_DIR] [--png docs/labels_vs_ece.png]
     (RUN_DIR: a `probecal train` run with probe/ and store.txt; default /work/shared_runs/default_run)
