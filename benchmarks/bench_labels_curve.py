@@ -10,7 +10,11 @@ the fold's calibration rows (other domains), as the transfer table calibrates. T
   recal      the same through probes.recalibration.recalibrate(kind="shrinkage") (the CLI's code path;
              a refused artifact counts as the parent's p), with its acceptance rate
   shrink_xd  shrinkage around a cross-domain global calibrator instead: Platt on the other domains' rows
-             scored by their own leave-one-domain-out probes (what train.calibrate_on=cross_domain fits)
+             scored by their own leave-one-domain-out probes (what train.calibrate_on=cross_domain fits and
+             every artifact stores as metadata.cross_domain_calibration)
+  recal_xd   the same through recalibrate(kind="shrinkage", prior="cross_domain") (the CLI's
+             recalibrate.prior=cross_domain; a refused child counts as the parent's in-domain p), with its
+             acceptance rate
   platt      Platt on the k rows alone;   isotonic   isotonic regression on the k rows alone
 and each is read by ECE (15 bins) on D's remaining rows, beside the floor: the ECE that a calibrated p (the
 shrinkage p) reads on those rows with labels drawn from p itself. Domains with fewer than k + 30 rows are
@@ -42,7 +46,7 @@ from probes.training.splits import SplitData, probe_features
 from probes.training.train import measure_transfer
 
 KS = (5, 10, 20, 50, 100)
-METHODS = ("none", "shrinkage", "recal", "shrink_xd", "platt", "isotonic")
+METHODS = ("none", "shrinkage", "recal", "shrink_xd", "recal_xd", "platt", "isotonic")
 MIN_TEST_ROWS = 30
 
 
@@ -101,7 +105,7 @@ def main() -> None:
         f"{len(inputs)} held-out domains"
     )
     # results[k][method] = list over domains of the mean over draws
-    results = {k: {m: [] for m in (*METHODS, "floor", "accepted")} for k in KS}
+    results = {k: {m: [] for m in (*METHODS, "floor", "accepted", "accepted_xd")} for k in KS}
     per_domain_20 = []
     for f, (name, s, y, global_cal, _) in enumerate(inputs):
         tau = other_domains_tau(inputs, f)
@@ -111,7 +115,7 @@ def main() -> None:
             if len(y) < k + MIN_TEST_ROWS:
                 continue
             rng = np.random.default_rng(f * 1000 + k)
-            values = {m: [] for m in (*METHODS, "floor", "accepted")}
+            values = {m: [] for m in (*METHODS, "floor", "accepted", "accepted_xd")}
             for draw in range(args.draws):
                 fit = np.zeros(len(y), dtype=bool)
                 fit[rng.choice(len(y), k, replace=False)] = True
@@ -139,10 +143,26 @@ def main() -> None:
                     )
                 except ValueError:  # NotEnoughRows (one class among the k): the parent keeps serving
                     accepted, p["recal"] = False, p["none"]
+                record = {"a": float(global_xd.a_), "b": float(global_xd.b_), "tau": tau_xd}
+                parent_xd = parent.with_metadata(
+                    cross_domain_calibration={**record, "n_domains": len(inputs) - 1}
+                )
+                try:
+                    rows = make_rows(s[fit], y[fit], domain_fit, parent_p=global_cal.predict(s[fit]))
+                    result = recalibrate(
+                        parent_xd, rows, kind="shrinkage", seed=draw, n_bootstrap=100, prior="cross_domain"
+                    )
+                    accepted_xd = result.accepted
+                    p["recal_xd"] = (result.calibrator if accepted_xd else global_cal).predict(
+                        s[rest], categories=domain_rest
+                    )
+                except ValueError:
+                    accepted_xd, p["recal_xd"] = False, p["none"]
                 for m in METHODS:
                     values[m].append(ece(p[m], y[rest]))
                 values["floor"].append(ece_floor(p["shrinkage"], draws=20, seed=draw))
                 values["accepted"].append(float(accepted))
+                values["accepted_xd"].append(float(accepted_xd))
             for m, v in values.items():
                 results[k][m].append(float(np.mean(v)))
             if k == 20:
@@ -150,19 +170,20 @@ def main() -> None:
     header = (
         "| labels/domain | domains | "
         + " | ".join(METHODS)
-        + " | floor | shrinkage - floor | recal accepted |"
+        + " | floor | shrinkage - floor | recal_xd - floor | recal accepted | recal_xd accepted |"
     )
     print(
         "\nper-domain ECE on each held-out domain's remaining rows (mean over domains of the mean over draws)"
     )
     print(header)
-    print("|" + "---:|" * (len(METHODS) + 5))
+    print("|" + "---:|" * (len(METHODS) + 7))
     for k in KS:
         r = {m: float(np.mean(v)) for m, v in results[k].items()}
         print(
             f"| {k} | {len(results[k]['none'])} | "
             + " | ".join(f"{r[m]:.3f}" for m in METHODS)
-            + f" | {r['floor']:.3f} | {r['shrinkage'] - r['floor']:+.3f} | {r['accepted']:.0%} |"
+            + f" | {r['floor']:.3f} | {r['shrinkage'] - r['floor']:+.3f} | {r['recal_xd'] - r['floor']:+.3f}"
+            f" | {r['accepted']:.0%} | {r['accepted_xd']:.0%} |"
         )
     print("\nat 20 labels, per domain (rows, tau from the other domains):")
     print("| domain | rows | tau | " + " | ".join(METHODS) + " | floor |")

@@ -63,6 +63,11 @@ class ProbeMetadata:
     # the novelty model (probes.novelty): {n_components, quantile, cutoff, layer, position}; its tensors are
     # "novelty.*" in probe.safetensors. None: an artifact without one (novelty unavailable)
     novelty: dict[str, Any] | None = None
+    # Platt fit on OUT-of-domain scores (each training domain's calibration rows scored by the probe fit without
+    # it) and the empirical-Bayes width of the domains' logit offsets around it: {a, b, tau, n_domains}. The
+    # prior for shrinkage recalibration of a domain the probe never saw (recalibrate.prior=cross_domain).
+    # None: trained without leave-one-domain-out (train.transfer=false) or before probecal stored it
+    cross_domain_calibration: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     @classmethod

@@ -12,6 +12,8 @@ calibrator; `rebuild_calibrator(kind, params, tensors)` restores it (no pickle).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy.optimize import minimize, minimize_scalar
 from scipy.special import expit
@@ -290,6 +292,27 @@ def estimate_tau(logits, y, domains) -> float | None:
         return float(np.sum(np.log(total) + d2 / total))
 
     return float(minimize_scalar(negative_marginal, bounds=(0.0, MAX_TAU), method="bounded").x)
+
+
+def fit_cross_domain_prior(scores, y, domains) -> dict[str, float | int | None]:
+    """The prior for recalibrating a domain the probe never saw (ProbeMetadata.cross_domain_calibration):
+    Platt on OUT-of-domain scores [n] (each row scored by a probe fit without its domain) with labels y [n],
+    and tau, the empirical-Bayes width of the domains' [n] logit offsets around it (None: too few domains)."""
+    platt = PlattCalibrator().fit(scores, y)
+    tau = estimate_tau(platt.a_ * np.asarray(scores, float) + platt.b_, y, domains)
+    return {
+        "a": float(platt.a_),
+        "b": float(platt.b_),
+        "tau": None if tau is None else float(tau),
+        "n_domains": int(len(np.unique(np.asarray(domains).astype(str)))),
+    }
+
+
+def cross_domain_platt(record: dict[str, Any]) -> PlattCalibrator:
+    """The fitted PlattCalibrator of a ProbeMetadata.cross_domain_calibration record."""
+    platt = PlattCalibrator()
+    platt.a_, platt.b_ = np.float64(record["a"]), np.float64(record["b"])
+    return platt
 
 
 class ShrinkageCalibrator(BaseEstimator):

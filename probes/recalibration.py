@@ -33,8 +33,12 @@ with CROSS-FITTED probabilities (SHRINKAGE_FOLDS folds stratified by domain x la
 offsets fit without that row's fold, the same prior and tau), on every row. The refusal rule is the one above
 on those rows: each p_new is out-of-sample, so a calibrator that fits noise reads worse there, and the final
 calibrator (fit on all rows) is the cross-fitted ones with a little more data. The threshold is chosen on the
-cross-fitted p. tau: recalibrate(tau=...), else the parent's when it is a shrinkage calibrator, else the
-empirical-Bayes width across the new rows' domains (>= 3 domains), else DEFAULT_TAU.
+cross-fitted p. tau: recalibrate(tau=...), else (prior="cross_domain") the width training estimated across its
+domains, else the parent's when it is a shrinkage calibrator, else the empirical-Bayes width across the new
+rows' domains (>= 3 domains), else DEFAULT_TAU. prior="cross_domain" shrinks toward the Platt map training fit
+on out-of-domain scores instead of the parent's calibrator: a new domain starts at the average new domain's
+level, so 20 labels only have to move it by its own offset (docs/recalibration.md: floor + 0.028 at 20 labels
+on held-out facts domains vs + 0.037 around the parent's calibrator).
 
 Small data: MIN_FIT_ROWS (measured by benchmarks/bench_recalibration_rows.py: Platt 30, isotonic 50) is the
 number of rows a calibrator must be fit on; below it `recalibrate` raises NotEnoughRows, saying how many more
@@ -64,6 +68,7 @@ from probes.calibration import (
     ShrinkageCalibrator,
     TemperatureCalibrator,
     calibrator_kind,
+    cross_domain_platt,
     estimate_tau,
 )
 from probes.domains import CLUSTER_PREFIX, DomainClusters, decode_state, fit_domain_clusters
@@ -216,9 +221,23 @@ def cross_fit_folds(y: np.ndarray, domain: np.ndarray, n_folds: int, seed: int) 
     return fold
 
 
-def shrinkage_prior(parent: ProbeArtifact):
-    """The global calibrator a shrinkage recalibration shrinks toward: the parent's own (Platt, temperature,
-    isotonic), or the global fallback of a per-domain / shrinkage parent."""
+PRIORS = ("parent", "cross_domain")  # what kind=shrinkage shrinks toward (recalibrate.prior)
+
+
+def shrinkage_prior(parent: ProbeArtifact, prior: str = "parent"):
+    """The global calibrator a shrinkage recalibration shrinks toward. prior="parent": the parent's own
+    (Platt, temperature, isotonic), or the global fallback of a per-domain / shrinkage parent;
+    "cross_domain": the Platt map the parent's training fit on out-of-domain scores (metadata
+    cross_domain_calibration), the better start for a domain the probe never saw."""
+    if prior == "cross_domain":
+        record = parent.metadata.cross_domain_calibration
+        if record is None:
+            raise ValueError(
+                "recalibrate.prior=cross_domain needs the cross-domain calibration that training stores with "
+                "leave-one-domain-out (train.transfer=true, the default); this artifact has none (trained "
+                "without it, or before probecal stored it): retrain, or use recalibrate.prior=parent"
+            )
+        return cross_domain_platt(record)
     calibrator = parent.calibrator
     if calibrator is None:
         raise ValueError(
@@ -228,12 +247,27 @@ def shrinkage_prior(parent: ProbeArtifact):
     return getattr(calibrator, "global_", calibrator)
 
 
+def check_prior(parent: ProbeArtifact, kind: str, prior: str) -> None:
+    """recalibrate.prior is allowed for this kind and parent (before any work: extraction takes minutes)."""
+    if prior not in PRIORS:
+        raise ValueError(f"recalibrate.prior={prior!r} is not allowed; allowed values: {', '.join(PRIORS)}")
+    if prior != "parent" and kind != "shrinkage":
+        raise ValueError(
+            f"recalibrate.prior={prior} is what kind=shrinkage shrinks toward; kind={kind} fits its own map"
+        )
+    if kind == "shrinkage":
+        shrinkage_prior(parent, prior)
+
+
 def shrinkage_tau(
-    parent: ProbeArtifact, rows: RecalibrationRows, prior, tau: float | None
+    parent: ProbeArtifact, rows: RecalibrationRows, prior, tau: float | None, prior_name: str = "parent"
 ) -> tuple[float, str]:
     """The prior width and where it came from (see the module doc)."""
     if tau is not None:
         return float(tau), "given"
+    record = parent.metadata.cross_domain_calibration
+    if prior_name == "cross_domain" and record.get("tau") is not None:
+        return float(record["tau"]), f"estimated across the parent's {record['n_domains']} training domains"
     if isinstance(parent.calibrator, ShrinkageCalibrator):
         return float(parent.calibrator.tau_), "the parent's"
     p = np.clip(prior.predict(rows.score), 1e-9, 1 - 1e-9)
@@ -505,8 +539,12 @@ def recalibrate(
     n_bootstrap: int = 1000,
     tau: float | None = None,
     refit: DomainRefit | None = None,
+    prior: str = "parent",
 ) -> RecalibrationResult:
     """Refit the calibrator (kind in KINDS) and the abstention threshold of `parent` on `rows`.
+
+    prior (kind="shrinkage" only): "parent" shrinks toward the parent's calibrator, "cross_domain" toward the
+    out-of-domain Platt map its training stored (shrinkage_prior), with its tau unless `tau` is given.
 
     target_accuracy / delta / threshold_method: None = the parent's (else 0.9 / 0.1 / ltt).
     tau: the prior width of kind="shrinkage" (None: see the module doc); heldout_fraction is unused there.
@@ -515,6 +553,7 @@ def recalibrate(
     Raises NotEnoughRows below the small-data minimum. See the module doc for the protocol and rules.
     """
     new_calibrator(kind)  # validates kind before any work
+    check_prior(parent, kind, prior)
     if not 0.0 < heldout_fraction < 1.0:
         raise ValueError(
             f"recalibrate.heldout_fraction={heldout_fraction!r} must be strictly between 0 and 1 (the share of "
@@ -530,7 +569,17 @@ def recalibrate(
 
     if kind == "shrinkage":
         return _recalibrate_shrinkage(
-            parent, rows, seed, target_accuracy, delta, threshold_method, n_bins, n_bootstrap, tau, refit
+            parent,
+            rows,
+            seed,
+            target_accuracy,
+            delta,
+            threshold_method,
+            n_bins,
+            n_bootstrap,
+            tau,
+            refit,
+            prior,
         )
     held_out = split_rows(rows.y, rows.domain, heldout_fraction, seed)
     fit, check = rows.subset(~held_out), rows.subset(held_out)
@@ -603,10 +652,11 @@ def _recalibrate_shrinkage(
     n_bootstrap: int,
     tau: float | None,
     refit: DomainRefit | None,
+    prior_name: str = "parent",
 ) -> RecalibrationResult:
     """kind="shrinkage": cross-fitted check on every row, then the offsets fit on all rows (module doc)."""
-    prior = shrinkage_prior(parent)
-    tau, tau_source = shrinkage_tau(parent, rows, prior, tau)
+    prior = shrinkage_prior(parent, prior_name)
+    tau, tau_source = shrinkage_tau(parent, rows, prior, tau, prior_name)
     p_cross = shrinkage_cross_fit(prior, tau, rows, SHRINKAGE_FOLDS, seed)
     p_parent = parent_probabilities(parent, rows)
     comparison = compare(p_parent, p_cross, rows.y, n_bins, n_bootstrap, seed)
@@ -622,7 +672,8 @@ def _recalibrate_shrinkage(
         for d in sorted(calibrator.offsets_)
     )
     notes = [
-        f"shrinkage toward the parent's {calibrator_kind(prior)} calibrator, tau {tau:.3f} ({tau_source}); "
+        f"shrinkage toward the parent's {'cross-domain ' if prior_name == 'cross_domain' else ''}"
+        f"{calibrator_kind(prior)} calibrator, tau {tau:.3f} ({tau_source}); "
         f"per-domain logit offsets: {offsets}",
         f"before/after on all {len(rows)} rows with {n_folds}-fold cross-fitted p (each row's p from offsets fit "
         "without it); threshold chosen on the cross-fitted p; calibrator refit on all rows",
@@ -637,6 +688,7 @@ def _recalibrate_shrinkage(
         check=f"{n_folds}-fold cross-fit",
         tau=tau,
         tau_source=tau_source,
+        prior=prior_name,
     )
     artifact = None if reason else build_artifact(parent, calibrator, threshold, comparison, record, refit)
     return RecalibrationResult(not reason, reason, calibrator, threshold, comparison, record, artifact, notes)

@@ -44,6 +44,9 @@ class RecalibrateSpec:
     delta: float | None = None
     threshold_method: str | None = None
     tau: float | None = None  # shrinkage prior width (logit units); None = the parent's, or estimated
+    # what kind=shrinkage shrinks toward: parent (its calibrator) | cross_domain (the out-of-domain Platt map
+    # training stored: the better start for question forms the probe never saw)
+    prior: str = "parent"
     # K > 0 (with from_feedback): refit K domain clusters on the prompt states the server stored with its
     # untagged responses; the child carries them and untagged rows are recalibrated by their new cluster
     refit_domains: int = 0

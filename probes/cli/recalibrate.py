@@ -28,6 +28,7 @@ from probes.artifact import METADATA_FILE, ProbeArtifact
 from probes.cli.config import RecalibrateSpec, instantiate_group
 from probes.recalibration import (
     RecalibrationRows,
+    check_prior,
     label_queue,
     lineage_digests,
     make_rows,
@@ -149,6 +150,7 @@ def stage_recalibrate(cfg: DictConfig) -> None:
     output = Path(spec.output_dir) if spec.output_dir else run_dir / "probe"
     check_output_dir(output, spec.probe_dir)  # before any work (extraction takes minutes)
     parent = ProbeArtifact.load(spec.probe_dir)
+    check_prior(parent, spec.kind, spec.prior)
     refit = None
     if spec.rows:
         rows = read_rows_file(spec.rows, parent)
@@ -177,6 +179,7 @@ def stage_recalibrate(cfg: DictConfig) -> None:
         n_bootstrap=cfg.train.n_bootstrap,
         tau=spec.tau,
         refit=refit,
+        prior=spec.prior,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     report = {

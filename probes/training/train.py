@@ -27,7 +27,7 @@ from sklearn.base import clone
 
 from probecal.splits import SPLITS
 from probes.artifact import ProbeArtifact, hash_arrays
-from probes.calibration import PlattCalibrator, calibrator_kind
+from probes.calibration import PlattCalibrator, calibrator_kind, fit_cross_domain_prior
 from probes.domains import DOMAIN_POSITION, fit_domain_clusters
 from probes.estimators import HybridProbe, LogisticProbe
 from probes.evaluation.novelty import novelty_transfer
@@ -250,14 +250,19 @@ def train_probe(
     if folds is not None:
         transfer, outer = measure_transfer(probe, X, store.baselines, data, folds, calibrator, spec)
     scores, rows = probe.decision_function(X[calib]), np.flatnonzero(calib)
-    if spec.calibrate_on != "calibration":
-        cross = cross_domain_set(
-            outer, folds, calib
-        )  # out-of-domain scores of every domain's calibration rows
+    cross_domain_prior = None
+    if folds is not None:
+        # out-of-domain scores of every domain's calibration rows (each by the probe fit without its domain):
+        # the calibrator of train.calibrate_on=cross_domain|both, and the prior stored for new domains
+        cross_rows, cross_scores = cross_domain_set(outer, folds, calib)
+        cross_rows = cross_rows.astype(int)
+        cross_domain_prior = fit_cross_domain_prior(
+            cross_scores, data.y[cross_rows], data.calibration_groups[cross_rows]
+        )
         if spec.calibrate_on == "cross_domain":
-            scores, rows = cross[1], cross[0].astype(int)
-        else:
-            scores, rows = np.concatenate([scores, cross[1]]), np.concatenate([rows, cross[0].astype(int)])
+            scores, rows = cross_scores, cross_rows
+        elif spec.calibrate_on == "both":
+            scores, rows = np.concatenate([scores, cross_scores]), np.concatenate([rows, cross_rows])
     selection["calibrate_on"] = spec.calibrate_on
     fitted_calibrator = clone(calibrator).fit(scores, data.y[rows], categories=data.calibration_groups[rows])
     novelty, novelty_held_out = None, None
@@ -279,6 +284,7 @@ def train_probe(
         novelty=novelty,
         training_data_hash=hash_arrays(X[train], data.y[train]),
         split_sizes=data.sizes(),
+        cross_domain_calibration=cross_domain_prior,
     )
     if spec.domain_clusters:
         artifact = artifact.with_domains(fit_domain_clusters(prompts[train], spec.domain_clusters, seed))

@@ -356,3 +356,26 @@ def test_cli_stage_writes_a_child_artifact_or_refuses(tmp_path, monkeypatch, cap
         )
     assert exit_info.value.code == 2
     assert "40 labelled rows; recalibrating with platt needs at least 60" in capsys.readouterr().err
+
+
+def test_cli_prior_cross_domain_on_a_parent_without_it_fails_before_reading_rows(
+    tmp_path, monkeypatch, capsys
+):
+    from probes.cli import main as cli
+
+    monkeypatch.setattr("sys.argv", ["probecal"])
+    parent_dir = parent_artifact().save(tmp_path / "parent")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(
+            [
+                "recalibrate",
+                f"recalibrate.probe_dir={parent_dir}",
+                "recalibrate.kind=shrinkage",
+                "recalibrate.prior=cross_domain",
+                f"recalibrate.rows={tmp_path / 'missing.jsonl'}",  # never read: the prior is checked first
+                f"hydra.run.dir={tmp_path / 'run'}",
+            ]
+        )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "recalibrate.prior=cross_domain needs the cross-domain calibration" in err and "missing" not in err

@@ -122,3 +122,43 @@ def test_cli_recalibrate_kind_shrinkage_writes_a_child_that_probe_scorer_serves(
     expected = child.predict(X, categories=cats)[0]
     np.testing.assert_allclose(ProbeScorer(run / "probe").p_correct(X, cats), expected, atol=1e-12)
     assert "shrinkage toward the parent's platt calibrator" in capsys.readouterr().out
+
+
+def test_prior_cross_domain_shrinks_toward_the_stored_out_of_domain_map_with_its_tau():
+    """The parent's own calibrator is far too confident on new domains; the out-of-domain Platt map its
+    training stored is the right level (0.8 s - 0.6), so 20 labels per domain only need the domain offsets."""
+    record = {"a": 0.8, "b": -0.6, "tau": 1.25, "n_domains": 19}
+    parent = parent_artifact().with_metadata(cross_domain_calibration=record)
+    s, y, d = domains_rows(20, seed=1)
+    rows = make_rows(s, y, d)
+    result = recalibrate(parent, rows, kind="shrinkage", n_bootstrap=200, prior="cross_domain")
+    assert result.accepted, result.reason
+    child = result.artifact.calibrator
+    assert (float(child.global_.a_), float(child.global_.b_)) == (0.8, -0.6)
+    assert child.tau_ == pytest.approx(1.25)
+    assert result.record["prior"] == "cross_domain" and "19 training domains" in result.record["tau_source"]
+    assert "cross-domain platt" in "\n".join(result.notes)
+    around_parent = recalibrate(parent, rows, kind="shrinkage", n_bootstrap=200).artifact.calibrator
+    test_s, test_y, test_d = domains_rows(5000, seed=99)
+    eces = [
+        np.mean([ece(c.predict(test_s[test_d == k], categories=test_d[test_d == k]), test_y[test_d == k])
+                 for k in SHIFTS])
+        for c in (child, around_parent)
+    ]  # fmt: skip
+    assert eces[0] < eces[1] - 0.01, eces
+    # given tau still wins; the child keeps the parent's stored record (it is metadata, inherited)
+    assert recalibrate(parent, rows, kind="shrinkage", prior="cross_domain", tau=0.5).calibrator.tau_ == 0.5
+
+
+def test_prior_cross_domain_is_refused_clearly_where_it_cannot_apply():
+    s, y, d = domains_rows(20, seed=1)
+    rows = make_rows(s, y, d)
+    with pytest.raises(ValueError, match="has none .*recalibrate.prior=parent"):
+        recalibrate(parent_artifact(), rows, kind="shrinkage", prior="cross_domain")
+    parent = parent_artifact().with_metadata(
+        cross_domain_calibration={"a": 1, "b": 0, "tau": 1, "n_domains": 3}
+    )
+    with pytest.raises(ValueError, match="kind=platt fits its own map"):
+        recalibrate(parent, rows, kind="platt", prior="cross_domain")
+    with pytest.raises(ValueError, match="allowed values: parent, cross_domain"):
+        recalibrate(parent, rows, kind="shrinkage", prior="xd")

@@ -18,13 +18,15 @@ from extract.grading import ARTICLES, CONTRAST_WORDS
 from extract.runner import rows_and_splits
 from extract.store import open_store
 from probes.artifact import ProbeArtifact, hash_arrays
-from probes.calibration import PlattCalibrator
+from probes.calibration import PlattCalibrator, fit_cross_domain_prior
 from probes.estimators import LogisticProbe
 from probes.evaluation.metrics import auroc
 from probes.evaluation.outputs import write_run_outputs
 from probes.evaluation.tables import PROBE_METHOD
+from probes.evaluation.transfer import cross_domain_set, domain_folds
 from probes.selection.sweep import SweepResult
-from probes.training import TrainSpec, evaluate_probe, probe_features, train_probe
+from probes.training import SplitData, TrainSpec, evaluate_probe, probe_features, train_probe
+from probes.training.train import fold_scorer
 from tests import tiny_models
 from tests.pipeline_fixtures import SIGNAL_SITE, write_synthetic_store
 
@@ -213,6 +215,24 @@ def test_transfer_numbers_in_metrics_headline_and_report(trained, store):
     report = trained["report"].read_text()
     assert "## Held-out domains (transfer)" in report and "plots/transfer.png" in report
     assert (trained["run_dir"] / "plots" / "transfer.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_the_artifact_carries_the_cross_domain_prior_fit_on_out_of_domain_scores(trained, store, tmp_path):
+    """Platt on each domain's calibration rows scored by the probe fit without that domain (what
+    recalibrate.prior=cross_domain shrinks toward), recomputed here from the same folds."""
+    artifact = trained["artifact"]
+    record = artifact.metadata.cross_domain_calibration
+    data = SplitData.from_store(store)
+    folds = domain_folds(data.domains, data.masks["train"], data.masks["calibration"], data.y)
+    X = store.read(artifact.metadata.layer, artifact.metadata.position)
+    outer = fold_scorer(artifact.probe, X, data.y, folds.fit.any(axis=0))(folds.fit)
+    rows, scores = cross_domain_set(outer, folds, data.masks["calibration"])
+    expected = fit_cross_domain_prior(scores, data.y[rows.astype(int)], data.domains[rows.astype(int)])
+    assert record["a"] == pytest.approx(expected["a"], rel=1e-3) and record["a"] > 0
+    assert record["b"] == pytest.approx(expected["b"], abs=1e-3)
+    assert record["n_domains"] == 2 and record["tau"] is None  # two domains: too few to estimate tau
+    loaded = ProbeArtifact.load(artifact.save(tmp_path / "probe"))
+    assert loaded.metadata.cross_domain_calibration == record
 
 
 def test_select_transfer_picks_the_signal_site_by_held_out_domains(store):
