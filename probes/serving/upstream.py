@@ -161,7 +161,7 @@ def _choice_index(choice: dict, n: int) -> int:
     return index
 
 
-def _choice_ids(choice: dict, vocab_size: int | None) -> list[int] | None:
+def engine_token_ids(choice: dict, vocab_size: int | None) -> list[int] | None:
     """The token ids the engine generated for a choice (a chunk's piece when streamed), where it returns
     them: vLLM's `token_ids`, llama.cpp's `logprobs.content[].id`. None when it sends none, or any that is
     not a token of the model's vocabulary (another model's ids say nothing: the text is scored then)."""
@@ -308,7 +308,7 @@ class UpstreamProxy:
             raise _bad_answer(self.base_url, str(err)) from None
         vocab_size = getattr(server.model, "vocab_size", None)
         scored = [  # the engine's own ids where it returned them, else its text
-            (_choice_ids(c, vocab_size) if t else None) or t for c, t in zip(choices, texts, strict=True)
+            (engine_token_ids(c, vocab_size) if t else None) or t for c, t in zip(choices, texts, strict=True)
         ]
         await self._check_completions(prompt_tokens, scored)
         results = await self._scores(prompt, scored, stop, domain)
@@ -520,7 +520,7 @@ class UpstreamProxy:
                     piece = _choice_text(choice, endpoint, streamed=True)
                     i = _choice_index(choice, n)
                     texts[i] = texts.get(i, "") + piece
-                    piece_ids = _choice_ids(choice, vocab_size)
+                    piece_ids = engine_token_ids(choice, vocab_size)
                     if (piece and piece_ids is None) or ids.get(i, []) is None:
                         ids[i] = None
                     elif piece_ids:
