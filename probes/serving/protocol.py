@@ -3,8 +3,8 @@
 Supported beyond the basics: `stream` (Server-Sent Events, `stream_options.include_usage`), `n` up to
 `serve.max_n` (each choice its own confidence). Not supported (clear 400): logprobs (passed on to the
 engine in proxy mode), echo, best_of, penalties, logit_bias, seed, tools / functions, non-text response
-formats, token-id prompts on the generation endpoints (use /v1/score), several prompts in one request. Sampling defaults to greedy
-(temperature 0), the setting probes are trained on.
+formats, token-id prompts on the generation endpoints (use /v1/score), several prompts in one request.
+Sampling defaults to greedy (temperature 0), the setting probes are trained on.
 
 Domain tag: `metadata: {"domain": "<name>"}` (OpenAI's `metadata`, a dict of strings; the SDK sends it as
 `metadata=` or inside `extra_body=`) or a top-level `"domain"` (`extra_body={"domain": ...}`) picks the
