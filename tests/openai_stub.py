@@ -9,7 +9,10 @@ int_code (llama.cpp's 400 with an integer error.code), e503, redirect (302), bad
 choices_null (`[null]`), choices_missing, body_list, plainjson (a JSON answer to a streamed request),
 badindex (a chunk with index "a"), nodone (a stream cut without [DONE]), endless (a stream that never
 ends), slowbody (1 byte/s), huge (a 300 KB answer), newline (an answer opening with a line break).
-A stream asked with stream_options.include_usage ends with a usage chunk, as vLLM's does."""
+A stream asked with stream_options.include_usage ends with a usage chunk, as vLLM's does.
+Token ids of the answer (word k: id 200 + k; `mode=bigids`: ids outside the model's vocabulary) as the engines
+return them: `return_token_ids: true` -> vLLM's `choices[].token_ids`, `logprobs` -> llama.cpp's
+`choices[].logprobs.content[].id`, per chunk when streamed."""
 
 from __future__ import annotations
 
@@ -111,6 +114,16 @@ async def _bad(mode: str, chat: bool, stream: bool):
     return None
 
 
+def _with_ids(choice: dict, body: dict, ids: list[int]) -> dict:
+    """`choice` with the ids of its text where the request asked for them, in vLLM's or llama.cpp's field."""
+    if body.get("return_token_ids"):
+        return {**choice, "token_ids": ids}
+    if body.get("logprobs"):
+        content = [{"id": t, "token": f"<{t}>", "logprob": -0.1, "top_logprobs": []} for t in ids]
+        return {**choice, "logprobs": {"content": content}}
+    return choice
+
+
 @app.post("/v1/completions")
 @app.post("/v1/chat/completions")
 async def complete(request: Request):
@@ -148,14 +161,20 @@ async def complete(request: Request):
         text = "\n\nanswer to: " + " ".join(prompt.split()[-2:])
     n = body.get("n") or 1
     kind = "chat.completion" if chat else "text_completion"
+    first_id = 2000 if mode == "bigids" else 200
     if not body.get("stream"):
+        ids = [first_id + k for k in range(len(text.split(" ")))]
         choices = [
-            {
-                "index": i,
-                "finish_reason": "stop",
-                "logprobs": None,
-                **({"message": {"role": "assistant", "content": text}} if chat else {"text": text}),
-            }
+            _with_ids(
+                {
+                    "index": i,
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                    **({"message": {"role": "assistant", "content": text}} if chat else {"text": text}),
+                },
+                body,
+                ids,
+            )
             for i in range(n)
         ]
         return {
@@ -173,6 +192,7 @@ async def complete(request: Request):
             piece = word if k == 0 else " " + word
             for i in range(n):
                 choice = {"index": i, "delta": {"content": piece}} if chat else {"index": i, "text": piece}
+                choice = _with_ids({**choice, "finish_reason": None}, body, [first_id + k])
                 yield (
                     "data: "
                     + json.dumps(
@@ -181,7 +201,7 @@ async def complete(request: Request):
                             "object": kind + (".chunk" if chat else ""),
                             "created": 1,
                             "model": body.get("model"),
-                            "choices": [{**choice, "finish_reason": None}],
+                            "choices": [choice],
                         }
                     )
                     + "\n\n"

@@ -41,9 +41,9 @@ async def complete(
     """Checks shared by both completion endpoints, then generation here or forwarding to the upstream."""
     server = server_of(request)
     server.check_model(body.model)
-    reject_unsupported(body, server.settings.max_n)
-    sampling = parse_sampling(body, max_tokens, server.settings)
     proxy: UpstreamProxy | None = request.app.state.proxy
+    reject_unsupported(body, server.settings.max_n, proxied=proxy is not None)
+    sampling = parse_sampling(body, max_tokens, server.settings)
     if proxy is not None:
         return await proxy.complete(endpoint, body, await request.json(), prompt, param)
     reject_engine_params(body)

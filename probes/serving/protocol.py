@@ -1,10 +1,10 @@
 """OpenAI request bodies, their validation, the error shape, and what the server needs from a model.
 
 Supported beyond the basics: `stream` (Server-Sent Events, `stream_options.include_usage`), `n` up to
-`serve.max_n` (each choice its own confidence). Not supported (clear 400): logprobs, echo, best_of,
-penalties, logit_bias, seed, tools / functions, non-text response formats, token-id prompts on the
-generation endpoints (use /v1/score), several prompts in one request. Sampling defaults to greedy
-(temperature 0), the setting probes are trained on.
+`serve.max_n` (each choice its own confidence). Not supported (clear 400): logprobs (passed on to the
+engine in proxy mode), echo, best_of, penalties, logit_bias, seed, tools / functions, non-text response
+formats, token-id prompts on the generation endpoints (use /v1/score), several prompts in one request.
+Sampling defaults to greedy (temperature 0), the setting probes are trained on.
 
 Domain tag: `metadata: {"domain": "<name>"}` (OpenAI's `metadata`, a dict of strings; the SDK sends it as
 `metadata=` or inside `extra_body=`) or a top-level `"domain"` (`extra_body={"domain": ...}`) picks the
@@ -244,8 +244,8 @@ def _is_off(value: Any) -> bool:
 # option -> why it is refused; each is accepted only absent or at its no-op value (n=1, stream=false, ...)
 _UNSUPPORTED = {
     "best_of": "best_of is not supported",
-    "logprobs": "logprobs are not supported",
-    "top_logprobs": "top_logprobs are not supported",
+    "logprobs": "logprobs are not supported (the engine's pass through in proxy mode)",
+    "top_logprobs": "top_logprobs are not supported (the engine's pass through in proxy mode)",
     "echo": "echo is not supported",
     "presence_penalty": "presence_penalty is not supported",
     "frequency_penalty": "frequency_penalty is not supported",
@@ -280,7 +280,11 @@ def reject_engine_params(body: BaseModel) -> None:
             )
 
 
-def reject_unsupported(body: BaseModel, max_n: int = 1) -> None:
+# computed by the engine in proxy mode (llama.cpp returns its token ids there), by nothing in probecal's own
+ENGINE_COMPUTED = ("logprobs", "top_logprobs")
+
+
+def reject_unsupported(body: BaseModel, max_n: int = 1, proxied: bool = False) -> None:
     n = getattr(body, "n", None)
     if n is not None and not 1 <= n <= max_n:
         raise APIError(
@@ -309,6 +313,8 @@ def reject_unsupported(body: BaseModel, max_n: int = 1) -> None:
             code="invalid_value",
         )
     for name, why in _UNSUPPORTED.items():
+        if proxied and name in ENGINE_COMPUTED:
+            continue
         value = getattr(body, name, None)
         refused = value not in (None, 1) if name == "best_of" else not _is_off(value)
         if refused:

@@ -21,8 +21,11 @@ server, SGLang, TGI's OpenAI API, ...), then score every returned choice through
   silence past `serve.upstream_timeout_s` or an answer unfinished after `serve.upstream_deadline_s` a 504.
   In a stream the status line has gone: the error comes as an SSE error event. A client that leaves a
   stream closes the upstream call.
-- The returned text is re-encoded to score it (the OpenAI API returns no token ids): with the same model
-  and tokenizer on both sides this matches the engine's tokens for ordinary text; see /v1/score for ids.
+- Token ids: where the engine returns the ids it generated, those are scored, not a re-encoding of its
+  text (a tokenizer may split the same text differently): vLLM's `choices[].token_ids`
+  (`return_token_ids: true`), llama.cpp's `choices[].logprobs.content[].id` (`logprobs: true`,
+  `top_logprobs: 1`; completions: `logprobs: 1`), in streams too. Otherwise the text is re-encoded.
+  `confidence.scored_from` says which (`token_ids` or `text`).
 """
 
 from __future__ import annotations
@@ -158,6 +161,24 @@ def _choice_index(choice: dict, n: int) -> int:
     return index
 
 
+def engine_token_ids(choice: dict, vocab_size: int | None) -> list[int] | None:
+    """The token ids the engine generated for a choice (a chunk's piece when streamed), where it returns
+    them: vLLM's `token_ids`, llama.cpp's `logprobs.content[].id`. None when it sends none, or any that is
+    not a token of the model's vocabulary (another model's ids say nothing: the text is scored then)."""
+    ids = choice.get("token_ids")
+    if ids is None:
+        logprobs = choice.get("logprobs")
+        content = logprobs.get("content") if isinstance(logprobs, dict) else None
+        if isinstance(content, list) and all(isinstance(entry, dict) for entry in content):
+            ids = [entry.get("id") for entry in content]
+    if not isinstance(ids, list) or not ids:
+        return None
+    limit = vocab_size or float("inf")
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < limit for t in ids):
+        return None
+    return ids
+
+
 def _choices(data: Any, endpoint: str, n: int) -> tuple[list[dict], list[str]]:
     if not isinstance(data, dict):
         raise _Malformed(f"the body is a JSON {type(data).__name__}, not an object")
@@ -194,6 +215,10 @@ def _decoding(forwarded: dict) -> dict[str, Any]:
     temperature = forwarded.get("temperature")
     greedy = temperature == 0 or forwarded.get("top_k") == 1
     return {"greedy": bool(greedy), "temperature": temperature}
+
+
+def _scored_from(completion: str | list[int]) -> str:
+    return "text" if isinstance(completion, str) else "token_ids"
 
 
 def _answer_chars(result: Any, text: str) -> list[int] | None:
@@ -281,13 +306,18 @@ class UpstreamProxy:
             choices, texts = _choices(data, endpoint, n)
         except _Malformed as err:
             raise _bad_answer(self.base_url, str(err)) from None
-        await self._check_completions(prompt_tokens, texts)
-        results = await self._scores(prompt, texts, stop, domain)
+        vocab_size = getattr(server.model, "vocab_size", None)
+        scored = [  # the engine's own ids where it returned them, else its text
+            (engine_token_ids(c, vocab_size) if t else None) or t for c, t in zip(choices, texts, strict=True)
+        ]
+        await self._check_completions(prompt_tokens, scored)
+        results = await self._scores(prompt, scored, stop, domain)
         message = server.settings.abstention_message or getattr(server.model, "abstention_message", None)
-        for choice, text, result in zip(choices, texts, results, strict=True):
+        for choice, text, what, result in zip(choices, texts, scored, results, strict=True):
             choice["confidence"] = confidence(result) | {
                 "answer_chars": _answer_chars(result, text),
                 "decoding": decoding,
+                "scored_from": _scored_from(what),
             }
             if result.abstained and message is not None:  # as probecal's own server does
                 choice["confidence"]["answer_chars"] = None
@@ -332,14 +362,18 @@ class UpstreamProxy:
         except httpx.HTTPError as err:
             raise _transport_error(err, self.base_url) from None
 
-    async def _check_completions(self, prompt_tokens: int, texts: list[str]) -> None:
-        """502 when a completion is longer than the model's context allows (it could not be scored whole)."""
+    async def _check_completions(self, prompt_tokens: int, completions: list[str | list[int]]) -> None:
+        """502 when a completion (text or ids) is longer than the model's context allows (it could not be
+        scored whole)."""
         model = self.server.model
         limit = model.max_context_tokens
-        for text in texts:
-            if len(text) <= limit:  # a token is at least one character: nothing to count
+        for completion in completions:
+            if len(completion) <= limit:  # a token is at least one character: nothing to count
                 continue
-            tokens = await asyncio.to_thread(model.count_tokens, text)
+            if isinstance(completion, list):
+                tokens = len(completion)
+            else:
+                tokens = await asyncio.to_thread(model.count_tokens, completion)
             if prompt_tokens + tokens > limit:
                 raise _bad_answer(
                     self.base_url,
@@ -348,11 +382,15 @@ class UpstreamProxy:
                 )
 
     async def _scores(
-        self, prompt: Prompt, texts: list[str], stop: tuple[str, ...] | None, domain: str | None = None
+        self,
+        prompt: Prompt,
+        completions: list[str | list[int]],
+        stop: tuple[str, ...] | None,
+        domain: str | None = None,
     ) -> list[Any]:
         batcher = self.server.batcher
         try:
-            return list(await asyncio.gather(*(batcher.score(prompt, t, stop, domain) for t in texts)))
+            return list(await asyncio.gather(*(batcher.score(prompt, c, stop, domain) for c in completions)))
         except (QueueFullError, ModelError) as err:
             raise batcher_failure(err) from None
 
@@ -446,6 +484,8 @@ class UpstreamProxy:
         """The upstream's chunks (our id in place of its own, finish_reason held back), then one chunk per
         choice with its `finish_reason` and `confidence`, then the usage chunk if any, then [DONE]."""
         texts: dict[int, str] = {}
+        ids: dict[int, list[int] | None] = {}  # None once a piece of text came without its ids
+        vocab_size = getattr(self.server.model, "vocab_size", None)
         finishes: dict[int, str] = {}
         last: dict[str, Any] = {}
         usage: dict | None = None
@@ -480,6 +520,11 @@ class UpstreamProxy:
                     piece = _choice_text(choice, endpoint, streamed=True)
                     i = _choice_index(choice, n)
                     texts[i] = texts.get(i, "") + piece
+                    piece_ids = engine_token_ids(choice, vocab_size)
+                    if (piece and piece_ids is None) or ids.get(i, []) is None:
+                        ids[i] = None
+                    elif piece_ids:
+                        ids[i] = ids.get(i, []) + piece_ids
                     if choice.get("finish_reason"):
                         finishes[i] = str(choice["finish_reason"])
                         if not piece:
@@ -498,16 +543,21 @@ class UpstreamProxy:
             if not texts:
                 raise _Malformed("the stream carried no choices")
             indices = sorted(texts)
-            await self._check_completions(prompt_tokens, [texts[i] for i in indices])
-            results = await self._scores(prompt, [texts[i] for i in indices], stop, domain)
+            scored = [ids.get(i) or texts[i] if texts[i] else "" for i in indices]
+            await self._check_completions(prompt_tokens, scored)
+            results = await self._scores(prompt, scored, stop, domain)
             kind = OBJECTS[endpoint][1] + ("" if endpoint == "completions" else ".chunk")
-            for i, result in zip(indices, results, strict=True):
+            for i, what, result in zip(indices, scored, results, strict=True):
                 choice = {
                     "index": i,
                     "logprobs": None,
                     "finish_reason": finishes.get(i, "stop"),
                     "confidence": confidence(result)
-                    | {"answer_chars": _answer_chars(result, texts[i]), "decoding": decoding},
+                    | {
+                        "answer_chars": _answer_chars(result, texts[i]),
+                        "decoding": decoding,
+                        "scored_from": _scored_from(what),
+                    },
                 }
                 choice |= {"text": ""} if endpoint == "completions" else {"delta": {}}
                 yield sse(

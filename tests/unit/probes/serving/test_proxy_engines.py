@@ -15,7 +15,12 @@ from tests.unit.probes.serving.test_server_openai import free_port, running, stu
 
 
 @pytest.fixture(scope="module")
-def proxy(stub_upstream, tmp_path_factory):  # noqa: F811
+def model():
+    return FakeProbedModel()
+
+
+@pytest.fixture(scope="module")
+def proxy(model, stub_upstream, tmp_path_factory):  # noqa: F811
     settings = ServeSettings(
         db_path=str(tmp_path_factory.mktemp("proxy") / "f.sqlite"),
         upstream=f"{stub_upstream}/v1",
@@ -24,7 +29,7 @@ def proxy(stub_upstream, tmp_path_factory):  # noqa: F811
         upstream_max_bytes=100_000,
         abstention_message="I can't say.",
     )
-    with running(create_app(FakeProbedModel(), settings)) as base:
+    with running(create_app(model, settings)) as base:
         yield base
 
 
@@ -58,12 +63,13 @@ def test_defaults_fill_what_the_request_does_not_say_and_engine_options_pass_thr
     )
     conf = r.json()["choices"][0]["confidence"]
     assert conf["decoding"] == {"greedy": True, "temperature": 0.0}
-    text = r.json()["choices"][0]["message"]["content"]
-    assert conf["answer_chars"] == [0, len(text)]  # an answer-reading probe says what it read
     r = chat(proxy, "capital p=0.9", temperature=0.7, max_completion_tokens=9)
     sent = httpx.get(f"{stub_upstream}/last").json()
     assert sent["temperature"] == 0.7 and sent["max_completion_tokens"] == 9 and "max_tokens" not in sent
-    assert r.json()["choices"][0]["confidence"]["decoding"] == {"greedy": False, "temperature": 0.7}
+    conf = r.json()["choices"][0]["confidence"]
+    assert conf["decoding"] == {"greedy": False, "temperature": 0.7}
+    text = r.json()["choices"][0]["message"]["content"]
+    assert conf["answer_chars"] == [0, len(text)]  # an answer-reading probe says what it read
 
 
 def test_own_server_refuses_engine_options(tmp_path):
@@ -163,3 +169,28 @@ def test_health_reports_the_upstream(proxy, tmp_path):
     with running(create_app(FakeProbedModel(), settings)) as base:
         body = httpx.get(f"{base}/health").json()
     assert body["status"] == "degraded" and body["upstream"]["status"].startswith("unreachable")
+
+
+ENGINE_IDS = {"vllm": {"return_token_ids": True}, "llamacpp": {"logprobs": True, "top_logprobs": 1}}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("engine", sorted(ENGINE_IDS))
+def test_the_engines_own_token_ids_are_scored_not_its_re_encoded_text(proxy, model, engine, stream):
+    """vLLM's `token_ids` and llama.cpp's `logprobs.content[].id` are what the model generated: those are
+    scored (a tokenizer can split the engine's text otherwise); ids outside the vocabulary, or none, fall
+    back to the text."""
+    cases = [
+        ("what is the capital", ENGINE_IDS[engine], [200, 201, 202, 203], "token_ids"),
+        ("what is the capital", {}, "answer to: the capital", "text"),
+        ("the capital mode=bigids", ENGINE_IDS[engine], "answer to: capital mode=bigids", "text"),
+    ]
+    for content, ask, scored, source in cases:
+        r = chat(proxy, content, stream=stream, **ask)
+        assert r.status_code == 200, r.text
+        if stream:
+            conf = [e for e in events(r) if e != "[DONE]" and e["choices"]][-1]["choices"][0]["confidence"]
+        else:
+            conf = r.json()["choices"][0]["confidence"]
+        assert model.calls[-1][1]["completions"] == [scored], (content, ask)
+        assert conf["scored_from"] == source
