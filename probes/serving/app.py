@@ -119,6 +119,10 @@ def create_app(probed_model: ProbedModelLike, settings: ServeSettings) -> FastAP
             "serve.auto_recalibrate=true needs a model that can hot reload its probe artifact "
             "(probes.runtime.ProbedModel); this one cannot"
         )
+    if settings.auto_recalibrate:  # e.g. prior=cross_domain on an artifact trained without it: say so now
+        from probes.recalibration import check_prior
+
+        check_prior(probed_model.artifact, settings.auto_recalibrate_kind, settings.auto_recalibrate_prior)
     metrics = ServerMetrics(settings.metrics_max_domains)
     batcher = Batcher(
         probed_model,

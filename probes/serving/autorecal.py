@@ -123,7 +123,12 @@ class AutoRecalibrator:
             order = np.arange(len(rows))  # label order: the newest are held back
             fit, held = rows.subset(order < len(rows) - held_n), rows.subset(order >= len(rows) - held_n)
             result = recalibrate(
-                parent, fit, s.auto_recalibrate_kind, n_bins=s.calibration_bins, n_bootstrap=N_BOOTSTRAP
+                parent,
+                fit,
+                s.auto_recalibrate_kind,
+                n_bins=s.calibration_bins,
+                n_bootstrap=N_BOOTSTRAP,
+                prior=s.auto_recalibrate_prior,
             )
         except NotEnoughRows as err:
             return self._outcome("skipped", f"{why}: not refit ({err})")

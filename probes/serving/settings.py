@@ -51,6 +51,7 @@ class ServeSettings:
     auto_recalibrate_labels: int = 20
     auto_recalibrate_max_ece: float = 0.1
     auto_recalibrate_kind: str = "shrinkage"
+    auto_recalibrate_prior: str = "parent"  # shrinkage toward: parent | cross_domain (recalibrate.prior)
     auto_recalibrate_holdback: float = 0.3
     auto_recalibrate_dir: str | None = None
 
@@ -106,7 +107,7 @@ class ServeSettings:
         self._validate_auto_recalibrate()
 
     def _validate_auto_recalibrate(self) -> None:
-        from probes.recalibration import KINDS
+        from probes.recalibration import KINDS, PRIORS
 
         if not isinstance(self.auto_recalibrate, bool):
             raise ValueError(f"serve.auto_recalibrate must be true or false, got {self.auto_recalibrate!r}")
@@ -125,6 +126,14 @@ class ServeSettings:
             raise ValueError(
                 f"serve.auto_recalibrate_kind={self.auto_recalibrate_kind!r} is not allowed; allowed values: "
                 + ", ".join(KINDS)
+            )
+        if self.auto_recalibrate_prior not in PRIORS or (
+            self.auto_recalibrate_prior != "parent" and self.auto_recalibrate_kind != "shrinkage"
+        ):
+            raise ValueError(
+                f"serve.auto_recalibrate_prior={self.auto_recalibrate_prior!r} is not allowed with "
+                f"auto_recalibrate_kind={self.auto_recalibrate_kind}; allowed values: {', '.join(PRIORS)} "
+                "(cross_domain with kind shrinkage only)"
             )
         if not 0 < self.auto_recalibrate_holdback < 1:
             raise ValueError(

@@ -153,6 +153,7 @@ def server_auto(client):
         ("auto_recalibrate_kind", "magic", "auto_recalibrate_kind='magic' is not allowed"),
         ("auto_recalibrate_holdback", 1.0, "auto_recalibrate_holdback must be in"),
         ("auto_recalibrate", "yes", "auto_recalibrate must be true or false"),
+        ("auto_recalibrate_prior", "xd", "auto_recalibrate_prior='xd' is not allowed"),
     ],
 )
 def test_bad_auto_recalibrate_settings_name_the_field(tmp_path, field, value, message):
@@ -167,3 +168,23 @@ def test_auto_recalibrate_needs_a_model_that_reloads(tmp_path):
 
     with pytest.raises(ValueError, match="auto_recalibrate=true needs a model that can hot reload"):
         create_app(NoReload(), ServeSettings(db_path=str(tmp_path / "f.sqlite"), auto_recalibrate=True))
+
+
+def test_auto_recalibrate_prior_cross_domain_needs_an_artifact_that_stores_it(tmp_path):
+    from tests.unit.probes.test_recalibration import parent_artifact
+
+    class Reloads:
+        model_name, max_context_tokens, max_batch_size, vocab_size = "m", 100, 4, 10
+        artifact = parent_artifact()  # trained without leave-one-domain-out: no cross-domain record
+
+        def load_artifact(self, path): ...
+
+        def swap_artifact(self, artifact): ...
+
+    settings = dict(db_path=str(tmp_path / "f.sqlite"), auto_recalibrate=True)
+    with pytest.raises(ValueError, match="recalibrate.prior=cross_domain needs the cross-domain calibration"):
+        create_app(Reloads(), ServeSettings(**settings, auto_recalibrate_prior="cross_domain"))
+    with pytest.raises(ValueError, match="not allowed with auto_recalibrate_kind=platt"):
+        ServeSettings(
+            **settings, auto_recalibrate_prior="cross_domain", auto_recalibrate_kind="platt"
+        ).validate()
