@@ -163,3 +163,23 @@ def test_health_reports_the_upstream(proxy, tmp_path):
     with running(create_app(FakeProbedModel(), settings)) as base:
         body = httpx.get(f"{base}/health").json()
     assert body["status"] == "degraded" and body["upstream"]["status"].startswith("unreachable")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_closes_the_upstream_call(stub_upstream, tmp_path, stream):  # noqa: F811
+    """#21 item 7: waiting for a slow engine (1 byte/s, deadline 60 s), the client gives up after 1 s; the
+    engine must see its connection closed within a few seconds, not when the deadline passes."""
+    settings = ServeSettings(
+        db_path=str(tmp_path / "f.sqlite"), upstream=f"{stub_upstream}/v1", upstream_deadline_s=60.0
+    )
+    with running(create_app(FakeProbedModel(), settings)) as base:
+        body = {"messages": [{"role": "user", "content": "q p=0.9 mode=slowbody"}], "stream": stream}
+        calls = httpx.get(f"{stub_upstream}/calls").json()["n"]
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=1.5))
+        left = time.monotonic()
+        assert httpx.get(f"{stub_upstream}/calls").json()["n"] == calls + 1  # the engine was answering
+        while httpx.get(f"{stub_upstream}/open").json()["n"] and time.monotonic() - left < 10:
+            time.sleep(0.2)
+        assert httpx.get(f"{stub_upstream}/open").json()["n"] == 0  # its answer was cut once the client left
+        assert time.monotonic() - left < 5
