@@ -40,7 +40,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from probes.runtime.wrapper import ProbedGeneration
 from probes.serving.batcher import ModelError, QueueFullError
-from probes.serving.protocol import APIError, Prompt, parse_stop, request_domain
+from probes.serving.protocol import APIError, Prompt, parse_stop, request_domain, unicode_problem
 from probes.serving.serving import (
     OBJECTS,
     Server,
@@ -182,6 +182,8 @@ def _choice_text(choice: Any, endpoint: str, streamed: bool) -> str:
         text = (holder or {}).get("content")
     if text is not None and not isinstance(text, str):
         raise _Malformed(f"a choice's text is {type(text).__name__}, not a string")
+    if text and (problem := unicode_problem(text)):
+        raise _Malformed(f"a choice's text holds {problem}")
     return text or ""
 
 

@@ -183,3 +183,11 @@ def test_a_client_that_leaves_closes_the_upstream_call(stub_upstream, tmp_path, 
             time.sleep(0.2)
         assert httpx.get(f"{stub_upstream}/open").json()["n"] == 0  # its answer was cut once the client left
         assert time.monotonic() - left < 5
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_engine_answer_holding_a_lone_surrogate_is_a_502(proxy, stream):
+    r = chat(proxy, "q p=0.9 mode=surrogate", stream=stream)
+    error = (r.json() if r.status_code != 200 else events(r)[-1])["error"]
+    assert r.status_code == (200 if stream else 502), r.text
+    assert error["code"] == "upstream_bad_response" and "lone surrogate" in error["message"], error

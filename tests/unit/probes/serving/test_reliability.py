@@ -1,6 +1,7 @@
 """Reliability of the serving surfaces: a bad request fails alone (never its batch), tokenizing never waits
 for the model, an unwritable feedback database loses no answer, the admin guard refuses forwarded requests."""
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -225,3 +226,31 @@ def test_a_numeric_looking_admin_token_on_the_command_line_stays_a_string():
         settings = instantiate_group(group_node("serve", "default", f"serve.admin_token={token}"))
         assert settings.admin_token == token
         settings.validate()
+
+
+JSON = {"content-type": "application/json"}
+
+
+def test_a_lone_surrogate_is_a_clear_400_naming_the_field_and_never_fails_the_batch(tiny_probed, tmp_path):
+    """JSON's "\\ud83d" escape decodes to a lone surrogate that the tokenizer cannot encode: a completion holding
+    one was an own 500 (TypeError) and a prompt a 400 quoting the tokenizer's internals (found by
+    scripts/reliability_matrix.py)."""
+    settings = ServeSettings(db_path=str(tmp_path / "f.sqlite"), batch_wait_ms=200, max_batch_size=8)
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "a\ud83d"}]}
+    with TestClient(create_app(tiny_probed, settings), raise_server_exceptions=False) as client:
+        for path, body, param in [
+            ("/v1/score", {"prompt": "q", "completion": "paris\udc00"}, "completion"),
+            ("/v1/score", {"prompt": "\ud83d", "completion": "paris"}, "prompt"),
+            ("/v1/completions", {"prompt": "\ud83d", "stream": True}, "prompt"),
+            ("/v1/completions", {"prompt": "q", "stop": ["\ud83d"]}, "stop"),
+            ("/v1/chat/completions", chat, "messages.1.content"),
+        ]:
+            r = client.post(path, content=json.dumps(body), headers=JSON)  # json= cannot encode a surrogate
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error["param"] == param and "lone surrogate" in error["message"], error
+        good = [{"prompt": "what is the capital of france ?", "completion": f"paris {i}"} for i in range(5)]
+        bodies = [json.dumps(b) for b in [*good, {"prompt": "q", "completion": "a\ud83d"}]]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            answers = list(pool.map(lambda b: client.post("/v1/score", content=b, headers=JSON), bodies))
+        assert [a.status_code for a in answers] == [200] * 5 + [400]
