@@ -516,7 +516,16 @@ class Server:
             }
             return store.calibration(window, bins), store.counts(), domains
 
-        calib, counts, domains = await asyncio.to_thread(read)
+        try:
+            calib, counts, domains = await asyncio.to_thread(read)
+        except (sqlite3.Error, OSError) as err:  # a scrape that fails loudly, not an own 500
+            self.store_error = f"{type(err).__name__}: {err}"
+            raise APIError(
+                503,
+                f"/metrics reads the feedback database, which failed ({self.store_error}). Retry later.",
+                type_="server_error",
+                code="feedback_store_unavailable",
+            ) from None
         return self.metrics.render(calib, counts, self.batcher.depth, settings.calibration_window, domains)
 
     # -- /admin/reload -------------------------------------------------------------------------------------
@@ -564,7 +573,12 @@ class Server:
             except QueueFullError as err:
                 raise batcher_failure(err) from None
             self.probe_dir = probe_dir
-            await asyncio.to_thread(self.store.record_artifact, artifact.digest, probe_dir)
+            try:  # the new artifact serves already; only its lineage record is missing
+                await asyncio.to_thread(self.store.record_artifact, artifact.digest, probe_dir)
+            except (sqlite3.Error, OSError) as err:
+                self.store_error = f"{type(err).__name__}: {err}"
+                self.metrics.observe_feedback_write_error()
+                log.error("feedback database: reload of %s not recorded (%s)", probe_dir, self.store_error)
             self.metrics.observe_reload(True)
         return {
             "object": "reload",

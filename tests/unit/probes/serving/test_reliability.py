@@ -254,3 +254,47 @@ def test_a_lone_surrogate_is_a_clear_400_naming_the_field_and_never_fails_the_ba
         with ThreadPoolExecutor(len(bodies)) as pool:
             answers = list(pool.map(lambda b: client.post("/v1/score", content=b, headers=JSON), bodies))
         assert [a.status_code for a in answers] == [200] * 5 + [400]
+
+
+FREEZE = """
+import os, subprocess, sys
+from probes.serving.feedback import FeedbackStore
+store = FeedbackStore(sys.argv[1])
+store.record_artifact("a" * 64, None)
+os.sync()
+paths = [sys.argv[1] + s for s in ("", "-wal", "-shm")]
+subprocess.run(["chattr", "+i", *paths, os.path.dirname(sys.argv[1])], check=True)
+for step in (lambda: store.record_artifact("b" * 64, None), store.counts):
+    try:
+        step()
+        print("no error")
+    except Exception as err:
+        print(type(err).__name__, err, flush=True)
+os._exit(0)  # closing the connection still checkpoints into the frozen -shm (a fault at shutdown only)
+"""
+
+
+def test_feedback_db_files_turned_immutable_are_an_error_not_a_crash(tmp_path):
+    """WAL mode maps the -shm file: once it is immutable (chattr +i) the next access was a SIGBUS that killed the
+    server with no traceback (found by scripts/reliability_matrix.py)."""
+    import subprocess
+    import sys
+
+    from tests.paths import ROOT
+
+    probe = tmp_path / "probe"
+    probe.touch()
+    if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i needs root (CAP_LINUX_IMMUTABLE)")
+    subprocess.run(["chattr", "-i", str(probe)], check=True)
+    db = tmp_path / "db" / "f.sqlite"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", FREEZE, str(db)], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+    finally:
+        subprocess.run(["chattr", "-i", str(db.parent), *map(str, db.parent.glob("f.sqlite*"))], check=False)
+    assert done.returncode == 0, (done.returncode, done.stderr[-500:])
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("OperationalError") for line in lines), lines
+    assert all("is not writable (read-only or immutable)" in line for line in lines), lines
