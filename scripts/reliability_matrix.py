@@ -888,7 +888,6 @@ def start_up_cases(world: World) -> list[Case]:
         "db_path a folder": serve(f"serve.db_path={world.tmp}"),
         "db_path not SQLite": serve(f"serve.db_path={world.tmp / 'not_sqlite.db'}"),
         "port 70000": serve("serve.port=70000"),
-        "port busy": serve(f"serve.port={world.own.rsplit(':', 1)[1]}"),
         "probe_dir null": serve("serve.probe_dir=null"),
         "probe_dir nonexistent": serve(f"serve.probe_dir={world.tmp / 'nothing'}"),
         "probe of another model": serve(f"serve.probe_dir={world.other_model}"),
@@ -900,7 +899,17 @@ def start_up_cases(world: World) -> list[Case]:
         "-m train.n_folds=3,a": ["train", "-m", "train.n_folds=3,a"],
         "unknown key": ["serve", "serve.prot=1"],
     }
-    return [Case(s, k, CLEAR, cli_case(v, CLEAR)) for k, v in bad.items()]
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+
+    def port_busy() -> tuple[str, str]:
+        with busy:  # another server holds the port
+            return cli_case(serve(f"serve.port={busy.getsockname()[1]}"), CLEAR)()
+
+    return [Case(s, k, CLEAR, cli_case(v, CLEAR)) for k, v in bad.items()] + [
+        Case(s, "port busy", CLEAR, port_busy)
+    ]
 
 
 SURFACES: dict[str, Callable[[World], list[Case]]] = {
