@@ -143,6 +143,7 @@ class Server:
         self.reload_lock = asyncio.Lock()
         self.started = time.time()
         self.store_error: str | None = None  # the last failed feedback write (None: the last one worked)
+        self._last_store_read: tuple | None = None  # /metrics' last read of the database
 
     # -- shared checks and bookkeeping ---------------------------------------------------------------------
 
@@ -517,15 +518,20 @@ class Server:
             return store.calibration(window, bins), store.counts(), domains
 
         try:
-            calib, counts, domains = await asyncio.to_thread(read)
-        except (sqlite3.Error, OSError) as err:  # a scrape that fails loudly, not an own 500
+            self._last_store_read = await asyncio.to_thread(read)
+        except (sqlite3.Error, OSError) as err:
+            # the counters (probecal_feedback_write_errors_total above all) stay visible; the database's
+            # gauges keep their last values. A 503 only before any read has worked.
             self.store_error = f"{type(err).__name__}: {err}"
-            raise APIError(
-                503,
-                f"/metrics reads the feedback database, which failed ({self.store_error}). Retry later.",
-                type_="server_error",
-                code="feedback_store_unavailable",
-            ) from None
+            log.error("feedback database: /metrics shows the last values read (%s)", self.store_error)
+            if self._last_store_read is None:
+                raise APIError(
+                    503,
+                    f"/metrics reads the feedback database, which failed ({self.store_error}). Retry later.",
+                    type_="server_error",
+                    code="feedback_store_unavailable",
+                ) from None
+        calib, counts, domains = self._last_store_read
         return self.metrics.render(calib, counts, self.batcher.depth, settings.calibration_window, domains)
 
     # -- /admin/reload -------------------------------------------------------------------------------------

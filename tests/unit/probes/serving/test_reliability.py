@@ -298,3 +298,27 @@ def test_feedback_db_files_turned_immutable_are_an_error_not_a_crash(tmp_path):
     lines = done.stdout.splitlines()
     assert len(lines) == 2 and all(line.startswith("OperationalError") for line in lines), lines
     assert all("is not writable (read-only or immutable)" in line for line in lines), lines
+
+
+def test_metrics_keep_answering_when_the_feedback_db_fails(tmp_path, monkeypatch):
+    import sqlite3
+
+    def fail(*args):
+        raise sqlite3.OperationalError("f.sqlite-shm is not writable (read-only or immutable)")
+
+    with serving(tmp_path) as client:
+        store = client.app.state.store
+        with monkeypatch.context() as patch:
+            patch.setattr(store, "counts", fail)
+            r = client.get("/metrics")  # nothing read yet: nothing to show
+            assert r.status_code == 503 and r.json()["error"]["code"] == "feedback_store_unavailable"
+        client.post("/v1/completions", json={"prompt": "what is 2 + 2 ?"})
+        assert "probecal_stored_responses 1.0" in client.get("/metrics").text
+        monkeypatch.setattr(store, "counts", fail)
+        monkeypatch.setattr(store, "record_responses", fail)
+        assert client.post("/v1/completions", json={"prompt": "what is 2 + 2 ?"}).status_code == 200
+        r = client.get("/metrics")
+        assert r.status_code == 200, r.text
+        assert "probecal_feedback_write_errors_total 1.0" in r.text  # visible when it matters
+        assert "probecal_stored_responses 1.0" in r.text  # the last value read
+        assert client.get("/health").json()["status"] == "degraded"
