@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sqlite3
 import time
 import uuid
@@ -36,7 +37,7 @@ from fastapi.responses import StreamingResponse
 from probes.runtime.wrapper import ProbedGeneration
 from probes.serving.batcher import Batcher, ModelError, QueueFullError
 from probes.serving.exposition import ServerMetrics
-from probes.serving.feedback import FeedbackStore, ResponseRecord, UnknownResponseError
+from probes.serving.feedback import FeedbackStore, ResponseRecord, UnknownResponseError, calibration_stats
 from probes.serving.protocol import (
     APIError,
     FeedbackRequest,
@@ -118,6 +119,9 @@ def sse(payload: dict | str) -> str:
 def sse_error(err: APIError) -> str:
     """An error in the middle of a stream (the status line has gone already): OpenAI's error body as an event."""
     return sse({"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}})
+
+
+STORE_COUNTS = ("responses", "labelled", "feedback")  # FeedbackStore.counts()
 
 
 class Server:
@@ -521,17 +525,15 @@ class Server:
             self._last_store_read = await asyncio.to_thread(read)
         except (sqlite3.Error, OSError) as err:
             # the counters (probecal_feedback_write_errors_total above all) stay visible; the database's
-            # gauges keep their last values. A 503 only before any read has worked.
+            # gauges keep their last values, NaN before any read has worked
             self.store_error = f"{type(err).__name__}: {err}"
             log.error("feedback database: /metrics shows the last values read (%s)", self.store_error)
-            if self._last_store_read is None:
-                raise APIError(
-                    503,
-                    f"/metrics reads the feedback database, which failed ({self.store_error}). Retry later.",
-                    type_="server_error",
-                    code="feedback_store_unavailable",
-                ) from None
-        calib, counts, domains = self._last_store_read
+        nothing = (
+            calibration_stats([], [], settings.calibration_bins),
+            dict.fromkeys(STORE_COUNTS, math.nan),
+            {},
+        )
+        calib, counts, domains = self._last_store_read or nothing
         return self.metrics.render(calib, counts, self.batcher.depth, settings.calibration_window, domains)
 
     # -- /admin/reload -------------------------------------------------------------------------------------
