@@ -664,7 +664,8 @@ def read_only_cases(world: World) -> list[Case]:
         reply = httpx.post(f"{base}/v1/chat/completions", json=chat(), timeout=CLIENT_TIMEOUT_S)
         served.append(reply.json()["id"])
         for path in (*db.parent.glob("feedback.sqlite*"), db.parent):
-            subprocess.run(["chattr", "+i", str(path)], check=True)
+            if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+                raise SystemExit("the read_only surface needs chattr +i (root); leave it out with --surface")
         return ANSWERED, "chattr +i"
 
     ok = lambda r: _complete(r.json())  # noqa: E731
