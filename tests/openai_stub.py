@@ -8,7 +8,9 @@ Bad engines, picked by `mode=NAME` in the prompt (each as a real engine could mi
 int_code (llama.cpp's 400 with an integer error.code), e503, redirect (302), badjson, choices_str,
 choices_null (`[null]`), choices_missing, body_list, plainjson (a JSON answer to a streamed request),
 badindex (a chunk with index "a"), nodone (a stream cut without [DONE]), endless (a stream that never
-ends), slowbody (1 byte/s), huge (a 300 KB answer), newline (an answer opening with a line break).
+ends), slowbody (1 byte/s), huge (a 300 KB answer), newline (an answer opening with a line break), number (an
+answer that is only a number, "42"), text_int (the answer's text a JSON number, not a string), surrogate
+(an answer holding a lone surrogate, JSON's "\\ud83d").
 A stream asked with stream_options.include_usage ends with a usage chunk, as vLLM's does.
 Token ids of the answer (word k: id 200 + k; `mode=bigids`: ids outside the model's vocabulary) as the engines
 return them: `return_token_ids: true` -> vLLM's `choices[].token_ids`, `logprobs` -> llama.cpp's
@@ -81,6 +83,9 @@ async def _bad(mode: str, chat: bool, stream: bool):
     }
     if mode in bodies:
         return Response(bodies[mode], media_type="application/json")
+    if mode == "text_int" and not stream:
+        content = {"message": {"role": "assistant", "content": 42}} if chat else {"text": 42}
+        return {"id": "x", "object": "x", "choices": [{"index": 0, "finish_reason": "stop", **content}]}
     if mode == "plainjson" and stream:
         return {"id": "x", "object": "chat.completion", "choices": []}
     if mode == "slowbody":
@@ -157,6 +162,10 @@ async def complete(request: Request):
     text = "answer to: " + " ".join(prompt.split()[-2:])
     if mode == "huge":
         text = "w " * 150_000
+    if mode == "number":
+        text = "42"
+    if mode == "surrogate":
+        text = "Par\ud83d"
     if mode == "newline":
         text = "\n\nanswer to: " + " ".join(prompt.split()[-2:])
     n = body.get("n") or 1
@@ -177,7 +186,7 @@ async def complete(request: Request):
             )
             for i in range(n)
         ]
-        return {
+        answer = {
             "id": "stub-1",
             "object": kind,
             "created": int(time.time()),
@@ -185,6 +194,8 @@ async def complete(request: Request):
             "choices": choices,
             "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
         }
+        # json.dumps escapes a lone surrogate as \\ud83d (FastAPI's own encoder would fail on it)
+        return Response(json.dumps(answer), media_type="application/json")
 
     async def events():
         words = text.split(" ")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -390,6 +392,90 @@ def config_error(overrides: list[str]) -> str | None:
         return str(err).splitlines()[0]
 
 
+MULTIRUN_FLAGS = {"-m", "--multirun"}
+
+
+def sweep_config_error(overrides: list[str]) -> str | None:
+    """config_error for a multirun: every value of every sweep (`probe=logistic,nosuch`, `x=range(1,3)`),
+    each with the other sweeps at their first value, so a bad value is refused before any job runs.
+    Values come from Hydra's own override parser, as its sweeper expands them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return config_error(overrides)  # the syntax error, in config_error's words
+    choices: list[list[str]] = []
+    for override in parsed:
+        if not override.is_sweep_override():
+            choices.append([override.input_line])
+            continue
+        try:
+            values = list(override.sweep_string_iterator())
+        except HydraException:  # glob(...) needs the config loader: Hydra expands and checks it
+            continue
+        choices.append([f"{override.get_key_element()}={v}" for v in values] or [override.input_line])
+    first = [options[0] for options in choices]
+    to_check = [first] + [
+        first[:i] + [value] + first[i + 1 :] for i, options in enumerate(choices) for value in options[1:]
+    ]
+    return next((problem for items in to_check if (problem := config_error(items))), None)
+
+
+def string_keys() -> set[str]:
+    """Dotted keys typed `str` or `str | None` in the structured configs (serve.admin_token, data.path,
+    serve.upstream, ...); under probe. and calibration. those of every option's schema."""
+    import types
+    import typing
+    from dataclasses import fields, is_dataclass
+
+    from probes.cli.config import GROUP_SCHEMAS, ProbecalConfig
+
+    def is_str(kind: Any) -> bool:
+        union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+        return kind is str or (union and set(typing.get_args(kind)) == {str, type(None)})
+
+    def walk(schema: type, prefix: str) -> set[str]:
+        hints, keys = typing.get_type_hints(schema), set()
+        for f in fields(schema):
+            if is_dataclass(hints[f.name]):
+                keys |= walk(hints[f.name], f"{prefix}{f.name}.")
+            elif is_str(hints[f.name]):
+                keys.add(prefix + f.name)
+        return keys
+
+    keys = walk(ProbecalConfig, "")
+    for group, options in GROUP_SCHEMAS.items():
+        for schema in options.values():
+            keys |= walk(schema, f"{group}.")
+    return keys
+
+
+def quote_string_values(args: list[str]) -> list[str]:
+    """Quote the values of string-typed keys before Hydra parses them: its grammar reads
+    serve.admin_token=1234567890123456 as an int, 1e300 as a float and true as a bool, and the text typed
+    is lost. Left alone: null, values already quoted, sweeps (a,b), lists, dicts, calls such as range(),
+    interpolations, and a value holding both kinds of quote."""
+    keys = string_keys()
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        plain = (
+            eq
+            and key.lstrip("+") in keys
+            and value not in ("", "null")
+            and value[0] not in "'\"[{"
+            and not re.search(r"[,$()]", value)
+        )
+        if plain and "'" not in value:
+            arg = f"{key}='{value}'"
+        elif plain and '"' not in value:
+            arg = f'{key}="{value}"'
+        out.append(arg)
+    return out
+
+
 def check_port(host: str, port) -> None:
     """`serve.port` in range and free on `host`, before the model loads (uvicorn would end in an
     OverflowError traceback, or exit 3 after loading everything)."""
@@ -429,9 +515,12 @@ def main(argv: list[str] | None = None) -> int:
     debug = bool(os.environ.get("PROBECAL_DEBUG"))
     if debug:
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra then re-raises: the whole traceback
-    # Hydra's own flags (-m sweeps, --cfg, --help ...) go straight to Hydra.
-    if not debug and not any(a.startswith("-") for a in argv[1:]):
-        problem = config_error(argv[1:])
+    argv[1:] = quote_string_values(argv[1:])
+    flags = {a for a in argv[1:] if a.startswith("-")}
+    overrides = [a for a in argv[1:] if not a.startswith("-")]
+    # A sweep (-m) is checked value by value; Hydra's other flags (--cfg, --help, --info ...) go straight to it.
+    if not debug and flags <= MULTIRUN_FLAGS:
+        problem = sweep_config_error(overrides) if flags else config_error(overrides)
         if problem:
             return _fail(stage, problem)
 

@@ -45,9 +45,18 @@ async def complete(
     reject_unsupported(body, server.settings.max_n, proxied=proxy is not None)
     sampling = parse_sampling(body, max_tokens, server.settings)
     if proxy is not None:
-        return await proxy.complete(endpoint, body, await request.json(), prompt, param)
+        return await proxy.complete(
+            endpoint, body, await request.json(), prompt, param, lambda: client_left(request)
+        )
     reject_engine_params(body)
     return await server.generate(endpoint, body, prompt, sampling, param)
+
+
+async def client_left(request: Request) -> None:
+    """Returns once the client has disconnected (the body is read already: the next ASGI message is the
+    disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @router.post("/v1/completions")

@@ -23,6 +23,7 @@ on open (columns added; old rows get NULL).
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -252,7 +253,7 @@ class FeedbackStore:
             )
             for r in records
         ]
-        with self._lock:
+        with self._locked():
             with self._transaction():
                 self._conn.executemany(
                     "INSERT INTO responses (id, created, endpoint, model, prompt, text, p_correct, score, "
@@ -266,7 +267,7 @@ class FeedbackStore:
 
         Raises UnknownResponseError when no response has this id.
         """
-        with self._lock:
+        with self._locked():
             with self._transaction():
                 row = self._conn.execute(
                     "SELECT correct FROM responses WHERE id = ?", (response_id,)
@@ -285,7 +286,7 @@ class FeedbackStore:
 
     def get_response(self, response_id: str) -> tuple[ResponseRecord, bool | None]:
         """The stored response and its latest label (None when unlabelled)."""
-        with self._lock:
+        with self._locked():
             row = self._conn.execute(
                 "SELECT id, endpoint, model, prompt, text, p_correct, score, layer, position, abstained, "
                 "threshold, finish_reason, created, domain, artifact, domain_assigned, prompt_state, correct "
@@ -301,7 +302,7 @@ class FeedbackStore:
 
     def counts(self) -> dict[str, int]:
         """All-time totals: responses stored, responses labelled, feedback posts (duplicates included)."""
-        with self._lock:
+        with self._locked():
             responses, labelled = self._conn.execute(
                 "SELECT count(*), count(correct) FROM responses"
             ).fetchone()
@@ -312,7 +313,7 @@ class FeedbackStore:
         """Calibration over the `window` most recently labelled responses (see module docstring)."""
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
-        with self._lock:
+        with self._locked():
             rows = self._conn.execute(
                 "SELECT p_correct, correct FROM responses WHERE label_seq IS NOT NULL "
                 "ORDER BY label_seq DESC LIMIT ?",
@@ -333,7 +334,7 @@ class FeedbackStore:
 
     def record_artifact(self, digest: str, probe_dir: str | None) -> None:
         """Note that `digest` started serving now (unless it is already the current one)."""
-        with self._lock:
+        with self._locked():
             with self._transaction():
                 row = self._conn.execute("SELECT digest FROM artifacts ORDER BY seq DESC LIMIT 1").fetchone()
                 if row is None or row[0] != digest:
@@ -345,7 +346,7 @@ class FeedbackStore:
     def artifact_history(self) -> tuple[str | None, str | None]:
         """(current, previous): the digest of the last artifact put in service and of the last one before
         it that differs (None when there is none)."""
-        with self._lock:
+        with self._locked():
             rows = self._conn.execute("SELECT digest FROM artifacts ORDER BY seq DESC LIMIT 64").fetchall()
         current = rows[0][0] if rows else None
         previous = next((r[0] for r in rows if r[0] != current), None)
@@ -357,7 +358,7 @@ class FeedbackStore:
         """{domain: calibration} over the `window` most recently labelled responses of each domain scored by
         the artifact `digest` (responses without a domain under DEFAULT_DOMAIN), for the `max_domains`
         domains with the most labelled responses (bounded metric cardinality)."""
-        with self._lock:
+        with self._locked():
             top = self._conn.execute(
                 "SELECT COALESCE(domain, ?) AS d, count(*) AS n FROM responses WHERE artifact = ? AND "
                 "label_seq IS NOT NULL GROUP BY d ORDER BY n DESC, d LIMIT ?",
@@ -375,6 +376,19 @@ class FeedbackStore:
             d: calibration_stats([r[0] for r in rows], [bool(r[1]) for r in rows], n_bins)
             for d, rows in grouped.items()
         }
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The connection's lock, once the database's files are known to be writable. In WAL mode SQLite maps
+        the `-shm` index into memory; a file turned immutable (chattr +i) under a running server makes the
+        next access, a read included, fault (SIGBUS) and kill the process with no traceback. Checking first
+        (three access() calls) turns that into an ordinary error: the answer still goes out, counted."""
+        with self._lock:
+            for suffix in ("", "-wal", "-shm"):
+                path = self.db_path.with_name(self.db_path.name + suffix)
+                if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+                    raise sqlite3.OperationalError(f"{path} is not writable (read-only or immutable)")
+            yield
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:

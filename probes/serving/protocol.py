@@ -333,6 +333,24 @@ class Sampling:
     stop: tuple[str, ...] | None
 
 
+def unicode_problem(text: str) -> str | None:
+    """Why `text` is not valid Unicode, or None. JSON's \\ud83d escapes can carry a lone surrogate, which
+    neither the tokenizer nor the feedback database can encode (the tokenizer fails with a TypeError)."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as err:
+        return f"a lone surrogate {text[err.start]!r} at character {err.start} is not valid Unicode"
+
+
+def check_text(text: str, param: str) -> str:
+    """`text`, or a clear 400 naming `param` when it is not valid Unicode."""
+    problem = unicode_problem(text)
+    if problem:
+        raise APIError(400, f"Invalid value for '{param}': {problem}.", param=param, code="invalid_value")
+    return text
+
+
 def parse_stop(value: Any, param: str = "stop") -> tuple[str, ...] | None:
     stop = [value] if isinstance(value, str) else value
     if stop is not None and (
@@ -347,7 +365,7 @@ def parse_stop(value: Any, param: str = "stop") -> tuple[str, ...] | None:
             param=param,
             code="invalid_value",
         )
-    return tuple(stop) if stop else None
+    return tuple(check_text(s, param) for s in stop) if stop else None
 
 
 def parse_sampling(body: _SamplingFields, max_tokens: int | None, settings: ServeSettings) -> Sampling:
@@ -394,7 +412,7 @@ def completion_prompt(prompt: Any) -> str:
         raise APIError(
             400, "Invalid value for 'prompt': the prompt is empty.", param="prompt", code="invalid_value"
         )
-    return prompt
+    return check_text(prompt, "prompt")
 
 
 def chat_prompt(messages: list[ChatMessage]) -> list[dict[str, str]]:
@@ -424,7 +442,7 @@ def chat_prompt(messages: list[ChatMessage]) -> list[dict[str, str]]:
                 param=f"messages.{i}.content",
                 code="invalid_value",
             )
-        out.append({"role": message.role, "content": content})
+        out.append({"role": message.role, "content": check_text(content, f"messages.{i}.content")})
     return out
 
 
@@ -475,7 +493,7 @@ def score_inputs(body: ScoreRequest, vocab_size: int | None) -> tuple[Any, Any, 
             param="completion",
             code="invalid_value",
         )
-    return prompt, ids if ids is not None else body.completion, param
+    return prompt, ids if ids is not None else check_text(body.completion, "completion"), param
 
 
 class ReloadRequest(_Body):

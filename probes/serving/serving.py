@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sqlite3
 import time
 import uuid
@@ -36,7 +37,7 @@ from fastapi.responses import StreamingResponse
 from probes.runtime.wrapper import ProbedGeneration
 from probes.serving.batcher import Batcher, ModelError, QueueFullError
 from probes.serving.exposition import ServerMetrics
-from probes.serving.feedback import FeedbackStore, ResponseRecord, UnknownResponseError
+from probes.serving.feedback import FeedbackStore, ResponseRecord, UnknownResponseError, calibration_stats
 from probes.serving.protocol import (
     APIError,
     FeedbackRequest,
@@ -120,6 +121,9 @@ def sse_error(err: APIError) -> str:
     return sse({"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}})
 
 
+STORE_COUNTS = ("responses", "labelled", "feedback")  # FeedbackStore.counts()
+
+
 class Server:
     """The work behind the routes, one method per endpoint; one per app (`app.state.server`)."""
 
@@ -146,6 +150,7 @@ class Server:
         self.auto = (
             None  # probes.serving.autorecal.AutoRecalibrator under serve.auto_recalibrate (app lifespan)
         )
+        self._last_store_read: tuple | None = None  # /metrics' last read of the database
 
     # -- shared checks and bookkeeping ---------------------------------------------------------------------
 
@@ -523,7 +528,19 @@ class Server:
             }
             return store.calibration(window, bins), store.counts(), domains
 
-        calib, counts, domains = await asyncio.to_thread(read)
+        try:
+            self._last_store_read = await asyncio.to_thread(read)
+        except (sqlite3.Error, OSError) as err:
+            # the counters (probecal_feedback_write_errors_total above all) stay visible; the database's
+            # gauges keep their last values, NaN before any read has worked
+            self.store_error = f"{type(err).__name__}: {err}"
+            log.error("feedback database: /metrics shows the last values read (%s)", self.store_error)
+        nothing = (
+            calibration_stats([], [], settings.calibration_bins),
+            dict.fromkeys(STORE_COUNTS, math.nan),
+            {},
+        )
+        calib, counts, domains = self._last_store_read or nothing
         return self.metrics.render(calib, counts, self.batcher.depth, settings.calibration_window, domains)
 
     # -- /admin/reload -------------------------------------------------------------------------------------
@@ -571,7 +588,12 @@ class Server:
             except QueueFullError as err:
                 raise batcher_failure(err) from None
             self.probe_dir = probe_dir
-            await asyncio.to_thread(self.store.record_artifact, artifact.digest, probe_dir)
+            try:  # the new artifact serves already; only its lineage record is missing
+                await asyncio.to_thread(self.store.record_artifact, artifact.digest, probe_dir)
+            except (sqlite3.Error, OSError) as err:
+                self.store_error = f"{type(err).__name__}: {err}"
+                self.metrics.observe_feedback_write_error()
+                log.error("feedback database: reload of %s not recorded (%s)", probe_dir, self.store_error)
             self.metrics.observe_reload(True)
         return {
             "object": "reload",

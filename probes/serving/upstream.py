@@ -19,8 +19,9 @@ server, SGLang, TGI's OpenAI API, ...), then score every returned choice through
   usable `choices`, a bad chunk, a stream without `[DONE]`, more than `serve.upstream_max_bytes`, a
   completion longer than the model's context) is a 502 naming what was wrong; an unreachable engine a 502;
   silence past `serve.upstream_timeout_s` or an answer unfinished after `serve.upstream_deadline_s` a 504.
-  In a stream the status line has gone: the error comes as an SSE error event. A client that leaves a
-  stream closes the upstream call.
+  In a stream the status line has gone: the error comes as an SSE error event.
+- A client that leaves (while the engine is still answering, streamed or not) closes the upstream call at
+  once, rather than at the engine's next chunk or at the deadline: the engine stops spending tokens on it.
 - Token ids: where the engine returns the ids it generated, those are scored, not a re-encoding of its
   text (a tokenizer may split the same text differently): vLLM's `choices[].token_ids`
   (`return_token_ids: true`), llama.cpp's `choices[].logprobs.content[].id` (`logprobs: true`,
@@ -34,15 +35,15 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import httpx
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from probes.runtime.wrapper import ProbedGeneration
 from probes.serving.batcher import ModelError, QueueFullError
-from probes.serving.protocol import APIError, Prompt, parse_stop, request_domain
+from probes.serving.protocol import APIError, Prompt, parse_stop, request_domain, unicode_problem
 from probes.serving.serving import (
     OBJECTS,
     Server,
@@ -55,6 +56,39 @@ from probes.serving.serving import (
 
 ERROR_MESSAGE_CHARS = 1000  # an engine's error message is echoed up to this long
 ERROR_BODY_BYTES = 64_000  # of an error answer, no more than this is read
+
+
+ClientLeft = Callable[
+    [], Awaitable[None]
+]  # returns once the client has disconnected (api_router.client_left)
+T = TypeVar("T")
+
+
+class _ClientLeft(Exception):
+    """The client disconnected while the engine was answering; nobody is left to answer."""
+
+
+async def _unless_client_leaves(work: Awaitable[T], client_left: ClientLeft | None) -> T:
+    """`work`'s result; if the client disconnects first, `work` is cancelled (which closes its upstream
+    connection: httpx drops a response cancelled mid-read) and _ClientLeft is raised."""
+    if client_left is None:
+        return await work
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(client_left())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise _ClientLeft
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)  # its connection is closed before we go on
+
+
+def _client_closed() -> APIError:
+    # nginx's 499: counted in /metrics as such; the client is gone and never reads it
+    return APIError(499, "The client closed the request.", code="client_closed_request")
 
 
 class _Malformed(Exception):
@@ -151,6 +185,8 @@ def _choice_text(choice: Any, endpoint: str, streamed: bool) -> str:
         text = (holder or {}).get("content")
     if text is not None and not isinstance(text, str):
         raise _Malformed(f"a choice's text is {type(text).__name__}, not a string")
+    if text and (problem := unicode_problem(text)):
+        raise _Malformed(f"a choice's text holds {problem}")
     return text or ""
 
 
@@ -230,6 +266,21 @@ def _answer_chars(result: Any, text: str) -> list[int] | None:
     return None if at < 0 else [at, at + len(answer)]
 
 
+async def _until_client_leaves(
+    chunks: AsyncIterator[str], client_left: ClientLeft | None
+) -> AsyncIterator[str]:
+    """`chunks` until the client disconnects. Needed because a server on ASGI 2.4 (uvicorn) tells a
+    streaming response of a disconnect only when it next writes: a silent engine would keep its call open."""
+    try:
+        while True:
+            try:
+                yield await _unless_client_leaves(anext(chunks), client_left)
+            except (StopAsyncIteration, _ClientLeft):
+                return
+    finally:
+        await chunks.aclose()
+
+
 class UpstreamProxy:
     """Proxy mode's work: one pooled async HTTP client to the engine (opened on app start, closed on
     shutdown), and the `Server` whose model scores, and whose store records, what the engine returns."""
@@ -270,8 +321,17 @@ class UpstreamProxy:
         out["model"] = raw.get("model") or self.server.model_name
         return out
 
-    async def complete(self, endpoint: str, body: Any, raw: dict, prompt: Prompt, param: str) -> Any:
-        """Forward one completion / chat completion (`raw`: the request's JSON) and add confidences."""
+    async def complete(
+        self,
+        endpoint: str,
+        body: Any,
+        raw: dict,
+        prompt: Prompt,
+        param: str,
+        client_left: ClientLeft | None = None,
+    ) -> Any:
+        """Forward one completion / chat completion (`raw`: the request's JSON) and add confidences;
+        `client_left` returns when the client disconnects, which cancels the upstream call."""
         server = self.server
         domain = request_domain(body)
         echoed = metadata_echo(body, domain)
@@ -293,9 +353,22 @@ class UpstreamProxy:
         decoding = _decoding(forwarded)
         if body.stream:
             return await self._open_stream(
-                endpoint, path, forwarded, prompt, prompt_tokens, n, stop, domain, echoed, decoding
+                endpoint,
+                path,
+                forwarded,
+                prompt,
+                prompt_tokens,
+                n,
+                stop,
+                domain,
+                echoed,
+                decoding,
+                client_left,
             )
-        status, content, headers = await self._post(path, forwarded)
+        try:
+            status, content, headers = await _unless_client_leaves(self._post(path, forwarded), client_left)
+        except _ClientLeft:
+            raise _client_closed() from None
         if status != 200:
             raise _upstream_error(status, content, headers)
         try:
@@ -414,12 +487,16 @@ class UpstreamProxy:
         return [_as_generation(result, message, "abstained", 0)] * n
 
     async def _open_stream(
-        self, endpoint, path, forwarded, prompt, prompt_tokens, n, stop, domain, echoed, decoding
+        self, endpoint, path, forwarded, prompt, prompt_tokens, n, stop, domain, echoed, decoding, client_left
     ) -> StreamingResponse:
         started = time.monotonic()
         try:
             request = self.client.build_request("POST", path, json=forwarded)
-            reply = await asyncio.wait_for(self.client.send(request, stream=True), self.deadline_s)
+            reply = await _unless_client_leaves(
+                asyncio.wait_for(self.client.send(request, stream=True), self.deadline_s), client_left
+            )
+        except _ClientLeft:
+            raise _client_closed() from None
         except TimeoutError:
             raise _deadline_error(self.base_url, self.deadline_s) from None
         except httpx.HTTPError as err:
@@ -436,10 +513,11 @@ class UpstreamProxy:
                 f"a streamed request was answered with {reply.headers.get('content-type', 'no content type')}, "
                 "not an event stream",
             )
+        chunks = self._pass_through(
+            endpoint, reply, prompt, prompt_tokens, n, stop, domain, echoed, decoding, started
+        )
         return StreamingResponse(
-            self._pass_through(
-                endpoint, reply, prompt, prompt_tokens, n, stop, domain, echoed, decoding, started
-            ),
+            _until_client_leaves(chunks, client_left),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )

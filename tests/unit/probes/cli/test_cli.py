@@ -122,3 +122,57 @@ def test_verify_store_and_artifact(tmp_path, capsys):
     assert "upgraded to format 2" in capsys.readouterr().out
     assert cli.main(["verify", str(tmp_path / "nothing")]) == 2
     assert cli.main(["verify"]) == 2 and "usage: probecal verify PATH" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ issue #21: multirun and string-typed keys
+
+
+@pytest.mark.parametrize(
+    "sweep, line",
+    [
+        (
+            ["probe=logistic,nosuch"],
+            "probe=nosuch: no such option; allowed: hybrid, logistic, mass_mean, mlp",
+        ),
+        (["-m", "train.n_folds=3,a"], "train.n_folds=a: expected integer"),
+        (["--multirun", "probe=logistic,mass_mean", "train.nfolds=range(2,4)"], "unknown key 'train.nfolds'"),
+    ],
+)
+def test_a_bad_sweep_value_is_one_line_exit_2_before_any_job_runs(tmp_path, capsys, monkeypatch, sweep, line):
+    monkeypatch.delenv("PROBECAL_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "stage_train", lambda cfg: pytest.fail("a job ran"))
+    args = sweep if sweep[0].startswith("-") else ["-m", *sweep]
+    code, lines = run_cli(["train", *args, f"hydra.sweep.dir={tmp_path / 'multi'}"], tmp_path, capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"probecal train: error: {line}"), lines
+
+
+def test_other_hydra_flags_still_go_to_hydra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "config_error", lambda overrides: pytest.fail("checked by probecal"))
+    monkeypatch.setattr(cli, "sweep_config_error", lambda overrides: pytest.fail("checked by probecal"))
+    assert cli.main(["train", "--cfg", "job", "train.n_folds=7"]) == 0
+    assert "n_folds: 7" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("token", ["1234567890123456", "1e30000000000000", "0000000000000017"])
+def test_string_typed_keys_keep_the_text_typed(tmp_path, capsys, monkeypatch, token):
+    got = {}
+    monkeypatch.setattr("probes.serving.app.build_probed_model", lambda *a: None)
+    monkeypatch.setattr("probes.serving.app.serve", lambda settings, model: got.update(settings=settings))
+    monkeypatch.setattr(cli, "check_port", lambda host, port: None)
+    code, lines = run_cli(["serve", f"serve.admin_token={token}", "serve.model_name=1e3"], tmp_path, capsys)
+    assert code == 0 and not lines, lines
+    assert got["settings"].admin_token == token and got["settings"].model_name == "1e3"
+
+
+def test_quoting_leaves_null_quoted_sweeps_and_other_keys_alone():
+    assert cli.quote_string_values(
+        ["serve.admin_token=null", "serve.admin_token='12'", "data.path=a,b", "train.n_folds=3", "probe=mlp"]
+    ) == ["serve.admin_token=null", "serve.admin_token='12'", "data.path=a,b", "train.n_folds=3", "probe=mlp"]
+    assert cli.quote_string_values(
+        ["+serve.upstream=http://h:1/v1", "serve.abstention_message=I don't know"]
+    ) == [
+        "+serve.upstream='http://h:1/v1'",
+        'serve.abstention_message="I don\'t know"',
+    ]
+    assert {"serve.admin_token", "serve.upstream", "data.path", "recalibrate.output_dir"} <= cli.string_keys()

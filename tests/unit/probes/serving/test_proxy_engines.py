@@ -194,3 +194,31 @@ def test_the_engines_own_token_ids_are_scored_not_its_re_encoded_text(proxy, mod
             conf = r.json()["choices"][0]["confidence"]
         assert model.calls[-1][1]["completions"] == [scored], (content, ask)
         assert conf["scored_from"] == source
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_closes_the_upstream_call(stub_upstream, tmp_path, stream):  # noqa: F811
+    """#21 item 7: waiting for a slow engine (1 byte/s, deadline 60 s), the client gives up after 1 s; the
+    engine must see its connection closed within a few seconds, not when the deadline passes."""
+    settings = ServeSettings(
+        db_path=str(tmp_path / "f.sqlite"), upstream=f"{stub_upstream}/v1", upstream_deadline_s=60.0
+    )
+    with running(create_app(FakeProbedModel(), settings)) as base:
+        body = {"messages": [{"role": "user", "content": "q p=0.9 mode=slowbody"}], "stream": stream}
+        calls = httpx.get(f"{stub_upstream}/calls").json()["n"]
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=1.5))
+        left = time.monotonic()
+        assert httpx.get(f"{stub_upstream}/calls").json()["n"] == calls + 1  # the engine was answering
+        while httpx.get(f"{stub_upstream}/open").json()["n"] and time.monotonic() - left < 10:
+            time.sleep(0.2)
+        assert httpx.get(f"{stub_upstream}/open").json()["n"] == 0  # its answer was cut once the client left
+        assert time.monotonic() - left < 5
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_engine_answer_holding_a_lone_surrogate_is_a_502(proxy, stream):
+    r = chat(proxy, "q p=0.9 mode=surrogate", stream=stream)
+    error = (r.json() if r.status_code != 200 else events(r)[-1])["error"]
+    assert r.status_code == (200 if stream else 502), r.text
+    assert error["code"] == "upstream_bad_response" and "lone surrogate" in error["message"], error

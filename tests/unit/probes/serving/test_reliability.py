@@ -1,6 +1,7 @@
 """Reliability of the serving surfaces: a bad request fails alone (never its batch), tokenizing never waits
 for the model, an unwritable feedback database loses no answer, the admin guard refuses forwarded requests."""
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -225,3 +226,99 @@ def test_a_numeric_looking_admin_token_on_the_command_line_stays_a_string():
         settings = instantiate_group(group_node("serve", "default", f"serve.admin_token={token}"))
         assert settings.admin_token == token
         settings.validate()
+
+
+JSON = {"content-type": "application/json"}
+
+
+def test_a_lone_surrogate_is_a_clear_400_naming_the_field_and_never_fails_the_batch(tiny_probed, tmp_path):
+    """JSON's "\\ud83d" escape decodes to a lone surrogate that the tokenizer cannot encode: a completion holding
+    one was an own 500 (TypeError) and a prompt a 400 quoting the tokenizer's internals (found by
+    scripts/reliability_matrix.py)."""
+    settings = ServeSettings(db_path=str(tmp_path / "f.sqlite"), batch_wait_ms=200, max_batch_size=8)
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "a\ud83d"}]}
+    with TestClient(create_app(tiny_probed, settings), raise_server_exceptions=False) as client:
+        for path, body, param in [
+            ("/v1/score", {"prompt": "q", "completion": "paris\udc00"}, "completion"),
+            ("/v1/score", {"prompt": "\ud83d", "completion": "paris"}, "prompt"),
+            ("/v1/completions", {"prompt": "\ud83d", "stream": True}, "prompt"),
+            ("/v1/completions", {"prompt": "q", "stop": ["\ud83d"]}, "stop"),
+            ("/v1/chat/completions", chat, "messages.1.content"),
+        ]:
+            r = client.post(path, content=json.dumps(body), headers=JSON)  # json= cannot encode a surrogate
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error["param"] == param and "lone surrogate" in error["message"], error
+        good = [{"prompt": "what is the capital of france ?", "completion": f"paris {i}"} for i in range(5)]
+        bodies = [json.dumps(b) for b in [*good, {"prompt": "q", "completion": "a\ud83d"}]]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            answers = list(pool.map(lambda b: client.post("/v1/score", content=b, headers=JSON), bodies))
+        assert [a.status_code for a in answers] == [200] * 5 + [400]
+
+
+FREEZE = """
+import os, subprocess, sys
+from probes.serving.feedback import FeedbackStore
+store = FeedbackStore(sys.argv[1])
+store.record_artifact("a" * 64, None)
+os.sync()
+paths = [sys.argv[1] + s for s in ("", "-wal", "-shm")]
+subprocess.run(["chattr", "+i", *paths, os.path.dirname(sys.argv[1])], check=True)
+for step in (lambda: store.record_artifact("b" * 64, None), store.counts):
+    try:
+        step()
+        print("no error")
+    except Exception as err:
+        print(type(err).__name__, err, flush=True)
+os._exit(0)  # closing the connection still checkpoints into the frozen -shm (a fault at shutdown only)
+"""
+
+
+def test_feedback_db_files_turned_immutable_are_an_error_not_a_crash(tmp_path):
+    """WAL mode maps the -shm file: once it is immutable (chattr +i) the next access was a SIGBUS that killed the
+    server with no traceback (found by scripts/reliability_matrix.py)."""
+    import subprocess
+    import sys
+
+    from tests.paths import ROOT
+
+    probe = tmp_path / "probe"
+    probe.touch()
+    if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i needs root (CAP_LINUX_IMMUTABLE)")
+    subprocess.run(["chattr", "-i", str(probe)], check=True)
+    db = tmp_path / "db" / "f.sqlite"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", FREEZE, str(db)], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+    finally:
+        subprocess.run(["chattr", "-i", str(db.parent), *map(str, db.parent.glob("f.sqlite*"))], check=False)
+    assert done.returncode == 0, (done.returncode, done.stderr[-500:])
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("OperationalError") for line in lines), lines
+    assert all("is not writable (read-only or immutable)" in line for line in lines), lines
+
+
+def test_metrics_keep_answering_when_the_feedback_db_fails(tmp_path, monkeypatch):
+    import sqlite3
+
+    def fail(*args):
+        raise sqlite3.OperationalError("f.sqlite-shm is not writable (read-only or immutable)")
+
+    with serving(tmp_path) as client:
+        store = client.app.state.store
+        with monkeypatch.context() as patch:
+            patch.setattr(store, "counts", fail)
+            r = client.get("/metrics")  # nothing read yet: the database's gauges are NaN
+            assert r.status_code == 200 and "probecal_stored_responses NaN" in r.text, r.text
+        client.post("/v1/completions", json={"prompt": "what is 2 + 2 ?"})
+        assert "probecal_stored_responses 1.0" in client.get("/metrics").text
+        monkeypatch.setattr(store, "counts", fail)
+        monkeypatch.setattr(store, "record_responses", fail)
+        assert client.post("/v1/completions", json={"prompt": "what is 2 + 2 ?"}).status_code == 200
+        r = client.get("/metrics")
+        assert r.status_code == 200, r.text
+        assert "probecal_feedback_write_errors_total 1.0" in r.text  # visible when it matters
+        assert "probecal_stored_responses 1.0" in r.text  # the last value read
+        assert client.get("/health").json()["status"] == "degraded"
