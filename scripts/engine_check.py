@@ -321,6 +321,11 @@ def main() -> int:
     )
     parser.add_argument("--device", default="cpu", help="model.device of the extraction runs")
     parser.add_argument("--venv", default=os.environ.get("ENGINE_VENV"))
+    parser.add_argument(
+        "--proxy-cpus",
+        default="",
+        help="cores for probecal serve, e.g. 1 (taskset; one torch thread per core)",
+    )
     args = parser.parse_args()
     if not (Path(args.probe) / "probe.json").is_file():
         sys.exit(
@@ -344,12 +349,16 @@ def main() -> int:
         print(f"engine {args.engine} starting (log {logs / 'engine.log'}) ...", flush=True)
         up = wait_ready(f"{engine_url}/models", engine, 900, args.engine)
         print(f"engine ready after {up:.0f} s", flush=True)
+        # --proxy-cpus: the proxy's scoring forward pinned to cores the engine does not use (vLLM-CPU binds its
+        # threads to core 0 and reserves the rest), one torch thread per core
+        pin = ["taskset", "-c", args.proxy_cpus] if args.proxy_cpus else []
+        threads = {"OMP_NUM_THREADS": str(len(args.proxy_cpus.split(",")))} if args.proxy_cpus else {}
         proxy = subprocess.Popen(
-            [sys.executable, "-m", "probes.cli", "serve", f"serve.probe_dir={args.probe}",
+            [*pin, sys.executable, "-m", "probes.cli", "serve", f"serve.probe_dir={args.probe}",
              f"serve.upstream={engine_url}", f"serve.port={proxy_port}",
              f"serve.db_path={logs / 'feedback.sqlite'}", "serve.model_name=smollm2"],
             stdout=open(logs / "proxy.log", "w"), stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+            env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **threads},
         )  # fmt: skip
         proxy_base = f"http://127.0.0.1:{proxy_port}"
         wait_ready(f"{proxy_base}/health", proxy, 300, "probecal serve")
