@@ -214,16 +214,6 @@ def capture_completions(
             )
             for key, value in signals.items():
                 baselines[key][i] = value
-    return CaptureResult(
-        answers=[row.answer for row in rows],
-        raw_generations=[row.raw for row in rows],
-        n_answer_tokens=np.array([max(row.end - row.start, 0) for row in rows], dtype=np.int64),
-        truncated=np.array([row.truncated for row in rows], dtype=bool),
-        activations=vectors,
-        baselines=baselines,
-        empty_answer=np.array([row.end <= row.start for row in rows], dtype=bool),
-        answer_in_text=np.array([row.found for row in rows], dtype=bool),
-        layers=tuple(layer_list),
-        positions=position_list,
-        n_generated_tokens=int(sum(len(c) for c in completions)),
+    return CaptureResult.from_rows(
+        rows, vectors, baselines, layer_list, position_list, sum(len(c) for c in completions)
     )

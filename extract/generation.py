@@ -174,6 +174,23 @@ class CaptureResult:
     positions: tuple[str, ...]
     n_generated_tokens: int = 0  # generated tokens incl. padding steps (throughput accounting)
 
+    @classmethod
+    def from_rows(cls, rows, activations, baselines, layers, positions, n_generated_tokens) -> CaptureResult:
+        """The per-row fields from finished rows (finish_row's answer, raw text, token span, flags)."""
+        return cls(
+            answers=[row.answer for row in rows],
+            raw_generations=[row.raw for row in rows],
+            n_answer_tokens=np.array([max(row.end - row.start, 0) for row in rows], dtype=np.int64),
+            truncated=np.array([row.truncated for row in rows], dtype=bool),
+            activations=activations,
+            baselines=baselines,
+            empty_answer=np.array([row.end <= row.start for row in rows], dtype=bool),
+            answer_in_text=np.array([row.found for row in rows], dtype=bool),
+            layers=tuple(layers),
+            positions=tuple(positions),
+            n_generated_tokens=int(n_generated_tokens),
+        )
+
     def __len__(self) -> int:
         return len(self.answers)
 
@@ -393,16 +410,6 @@ def _generate_batch(
         span = (0, 1) if empty else (row.start, row.end)
         for name, value in answer_baselines(logprob[:, r], entropy[:, r], max_prob[:, r], *span).items():
             baselines[name][r] = value
-    return CaptureResult(
-        answers=[row.answer for row in rows],
-        raw_generations=[row.raw for row in rows],
-        n_answer_tokens=np.array([max(row.end - row.start, 0) for row in rows], dtype=np.int64),
-        truncated=np.array([row.truncated for row in rows], dtype=bool),
-        activations=vectors.cpu().numpy(),
-        baselines=baselines,
-        empty_answer=np.array([row.end <= row.start for row in rows], dtype=bool),
-        answer_in_text=np.array([row.found for row in rows], dtype=bool),
-        layers=recorder.layers,
-        positions=tuple(positions),
-        n_generated_tokens=int(steps * len(rows)),
+    return CaptureResult.from_rows(
+        rows, vectors.cpu().numpy(), baselines, recorder.layers, positions, steps * len(rows)
     )
