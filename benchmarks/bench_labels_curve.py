@@ -37,7 +37,14 @@ import numpy as np
 
 from extract.store import open_store
 from probes.artifact import ProbeArtifact
-from probes.calibration import IsotonicCalibrator, PlattCalibrator, ShrinkageCalibrator, estimate_tau
+from probes.calibration import (
+    IsotonicCalibrator,
+    PlattCalibrator,
+    ShrinkageCalibrator,
+    cross_domain_platt,
+    estimate_tau,
+    fit_cross_domain_prior,
+)
 from probes.evaluation.metrics import ece, ece_floor
 from probes.evaluation.transfer import domain_folds
 from probes.recalibration import make_rows, recalibrate
@@ -74,18 +81,18 @@ def fold_inputs(run: Path):
     return artifact, out
 
 
-def cross_domain_global(inputs, exclude: int) -> PlattCalibrator:
-    """Platt on the other domains' held-out rows, each scored by the probe fit without it."""
-    s = np.concatenate([s for g, (_, s, _, _, _) in enumerate(inputs) if g != exclude])
-    y = np.concatenate([y for g, (_, _, y, _, _) in enumerate(inputs) if g != exclude])
-    return PlattCalibrator().fit(s, y)
+def cross_domain_record(inputs, exclude: int) -> dict:
+    """What training stores as metadata.cross_domain_calibration, from the other domains' held-out rows (each
+    scored by the probe fit without it): their Platt map and offset width (probes.calibration)."""
+    others = [(s, y, np.full(len(y), name)) for g, (name, s, y, _, _) in enumerate(inputs) if g != exclude]
+    return fit_cross_domain_prior(*(np.concatenate(part) for part in zip(*others, strict=True)))
 
 
-def other_domains_tau(inputs, exclude: int, global_cal=None) -> float:
+def other_domains_tau(inputs, exclude: int) -> float:
     logits, ys, names = [], [], []
     for g, (name, s, y, own_global, _) in enumerate(inputs):
         if g != exclude:
-            logits.append(logit((global_cal if global_cal is not None else own_global).predict(s)))
+            logits.append(logit(own_global.predict(s)))
             ys.append(y)
             names.append(np.full(len(y), name))
     return estimate_tau(np.concatenate(logits), np.concatenate(ys), np.concatenate(names))
@@ -109,8 +116,14 @@ def main() -> None:
     per_domain_20 = []
     for f, (name, s, y, global_cal, _) in enumerate(inputs):
         tau = other_domains_tau(inputs, f)
-        global_xd = cross_domain_global(inputs, f)
-        tau_xd = other_domains_tau(inputs, f, global_xd)
+        record = cross_domain_record(inputs, f)
+        global_xd, tau_xd = cross_domain_platt(record), record["tau"]
+        parent = ProbeArtifact(artifact.probe, global_cal, artifact.metadata)
+        # the CLI's two paths: shrinkage around the parent's calibrator, or around the stored cross-domain map
+        recal_paths = {
+            "recal": (parent, {"tau": tau}),
+            "recal_xd": (parent.with_metadata(cross_domain_calibration=record), {"prior": "cross_domain"}),
+        }
         for k in KS:
             if len(y) < k + MIN_TEST_ROWS:
                 continue
@@ -133,36 +146,24 @@ def main() -> None:
                     "platt": PlattCalibrator().fit(s[fit], y[fit]).predict(s[rest]),
                     "isotonic": IsotonicCalibrator().fit(s[fit], y[fit]).predict(s[rest]),
                 }
-                parent = ProbeArtifact(artifact.probe, global_cal, artifact.metadata)
-                try:
-                    rows = make_rows(s[fit], y[fit], domain_fit, parent_p=global_cal.predict(s[fit]))
-                    result = recalibrate(parent, rows, kind="shrinkage", seed=draw, n_bootstrap=100, tau=tau)
-                    accepted = result.accepted
-                    p["recal"] = (result.calibrator if accepted else global_cal).predict(
-                        s[rest], categories=domain_rest
-                    )
-                except ValueError:  # NotEnoughRows (one class among the k): the parent keeps serving
-                    accepted, p["recal"] = False, p["none"]
-                record = {"a": float(global_xd.a_), "b": float(global_xd.b_), "tau": tau_xd}
-                parent_xd = parent.with_metadata(
-                    cross_domain_calibration={**record, "n_domains": len(inputs) - 1}
-                )
-                try:
-                    rows = make_rows(s[fit], y[fit], domain_fit, parent_p=global_cal.predict(s[fit]))
-                    result = recalibrate(
-                        parent_xd, rows, kind="shrinkage", seed=draw, n_bootstrap=100, prior="cross_domain"
-                    )
-                    accepted_xd = result.accepted
-                    p["recal_xd"] = (result.calibrator if accepted_xd else global_cal).predict(
-                        s[rest], categories=domain_rest
-                    )
-                except ValueError:
-                    accepted_xd, p["recal_xd"] = False, p["none"]
+                accepted = {}
+                for method, (parent_of, how) in recal_paths.items():
+                    try:
+                        rows = make_rows(s[fit], y[fit], domain_fit, parent_p=global_cal.predict(s[fit]))
+                        result = recalibrate(
+                            parent_of, rows, kind="shrinkage", seed=draw, n_bootstrap=100, **how
+                        )
+                        accepted[method] = result.accepted
+                        p[method] = (result.calibrator if result.accepted else global_cal).predict(
+                            s[rest], categories=domain_rest
+                        )
+                    except ValueError:  # NotEnoughRows (one class among the k): the parent keeps serving
+                        accepted[method], p[method] = False, p["none"]
                 for m in METHODS:
                     values[m].append(ece(p[m], y[rest]))
                 values["floor"].append(ece_floor(p["shrinkage"], draws=20, seed=draw))
-                values["accepted"].append(float(accepted))
-                values["accepted_xd"].append(float(accepted_xd))
+                values["accepted"].append(float(accepted["recal"]))
+                values["accepted_xd"].append(float(accepted["recal_xd"]))
             for m, v in values.items():
                 results[k][m].append(float(np.mean(v)))
             if k == 20:

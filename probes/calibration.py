@@ -310,9 +310,7 @@ def fit_cross_domain_prior(scores, y, domains) -> dict[str, float | int | None]:
 
 def cross_domain_platt(record: dict[str, Any]) -> PlattCalibrator:
     """The fitted PlattCalibrator of a ProbeMetadata.cross_domain_calibration record."""
-    platt = PlattCalibrator()
-    platt.a_, platt.b_ = np.float64(record["a"]), np.float64(record["b"])
-    return platt
+    return PlattCalibrator.from_tensors({}, {"a": record["a"], "b": record["b"]})
 
 
 class ShrinkageCalibrator(BaseEstimator):
