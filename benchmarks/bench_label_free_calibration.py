@@ -35,9 +35,11 @@ from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
+from scipy.special import expit
+from sklearn.linear_model import LogisticRegression
 
 from probes.artifact import ProbeArtifact
-from probes.calibration import PlattCalibrator
+from probes.calibration import PlattCalibrator, map_offset
 from probes.evaluation.metrics import domain_calibration, within_category_auroc
 from probes.evaluation.transfer import domain_folds, nested_fit_masks
 from probes.novelty import NOVELTY_POSITION, NoveltyModel
@@ -47,30 +49,12 @@ from probes.training.train import fold_scorer
 SUMMARY_SIGNALS = ("sequence_prob", "mean_logprob")
 
 
-def logit(p):
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
-
-
-def sigmoid(z):
-    return 1.0 / (1.0 + np.exp(-z))
-
-
-def matching_offset(z: np.ndarray, accuracy: float) -> float:
-    """The shift d with mean(sigmoid(z + d)) = accuracy (bisection; accuracy clipped to [0.01, 0.99])."""
-    target, lo, hi = float(np.clip(accuracy, 0.01, 0.99)), -20.0, 20.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if sigmoid(z + mid).mean() < target else (lo, mid)
-    return (lo + hi) / 2
-
-
 class Scoring:
     """One probe fit (a fit mask) with its Platt map and novelty model: calibrated logit and novelty per row."""
 
     def __init__(self, scores, fit_rows, calibration_rows, y, prompts):
         platt = PlattCalibrator().fit(scores[calibration_rows], y[calibration_rows])
-        self.z = logit(platt.predict(scores))
+        self.z = platt.a_ * scores + platt.b_
         novelty = NoveltyModel().fit(prompts[fit_rows], prompts[calibration_rows])
         self.log_novelty = np.log(np.maximum(novelty.score(prompts), 1e-3))
 
@@ -84,21 +68,6 @@ def summary(scoring: Scoring, rows: np.ndarray, signals: dict[str, np.ndarray]) 
 
 def novelty_design(z, log_novelty):
     return np.column_stack([z, log_novelty, z * log_novelty])
-
-
-def fit_logistic(A: np.ndarray, y: np.ndarray, l2: float = 1e-3) -> np.ndarray:
-    """Weights [d + 1] of an L2-regularised logistic regression (Newton; small d)."""
-    A1 = np.column_stack([A, np.ones(len(A))])
-    w = np.zeros(A1.shape[1])
-    for _ in range(50):
-        p = sigmoid(A1 @ w)
-        grad = A1.T @ (p - y) + l2 * np.r_[w[:-1], 0]
-        hess = (A1 * (p * (1 - p))[:, None]).T @ A1 + l2 * np.eye(len(w))
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.abs(step).max() < 1e-8:
-            break
-    return w
 
 
 def ridge_predict(F: np.ndarray, t: np.ndarray, f: np.ndarray, alpha: float) -> float:
@@ -168,15 +137,14 @@ def main() -> None:
             for m, (ff, g) in enumerate(pairs)
             if ff == f
         }
-        p_by_option["platt (default)"][held] = sigmoid(outer.z[held])
+        p_by_option["platt (default)"][held] = expit(outer.z[held])
 
         # out-of-domain rows of every other domain g, as its inner probe scores them
         rows = {g: folds.held_out[g] for g in inner}
         z_ood = np.concatenate([inner[g].z[rows[g]] for g in inner])
         nov_ood = np.concatenate([inner[g].log_novelty[rows[g]] for g in inner])
         y_ood = np.concatenate([y[rows[g]] for g in inner])
-        w = fit_logistic(z_ood[:, None], y_ood)
-        p_by_option["cross_domain"][held] = sigmoid(w[0] * outer.z[held] + w[1])
+        p_by_option["cross_domain"][held] = PlattCalibrator().fit(z_ood, y_ood).predict(outer.z[held])
         novel = outer.log_novelty[held] > 0
         p_by_option["novelty-gated"][held] = np.where(
             novel, p_by_option["cross_domain"][held], p_by_option["platt (default)"][held]
@@ -186,16 +154,17 @@ def main() -> None:
         A = np.vstack(
             [novelty_design(z_ood, nov_ood), novelty_design(outer.z[calib], outer.log_novelty[calib])]
         )
-        w = fit_logistic(A, np.r_[y_ood, y[calib]])
-        p_by_option["novelty-conditioned"][held] = sigmoid(
-            novelty_design(outer.z[held], outer.log_novelty[held]) @ w[:-1] + w[-1]
-        )
+        conditioned = LogisticRegression(C=1e3).fit(A, np.r_[y_ood, y[calib]])
+        p_by_option["novelty-conditioned"][held] = conditioned.predict_proba(
+            novelty_design(outer.z[held], outer.log_novelty[held])
+        )[:, 1]
 
         F = np.array([summary(inner[g], rows[g], signals) for g in inner])
-        t = np.array([matching_offset(inner[g].z[rows[g]], y[rows[g]].mean()) for g in inner])
+        # the shift that makes each training domain's mean p its accuracy (its maximum-likelihood offset)
+        t = np.array([map_offset(inner[g].z[rows[g]], y[rows[g]], np.inf) for g in inner])
         offset = ridge_predict(F, t, summary(outer, held, signals), args.alpha)
-        p_by_option["domain offset (ridge)"][held] = sigmoid(outer.z[held] + offset)
-        p_by_option["constant offset"][held] = sigmoid(outer.z[held] + t.mean())
+        p_by_option["domain offset (ridge)"][held] = expit(outer.z[held] + offset)
+        p_by_option["constant offset"][held] = expit(outer.z[held] + t.mean())
         platt = PlattCalibrator().fit(centred_scores[f][calib], y[calib])
         p_by_option["domain-centred states"][held] = platt.predict(centred_scores[f][held])
 
