@@ -20,6 +20,7 @@ from probes.recalibration import (
     refit_domains,
 )
 from probes.serving.feedback import SCHEMA_VERSION, FeedbackStore, ResponseRecord
+from tests.factories import record_labelled_responses
 from tests.unit.probes.test_recalibration import parent_artifact, platt
 
 STATE = 24  # width of the prompt states (another space than the probe's input, as a real model's could be)
@@ -53,32 +54,17 @@ def serve(db, parent: ProbeArtifact, states, group, tags=None, seed=1) -> None:
     assigned = parent.domains.assign(states)
     p_parent = parent.calibrator.predict(s, categories=assigned)
     store = FeedbackStore(db)
-    store.record_responses(
-        [
-            ResponseRecord(
-                f"r{seed}-{i}",
-                "completions",
-                "tiny",
-                None,
-                None,
-                float(p_parent[i]),
-                float(s[i]),
-                2,
-                "answer_last",
-                False,
-                None,
-                "stop",
-                1000.0 + i,
-                domain=tags[i] if tags is not None else str(assigned[i]),
-                artifact=parent.digest,
-                domain_assigned=tags is None,
-                prompt_state=states[i],
-            )
-            for i in range(len(s))
-        ]
+    record_labelled_responses(
+        store,
+        seed,
+        p_parent,
+        s,
+        y,
+        domain=list(tags) if tags is not None else [str(d) for d in assigned],
+        artifact=parent.digest,
+        domain_assigned=tags is None,
+        prompt_state=states,
     )
-    for i in range(len(s)):
-        store.record_feedback(f"r{seed}-{i}", bool(y[i]))
     store.close()
 
 

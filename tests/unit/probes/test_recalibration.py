@@ -29,7 +29,8 @@ from probes.recalibration import (
     split_rows,
 )
 from probes.selection.thresholds import realised
-from probes.serving.feedback import FeedbackStore, ResponseRecord
+from probes.serving.feedback import FeedbackStore
+from tests.factories import record_labelled_responses
 
 HIDDEN = 16
 FINGERPRINT = ModelFingerprint("tiny-llama", "f" * 64, "LlamaForCausalLM", HIDDEN, 3)
@@ -269,28 +270,10 @@ def test_rows_file_jsonl_csv_and_p_only_rows(tmp_path):
 
 def _served(store: FeedbackStore, n: int, seed: int, layer: int = 2) -> tuple[np.ndarray, np.ndarray]:
     s, y, _ = new_domain(n, seed)
-    store.record_responses(
-        [
-            ResponseRecord(
-                f"r{seed}-{i}",
-                "completions",
-                "tiny",
-                None,
-                None,
-                float(expit(2 * s[i] + 1)),
-                float(s[i]),
-                layer,
-                "answer_last",
-                False,
-                0.7,
-                "stop",
-                1000.0 + i,
-            )
-            for i in range(n)
-        ]
+    # the last five stay unlabelled
+    record_labelled_responses(
+        store, seed, expit(2 * s + 1), s, y, layer=layer, threshold=0.7, n_labelled=n - 5
     )
-    for i in range(n - 5):  # the last five stay unlabelled
-        store.record_feedback(f"r{seed}-{i}", bool(y[i]))
     return s[: n - 5], y[: n - 5]
 
 

@@ -9,7 +9,8 @@ from scipy.special import expit
 
 from probes.artifact import ProbeArtifact
 from probes.recalibration import lineage_digests, make_rows, read_feedback_rows, recalibrate
-from probes.serving.feedback import FeedbackStore, ResponseRecord
+from probes.serving.feedback import FeedbackStore
+from tests.factories import record_labelled_responses
 from tests.unit.probes.test_recalibration import new_domain, parent_artifact
 
 
@@ -17,29 +18,7 @@ def serve_rows(store: FeedbackStore, n: int, seed: int, digest: str | None, sign
     """n labelled responses scored by artifact `digest`; sign -1 = a negated copy of the probe (its score
     is minus the parent's, the labels are the same answers')."""
     s, y, _ = new_domain(n, seed, a=1.5, b=0.0)
-    store.record_responses(
-        [
-            ResponseRecord(
-                f"r{seed}-{i}",
-                "completions",
-                "tiny",
-                None,
-                None,
-                float(expit(sign * s[i])),
-                float(sign * s[i]),
-                2,
-                "answer_last",
-                False,
-                0.7,
-                "stop",
-                1000.0 + i,
-                artifact=digest,
-            )  # fmt: skip
-            for i in range(n)
-        ]
-    )
-    for i in range(n):
-        store.record_feedback(f"r{seed}-{i}", bool(y[i]))
+    record_labelled_responses(store, seed, expit(sign * s), sign * s, y, threshold=0.7, artifact=digest)
 
 
 def test_feedback_rows_keep_only_the_parents_lineage_and_count_the_dropped(tmp_path):
