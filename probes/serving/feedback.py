@@ -324,7 +324,7 @@ class FeedbackStore:
     def labels_since(self, digest: str, after_seq: int) -> list[tuple[int, str, float, bool]]:
         """(label_seq, domain ('' untagged), p_correct, latest label) of the responses scored by the artifact
         `digest` whose latest label arrived after feedback.seq `after_seq`, in label order."""
-        with self._lock:
+        with self._locked():
             rows = self._conn.execute(
                 "SELECT label_seq, COALESCE(domain, ''), p_correct, correct FROM responses WHERE artifact = ? "
                 "AND label_seq > ? ORDER BY label_seq",
