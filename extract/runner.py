@@ -159,9 +159,10 @@ def extract_to_store(
     spec = ExtractSpec() if spec is None else spec
     splits = assign_splits(rows, DataSpec()) if splits is None else splits
     spec.check()
-    if spec.engine == "openai" and engine is None:
+    if spec.engine != "openai":
+        engine = None
+    elif engine is None:
         engine = connect_engine(spec)
-    engine = engine if spec.engine == "openai" else None
     settings = store_settings(loaded, rows, spec, data_name, engine)
     store_dir = store_dir_for(store_root or spec.store_root, settings)
     prompt_ids = build_prompt_ids(rows, loaded.tokenizer, loaded.uses_chat_template, spec.prompt)
