@@ -103,6 +103,12 @@ def main() -> None:
     parser.add_argument("--run", default="/work/shared_runs/default_run")
     parser.add_argument("--png", default="docs/labels_vs_ece.png")
     parser.add_argument("--draws", type=int, default=30)
+    parser.add_argument(
+        "--xd-tau",
+        type=float,
+        help="tau of the cross-domain prior (default: estimated on the other domains' rows; the run's "
+        "artifact stores the one estimated on their calibration rows: metadata.cross_domain_calibration)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
@@ -117,6 +123,8 @@ def main() -> None:
     for f, (name, s, y, global_cal, _) in enumerate(inputs):
         tau = other_domains_tau(inputs, f)
         record = cross_domain_record(inputs, f)
+        if args.xd_tau is not None:
+            record["tau"] = args.xd_tau
         global_xd, tau_xd = cross_domain_platt(record), record["tau"]
         parent = ProbeArtifact(artifact.probe, global_cal, artifact.metadata)
         # the CLI's two paths: shrinkage around the parent's calibrator, or around the stored cross-domain map
